@@ -1,0 +1,218 @@
+"""Reference H1B attention: past keys seen only through their SimHash sketch, values only 4-bit.
+
+Score modes (``score=``), for a query ``q`` and a compressed key ``k`` with sketch Hamming distance
+``h`` out of ``b`` bits (``d`` = head_dim):
+
+``"hamming"`` (the paper's)
+    The query is sketched too; ``a = 1 - 2 h / b`` (XNOR + popcount), ``logit = a / T``.
+    Stores only the key code (b/8 bytes per token-head). ``T`` is a temperature: global (float),
+    per head (tensor ``[Hq]``), or per layer (one value per call). ``E[a] = 1 - 2 theta / pi``.
+``"cos"`` (angle-corrected, with norms)
+    ``logit = |q| |k| cos(pi h / b) / sqrt(d)``. Stores the code plus an fp16 key norm per token-head.
+``"asym"`` (QJL-style, unbiased)
+    Query kept in full precision: ``logit = sqrt(pi/2) / b * |k| * <R^T q, sign(R^T k)> / sqrt(d)``,
+    an unbiased estimate of ``<q, k> / sqrt(d)``. Stores code + fp16 key norm.
+``"exact"``
+    Keys exact (``<q, k> / sqrt(d)``); only values are quantized. An ablation, not a cache format.
+
+Temperature default (``temperature=None``, "hamming" only): per query head,
+``T = std(a) / std(<q,k>/sqrt(d))`` over the causal (query, key) pairs of the data given, so the
+sketched logits have the spread of exact attention. :func:`calibrate_temperature` computes it on
+calibration data; in ``h1b_attention`` with ``None`` it is computed on the call's own inputs (an
+oracle calibration: pass a temperature calibrated on other text for a deployment-faithful number).
+
+Window: for each query, the newest ``window`` keys it can see stay exact (fp16 key and value), as a
+cache that keeps its last ``window`` tokens uncompressed would serve them at decode time.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._validation import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_tensor
+from .quant import VALUE_BITS, quantize_values
+from .sketch import SimHashSketcher
+
+SCORES = ("hamming", "cos", "asym", "exact")
+
+
+def sketched_logits(
+    q: torch.Tensor,
+    key_codes: torch.Tensor,
+    *,
+    sketcher: SimHashSketcher,
+    score: str = "hamming",
+    temperature=None,
+    key_norms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention logits of queries against stored key sketches.
+
+    q: ``[B, Hq, Tq, D]`` float; key_codes: ``uint8 [B, Hkv, N, bits // 8]``; key_norms: ``[B, Hkv, N]``
+    (needed by "cos" and "asym"); ``Hq`` a multiple of ``Hkv`` (GQA). Returns float32 ``[B, Hq, Tq, N]``.
+    """
+    check_choice("score", score, SCORES[:3])
+    B, Hq, Tq, D = q.shape
+    Hkv = key_codes.shape[1]
+    group = Hq // Hkv
+    qg = q.float().reshape(B, Hkv, group * Tq, D)  # query heads of one kv head side by side
+    if score == "hamming":
+        if temperature is None:
+            raise ValueError("temperature is required for score='hamming' on stored codes")
+        a = sketcher.score(sketcher.sketch(qg), key_codes)  # [B, Hkv, group*Tq, N]
+        logits = a.reshape(B, Hq, Tq, -1) / _temperature_tensor(temperature, Hq, q.device)
+        return logits
+    if key_norms is None:
+        raise ValueError(f"key_norms is required for score={score!r}")
+    norms = key_norms.float().unsqueeze(-2)  # [B, Hkv, 1, N]
+    if score == "cos":
+        cos = sketcher.cosine(sketcher.sketch(qg), key_codes)
+        logits = qg.norm(dim=-1, keepdim=True) * norms * cos / math.sqrt(D)
+    else:  # asym
+        projected = sketcher.project(qg)  # [B, Hkv, group*Tq, bits]
+        dots = projected @ sketcher.signs(key_codes).transpose(-1, -2)
+        logits = math.sqrt(math.pi / 2) / sketcher.bits * norms * dots / math.sqrt(D)
+    return logits.reshape(B, Hq, Tq, -1)
+
+
+def calibrate_temperature(
+    q: torch.Tensor, k: torch.Tensor, *, sketcher: SimHashSketcher, causal: bool = True, per_head: bool = True
+) -> torch.Tensor:
+    """Temperature for the "hamming" score that matches the spread of exact logits.
+
+    q ``[B, Hq, Tq, D]``, k ``[B, Hkv, Tk, D]``. Returns float32 ``[Hq]`` (``per_head``) or a 0-dim tensor:
+    ``std(1 - 2h/b) / std(q.k / sqrt(D))`` over the (causally visible) pairs.
+    """
+    _check_qk(q, k, sketcher)
+    a = sketched_logits(q, sketcher.sketch(k), sketcher=sketcher, score="hamming", temperature=1.0)
+    exact = _exact_logits(q, k)
+    visible = _visible(q.shape[2], k.shape[2], causal, q.device).expand_as(a)
+    dims = (0, 2, 3) if per_head else (0, 1, 2, 3)
+    t = _masked_std(a, visible, dims) / _masked_std(exact, visible, dims).clamp_min(1e-6)
+    return t.clamp_min(1e-6)
+
+
+def h1b_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    sketcher: SimHashSketcher,
+    score: str = "hamming",
+    temperature=None,
+    value_bits: int | None = 4,
+    group_size: int | None = None,
+    window: int = 0,
+    causal: bool = True,
+    return_probs: bool = False,
+):
+    """Attention where keys outside each query's recent ``window`` are seen only through their sketch.
+
+    q ``[B, Hq, Tq, D]``, k and v ``[B, Hkv, Tk, D]`` (fp16/bf16/fp32, ``Tq <= Tk``; the queries are the
+    last ``Tq`` positions, as in prefill or decode). Values outside the window are quantized per token
+    (``group_size=None``) or per group to ``value_bits`` in {2, 4, 8} (``None`` keeps them exact).
+    Returns ``out [B, Hq, Tq, D]`` in q's dtype, and with ``return_probs`` also float32
+    ``probs [B, Hq, Tq, Tk]``. Inputs are not modified.
+    """
+    _check_qk(q, k, sketcher)
+    check_tensor("v", v, ndim=4)
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    check_same_device(q=q, k=k, v=v)
+    check_choice("score", score, SCORES)
+    if value_bits is not None:
+        check_choice("value_bits", value_bits, VALUE_BITS)
+    check_int("window", window, low=0)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    Tq, Tk = q.shape[2], k.shape[2]
+    if causal and Tq > Tk:
+        raise ValueError(f"with causal=True q may not have more positions ({Tq}) than k ({Tk})")
+
+    exact = _exact_logits(q, k)
+    if score == "exact":
+        compressed = exact
+    else:
+        if score == "hamming" and temperature is None:
+            temperature = calibrate_temperature(q, k, sketcher=sketcher, causal=causal)
+        norms = k.float().norm(dim=-1).to(torch.float16)  # what the cache stores
+        compressed = sketched_logits(
+            q, sketcher.sketch(k), sketcher=sketcher, score=score, temperature=temperature, key_norms=norms
+        )
+
+    visible = _visible(Tq, Tk, causal, q.device)  # [Tq, Tk]
+    in_window = _in_window(Tq, Tk, window, causal, q.device) & visible
+    logits = torch.where(in_window, exact, compressed).masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+
+    group = q.shape[1] // k.shape[1]
+    v_exact = v.float().repeat_interleave(group, dim=1)
+    if value_bits is None:
+        v_comp = v_exact
+    else:
+        v_hat = quantize_values(v, value_bits, group_size).dequantize().float()
+        v_comp = v_hat.repeat_interleave(group, dim=1)
+    out = (probs * ~in_window) @ v_comp + (probs * in_window) @ v_exact
+    out = out.to(q.dtype)
+    return (out, probs) if return_probs else out
+
+
+def _check_qk(q: torch.Tensor, k: torch.Tensor, sketcher: SimHashSketcher) -> None:
+    if not isinstance(sketcher, SimHashSketcher):
+        raise TypeError(f"sketcher must be a SimHashSketcher, got {type(sketcher).__name__}")
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES)
+    check_same_device(q=q, k=k)
+    if q.shape[-1] != sketcher.head_dim or k.shape[-1] != sketcher.head_dim:
+        raise ValueError(
+            f"q and k head_dim must equal sketcher.head_dim={sketcher.head_dim}, "
+            f"got {q.shape[-1]} and {k.shape[-1]}"
+        )
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k batch sizes differ: {q.shape[0]} vs {k.shape[0]}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k heads ({k.shape[1]})")
+
+
+def _temperature_tensor(temperature, heads: int, device) -> torch.Tensor:
+    t = torch.as_tensor(temperature, dtype=torch.float32, device=device)
+    if t.dim() == 0:
+        t = t.expand(heads)
+    if t.shape != (heads,):
+        raise ValueError(f"temperature must be a scalar or have shape [{heads}] (one per query head), got {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
+        raise ValueError("temperature must be finite and > 0")
+    return t.view(1, heads, 1, 1)
+
+
+def _exact_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    group = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1)
+    return q.float() @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1])
+
+
+def _positions(Tq: int, Tk: int, device):
+    qpos = torch.arange(Tk - Tq, Tk, device=device).unsqueeze(-1)  # queries are the last Tq positions
+    kpos = torch.arange(Tk, device=device).unsqueeze(0)
+    return qpos, kpos
+
+
+def _visible(Tq: int, Tk: int, causal: bool, device) -> torch.Tensor:
+    qpos, kpos = _positions(Tq, Tk, device)
+    return kpos <= qpos if causal else torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+
+
+def _in_window(Tq: int, Tk: int, window: int, causal: bool, device) -> torch.Tensor:
+    """Key j is exact for query i iff it is among the newest ``window`` keys that query can see."""
+    qpos, kpos = _positions(Tq, Tk, device)
+    newest = qpos if causal else torch.full_like(qpos, Tk - 1)
+    return (newest - kpos) < window
+
+
+def _masked_std(x: torch.Tensor, mask: torch.Tensor, dims) -> torch.Tensor:
+    m = mask.float()
+    n = m.sum(dims)
+    mean = (x * m).sum(dims) / n
+    shape = [1 if i in dims else s for i, s in enumerate(x.shape)]
+    var = (((x - mean.view(shape)) ** 2) * m).sum(dims) / n
+    return var.sqrt()
