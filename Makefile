@@ -23,10 +23,10 @@ figures: venv
 	$(PY) scripts/make_figures.py
 
 test: venv
-	$(PY) -m pytest
+	$(VENV)/bin/pytest
 
 test-fast: venv
-	$(PY) -m pytest -m "not slow and not browser"
+	$(VENV)/bin/pytest -m "not slow and not browser"
 
 clean-venv:
 	rm -rf $(VENV)
