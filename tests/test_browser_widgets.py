@@ -1,0 +1,146 @@
+"""The notebooks' widgets, for real: JupyterLab in headless Chromium, run all cells, move a slider.
+
+For each notebook a smoke-parameterised copy is opened in a headless JupyterLab, every cell is run
+through JupyterLab's own command, the first slider of its widget panel is moved one step with the
+keyboard, and the figure the widget drew must change (the PNG behind the output's <img> differs).
+Needs Debian's ``chromium`` (``.ci/run`` installs it when it can) and the ``playwright`` package (its
+Python API drives the system Chromium through ``executable_path``; no browser download).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from papermill.iorw import load_notebook_node
+from papermill.parameterize import parameterize_notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+TOKEN = "h1bkv-browser-test"
+RUN_TIMEOUT_S = 600
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A JupyterLab server over smoke-parameterised copies of the notebooks; yields its base URL."""
+    work = tmp_path_factory.mktemp("lab")
+    for name in NOTEBOOKS:
+        nb = load_notebook_node(str(ROOT / "notebooks" / f"{name}.ipynb"))
+        fig_dir = work / "figures" / name
+        nb = parameterize_notebook(nb, {"SMOKE": True, "FIG_DIR": str(fig_dir)})
+        nbformat.write(nb, work / f"{name}.ipynb")
+    # Render every cell (no virtual scrolling), so outputs far down the page exist in the DOM.
+    settings = work / "settings" / "@jupyterlab" / "notebook-extension"
+    settings.mkdir(parents=True)
+    (settings / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
+    port = _free_port()
+    log = open(work / "jupyterlab.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={work}", "--LabApp.expose_app_in_browser=True",
+         f"--LabApp.user_settings_dir={work / 'settings'}", "--ServerApp.open_browser=False", "--allow-root"],
+        cwd=work, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert proc.poll() is None, (work / "jupyterlab.log").read_text()
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("JupyterLab did not start within 120 s:\n" + (work / "jupyterlab.log").read_text())
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
+_BUSY_JS = "() => [...document.querySelectorAll('.jp-InputArea-prompt')].some(e => e.textContent.includes('*'))"
+_ERRORS_JS = ("() => [...document.querySelectorAll('.jp-OutputArea-output[data-mime-type=\"application/"
+              "vnd.jupyter.stderr\"], .jp-RenderedText[data-mime-type=\"application/vnd.jupyter.error\"]')]"
+              ".filter(e => e.textContent.includes('Error')).map(e => e.textContent.slice(0, 2000))")
+_SLIDER_IMG_JS = """() => {
+  const slider = document.querySelector('.jp-OutputArea .widget-slider, .jp-OutputArea .widget-hslider');
+  if (!slider) return null;
+  const box = slider.closest('.jp-OutputArea-output');
+  const img = box && box.querySelector('img');
+  return img ? img.getAttribute('src') : null;
+}"""
+
+
+def _wait_idle(page, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    time.sleep(2)
+    while page.evaluate(_BUSY_JS):
+        if time.time() > deadline:
+            raise TimeoutError(f"cells still running after {timeout_s:.0f} s")
+        time.sleep(1)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_slider_redraws_figure(lab, browser, name):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{lab}/lab/tree/{name}.ipynb?token={TOKEN}")
+    page.wait_for_function("() => window.jupyterapp && document.querySelector('.jp-Notebook .jp-Cell')",
+                           timeout=120_000)
+    page.wait_for_function("() => document.querySelector('.jp-Notebook-ExecutionIndicator, .jp-Toolbar')",
+                           timeout=60_000)
+    time.sleep(3)  # let the kernel session come up
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    _wait_idle(page, RUN_TIMEOUT_S)
+    errors = page.evaluate(_ERRORS_JS)
+    assert not errors, f"{name}: a cell failed in JupyterLab:\n" + "\n".join(errors)
+
+    page.wait_for_function(_SLIDER_IMG_JS, timeout=60_000)
+    before = page.evaluate(_SLIDER_IMG_JS)
+    handle = page.locator(".jp-OutputArea .widget-slider .noUi-handle, .jp-OutputArea .widget-hslider .noUi-handle").first
+    handle.scroll_into_view_if_needed()
+    shot_before = handle.locator("xpath=ancestor::div[contains(@class,'jp-OutputArea-output')]").screenshot()
+    handle.focus()
+    page.keyboard.press("ArrowRight")
+    deadline = time.time() + 180
+    while page.evaluate(_SLIDER_IMG_JS) in (before, None):
+        assert time.time() < deadline, f"{name}: the figure did not change after moving the slider"
+        time.sleep(1)
+    _wait_idle(page, 180)
+    shot_after = handle.locator("xpath=ancestor::div[contains(@class,'jp-OutputArea-output')]").screenshot()
+    assert shot_after != shot_before, f"{name}: the widget's screenshot did not change"
+    page.close()
