@@ -52,8 +52,22 @@ def sketched_logits(
     (needed by "cos" and "asym"); ``Hq`` a multiple of ``Hkv`` (GQA). Returns float32 ``[B, Hq, Tq, N]``.
     """
     check_choice("score", score, SCORES[:3])
+    check_tensor("q", q, ndim=4)
+    check_tensor("key_codes", key_codes, ndim=4, dtypes=(torch.uint8,))
+    check_same_device(q=q, key_codes=key_codes)
     B, Hq, Tq, D = q.shape
     Hkv = key_codes.shape[1]
+    if D != sketcher.head_dim:
+        raise ValueError(f"q head_dim must equal sketcher.head_dim={sketcher.head_dim}, got {D}")
+    if key_codes.shape[0] != B or Hq % Hkv:
+        raise ValueError(
+            f"key_codes [B, Hkv, N, bytes] must match q's batch {B} and divide its {Hq} heads, "
+            f"got shape {tuple(key_codes.shape)}"
+        )
+    if key_norms is not None:
+        check_tensor("key_norms", key_norms, ndim=3)
+        if key_norms.shape != key_codes.shape[:3]:
+            raise ValueError(f"key_norms must have shape {tuple(key_codes.shape[:3])}, got {tuple(key_norms.shape)}")
     group = Hq // Hkv
     qg = q.float().reshape(B, Hkv, group * Tq, D)  # query heads of one kv head side by side
     if score == "hamming":
@@ -121,8 +135,11 @@ def h1b_attention(
     check_same_device(q=q, k=k, v=v)
     check_choice("score", score, SCORES)
     if value_bits is not None:
+        check_int("value_bits", value_bits)
         check_choice("value_bits", value_bits, VALUE_BITS)
     check_int("window", window, low=0)
+    if temperature is not None:
+        _temperature_tensor(temperature, q.shape[1], q.device)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     Tq, Tk = q.shape[2], k.shape[2]
@@ -135,7 +152,10 @@ def h1b_attention(
     else:
         if score == "hamming" and temperature is None:
             temperature = calibrate_temperature(q, k, sketcher=sketcher, causal=causal)
-        norms = k.float().norm(dim=-1).to(torch.float16)  # what the cache stores
+        norms = k.float().norm(dim=-1)
+        if score in ("cos", "asym") and norms.max() > torch.finfo(torch.float16).max:
+            raise ValueError(f"k has vector norms above {torch.finfo(torch.float16).max:g}: fp16 key norms overflow")
+        norms = norms.to(torch.float16)  # what the cache stores
         compressed = sketched_logits(
             q, sketcher.sketch(k), sketcher=sketcher, score=score, temperature=temperature, key_norms=norms
         )

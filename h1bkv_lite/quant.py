@@ -7,7 +7,8 @@ paper's per-token form) gets an fp16 ``scale`` and an fp16 ``zero`` (the group's
 ``zero`` is the group minimum rounded *down* to fp16 and ``scale`` is rounded *up*, so the stored grid
 always covers the group's range and every element is within ``scale / 2`` of its reconstruction.
 A constant group gets ``scale = 0`` and reconstructs as ``zero`` (exact when the value is representable in
-fp16; no division by zero). Packing: element ``j`` of a vector sits in bits
+fp16; no division by zero). The bound holds for the float32 reconstruction; ``dequantize()`` returns
+the input's dtype, which adds at most half an ulp of that dtype (fp16/bf16). Packing: element ``j`` of a vector sits in bits
 ``[(j % per_byte) * bits, ...)`` of byte ``j // per_byte``, ``per_byte = 8 // bits`` (LSB first).
 """
 from __future__ import annotations
@@ -65,6 +66,7 @@ def quantize_values(v: torch.Tensor, bits: int = 4, group_size: int | None = Non
     bytes (``n * bits % 8 == 0``). ``v`` is not modified.
     """
     check_tensor("v", v, min_ndim=1)
+    check_int("bits", bits)
     check_choice("bits", bits, VALUE_BITS)
     n = v.shape[-1]
     if group_size is None:
