@@ -1,6 +1,7 @@
 """Argument checks shared by the public API: every failure names the argument and what is allowed."""
 from __future__ import annotations
 
+import numbers
 from typing import Iterable
 
 import torch
@@ -45,9 +46,10 @@ def check_same_device(**tensors: torch.Tensor) -> None:
 
 
 def check_int(name: str, value, *, low: int | None = None, high: int | None = None) -> int:
-    """Return ``value`` if it is an int in [low, high], else raise."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    """Return ``value`` as an int if it is an integer (not a bool) in [low, high], else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high

@@ -39,9 +39,10 @@ lacking a required field), ``ValueError`` for out-of-range values; messages name
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 from typing import Any
+
+from ._validation import check_int, check_sketch_bits
 
 __all__ = [
     "FP16", "H1B", "KIVI", "Eviction", "LowRankKeys", "ModelShape", "CacheBytes", "PRESETS",
@@ -50,17 +51,6 @@ __all__ = [
 
 FP16_BYTES = 2
 SCALE_ZERO_BYTES = 4  # one fp16 scale + one fp16 zero-point per quantization group
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-    """Return ``value`` as int if it is an integer in ``[lo, hi]``, else raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if value < lo or (hi is not None and value > hi):
-        rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
-        raise ValueError(f"{name} must be {rng}, got {value}")
-    return value
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -83,16 +73,14 @@ class H1B:
     window: int = 0
 
     def __post_init__(self) -> None:
-        bits = _check_int("bits", self.bits, 8, 4096)
-        if bits % 8:
-            raise ValueError(f"bits must be a multiple of 8 in 8..4096, got {bits}")
+        bits = check_sketch_bits(self.bits)
         if isinstance(self.value_bits, bool) or self.value_bits not in (2, 4, 8):
             raise ValueError(f"value_bits must be one of 2, 4, 8, got {self.value_bits!r}")
         if self.group_size is not None:
-            _check_int("group_size", self.group_size, 1)
+            check_int("group_size", self.group_size, low=1)
         if not isinstance(self.key_norms, bool):
             raise TypeError(f"key_norms must be a bool, got {self.key_norms!r}")
-        _check_int("window", self.window, 0)
+        check_int("window", self.window, low=0)
 
 
 @dataclass(frozen=True)
@@ -106,8 +94,8 @@ class KIVI:
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in (2, 4, 8):
             raise ValueError(f"bits must be one of 2, 4, 8, got {self.bits!r}")
-        _check_int("group_size", self.group_size, 1)
-        _check_int("residual", self.residual, 0)
+        check_int("group_size", self.group_size, low=1)
+        check_int("residual", self.residual, low=0)
 
 
 @dataclass(frozen=True)
@@ -117,7 +105,7 @@ class Eviction:
     budget: int
 
     def __post_init__(self) -> None:
-        _check_int("budget", self.budget, 0)
+        check_int("budget", self.budget, low=0)
 
 
 @dataclass(frozen=True)
@@ -127,7 +115,7 @@ class LowRankKeys:
     rank: int
 
     def __post_init__(self) -> None:
-        _check_int("rank", self.rank, 1)
+        check_int("rank", self.rank, low=1)
 
 
 Scheme = FP16 | H1B | KIVI | Eviction | LowRankKeys
@@ -144,7 +132,7 @@ class ModelShape:
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "num_heads"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), low=1)
 
 
 PRESETS: dict[str, ModelShape] = {
@@ -238,8 +226,8 @@ def kv_cache_bytes(config: Any, seq_len: int, batch: int = 1, scheme: Scheme = F
     CacheBytes
     """
     shape = model_shape(config)
-    n = _check_int("seq_len", seq_len, 0)
-    b = _check_int("batch", batch, 1)
+    n = check_int("seq_len", seq_len, low=0)
+    b = check_int("batch", batch, low=1)
     d = shape.head_dim
     heads = shape.num_layers * shape.num_kv_heads * b  # (layer, kv head, sequence) triples
     fp16_kv = lambda tokens: heads * tokens * d * FP16_BYTES * 2  # noqa: E731  K and V
@@ -289,7 +277,7 @@ def kv_cache_bytes(config: Any, seq_len: int, batch: int = 1, scheme: Scheme = F
 
 def compression_ratio(config: Any, seq_len: int, scheme: Scheme, batch: int = 1) -> float:
     """FP16 cache bytes divided by ``scheme`` cache bytes at ``seq_len`` (``>= 1``) tokens."""
-    _check_int("seq_len", seq_len, 1)
+    check_int("seq_len", seq_len, low=1)
     fp16 = kv_cache_bytes(config, seq_len, batch, FP16()).total
     return fp16 / kv_cache_bytes(config, seq_len, batch, scheme).total
 
@@ -300,7 +288,7 @@ def bits_per_element(scheme: Scheme, head_dim: int) -> dict[str, float]:
     Ignores fp16 windows / residuals, Loki's basis and which tokens eviction keeps. For ``H1B``,
     ``bits / head_dim`` is the sketch alone (``bits=256`` at ``head_dim=128`` is 2 bits/element).
     """
-    d = _check_int("head_dim", head_dim, 1)
+    d = check_int("head_dim", head_dim, low=1)
     if isinstance(scheme, H1B):
         groups = 1 if scheme.group_size is None else d / scheme.group_size
         keys = (scheme.bits + 16 * scheme.key_norms) / d
