@@ -1,0 +1,630 @@
+"""H1BCache: a transformers ``Cache`` that keeps past keys only as SimHash sketches and values only low-bit.
+
+Use it like any cache::
+
+    cache = H1BCache(model.config, bits=256, score="hamming")
+    out = model.generate(**inputs, past_key_values=cache)
+    cache.nbytes()  # == memory.kv_cache_bytes(model.config, seq_len, batch, cache.scheme).total (16-bit models)
+
+What is stored, per layer, kv head and token (``B`` batch, ``Hkv`` kv heads, ``N`` tokens, ``D`` head_dim):
+``key_codes`` uint8 ``[B, Hkv, N, bits // 8]``; ``key_norms`` fp16 ``[B, Hkv, N]`` ("cos"/"asym" only);
+values as :class:`~h1bkv_lite.quant.QuantizedTensor` parts (packed uint8, fp16 scale/zero per group); the
+newest ``window`` tokens and the first ``sink`` tokens exact, in the model dtype. Nothing else of a past key
+survives: decode attention reads the codes through :func:`~h1bkv_lite.attention.sketched_logits`.
+
+How attention reaches the cache (the hook). A transformers attention module calls
+``past_key_values.update(k, v, layer_idx)`` and then the function registered for
+``config._attn_implementation``. ``update`` of a :class:`HookedLayer` stores the new tokens, hands itself to
+:func:`cache_attention` (registered as ``"h1bkv"`` in ``AttentionInterface``) and switches the config it
+was built with to ``"h1bkv"``; :func:`cache_attention` switches it straight back and lets the layer attend
+over its own stored data. So the user's implementation is restored after every layer, nothing needs
+enabling, and other caches keep using sdpa/eager. Requirement: the cache must get the model's own config
+object (``model.config``); if the model attends without the hook, the next ``update`` raises.
+
+Prefill. By default (``compressed_prefill=False``) a multi-token forward (the prompt) attends exactly,
+like a deployment that compresses while writing the cache: the prompt costs no more than usual, and only
+then are tokens older than the window compressed. Decode steps always see compressed keys. With
+``compressed_prefill=True`` every query of a multi-token forward already sees what it would see had the
+tokens been decoded one by one (``h1b_attention`` semantics, window relative to each query) -- the mode
+:mod:`h1bkv_lite.eval` uses for perplexity.
+
+Temperature ("hamming"). ``temperature=None`` calibrates ``T`` per layer, query head and sequence on the
+first (prefill) forward's exact q/k with :func:`~h1bkv_lite.attention.calibrate_temperature` (padding
+excluded), so a padded batch behaves like its sequences run alone. A float, a ``[Hq]`` tensor (per head)
+or a ``[L, Hq]`` / ``[L, 1]`` tensor (per layer) fixes it instead, e.g. from :func:`fit_temperature`.
+
+Sketch seeds: one :class:`~h1bkv_lite.sketch.SimHashSketcher` per layer, ``seed + layer_idx``, shared by
+the kv heads of that layer (the paper draws one R per head; sharing R across heads keeps every head's
+estimate unbiased and lets the decode kernel read one R per layer).
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from . import memory
+from ._validation import check_choice, check_int, check_sketch_bits
+from .attention import calibrate_temperature, sketched_logits
+from .quant import VALUE_BITS, QuantizedTensor, quantize_values
+from .sketch import SimHashSketcher
+
+__all__ = ["ATTENTION_NAME", "H1BCache", "HookedCache", "HookedLayer", "cache_attention", "fit_temperature"]
+
+ATTENTION_NAME = "h1bkv"
+"""Name of :func:`cache_attention` in transformers' ``AttentionInterface`` (and of its mask function)."""
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+# ------------------------------------------------------------------------------------------------ the hook
+class _Handoff(threading.local):
+    """The layer whose ``update`` just ran, waiting for its attention call (one per thread)."""
+
+    layer = None  # HookedLayer
+    key = None  # the key tensor update() returned: identifies the attention call that belongs to it
+    restore = None  # (config, implementation to put back) or None
+
+
+_HANDOFF = _Handoff()
+
+
+def _check_nothing_pending() -> None:
+    if _HANDOFF.layer is not None:
+        stale = _HANDOFF.layer
+        _release()
+        raise RuntimeError(
+            f"the attention of cache layer {stale.layer_idx} did not go through h1bkv_lite's attention hook, so "
+            "the model attended to uncompressed inputs; build the cache with the model's own config object "
+            "(e.g. H1BCache(model.config, ...)), or set model.config._attn_implementation = "
+            f"{ATTENTION_NAME!r}"
+        )
+
+
+def _hand_over(layer: "HookedLayer", key: torch.Tensor) -> None:
+    config = layer.config
+    current = config._attn_implementation
+    _HANDOFF.layer, _HANDOFF.key = layer, key
+    _HANDOFF.restore = None if current == ATTENTION_NAME else (config, current)
+    if current != ATTENTION_NAME:
+        config._attn_implementation = ATTENTION_NAME
+
+
+def _release() -> None:
+    if _HANDOFF.restore is not None:
+        config, implementation = _HANDOFF.restore
+        config._attn_implementation = implementation
+    _HANDOFF.layer = _HANDOFF.key = _HANDOFF.restore = None
+
+
+def cache_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The ``"h1bkv"`` attention function: the pending :class:`HookedLayer` attends, else plain sdpa.
+
+    query ``[B, Hq, Tq, D]``; returns ``(out [B, Tq, Hq, D], None)`` like transformers' attention functions.
+    """
+    if _HANDOFF.layer is None or _HANDOFF.key is not key:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    layer = _HANDOFF.layer
+    if kwargs.get("softcap") is not None:
+        _release()
+        raise NotImplementedError("h1bkv_lite caches do not support attention softcapping")
+    window = kwargs.get("sliding_window")
+    if window is not None and layer.get_seq_length() > window:
+        _release()
+        raise NotImplementedError(
+            f"layer {layer.layer_idx} is a sliding-window layer (window {window}) and the sequence is longer; "
+            "h1bkv_lite caches implement full attention only"
+        )
+    out = layer.attend(query, attention_mask, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_NAME, cache_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def allowed_mask(attention_mask, batch: int, q_len: int, kv_len: int, device) -> torch.Tensor:
+    """transformers' mask (None, bool/float 4D ``[B, 1, Tq, Nkv]``, or 2D padding ``[B, Nkv]``) as bool
+    ``[B, 1, Tq, Nkv]`` (True = may attend), always causal with the queries at the last ``Tq`` positions."""
+    qpos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(-1)
+    allowed = (torch.arange(kv_len, device=device) <= qpos).expand(batch, 1, q_len, kv_len)
+    if attention_mask is None:
+        return allowed
+    if attention_mask.dim() == 2:
+        keep = attention_mask.bool()[:, None, None, -kv_len:]
+    elif attention_mask.dim() == 4:
+        keep = attention_mask[..., -kv_len:]
+        if keep.dtype != torch.bool:
+            keep = keep > torch.finfo(keep.dtype).min / 2  # additive masks: 0 keep, dtype min drop
+    else:
+        raise ValueError(f"attention_mask must be 2D or 4D, got shape {tuple(attention_mask.shape)}")
+    if keep.shape[-1] != kv_len:
+        raise ValueError(f"attention_mask covers {keep.shape[-1]} keys, the cache holds {kv_len}")
+    return allowed & keep.to(device)
+
+
+def masked_softmax(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """float32 softmax over the last dim where ``allowed``; rows with nothing allowed give zeros."""
+    probs = torch.softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=-1)
+    return probs.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+
+
+def exact_logits(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
+    """float32 ``q @ k^T * scaling``: q ``[B, Hq, Tq, D]``, k ``[B, Hkv, N, D]`` (GQA) -> ``[B, Hq, Tq, N]``."""
+    group = q.shape[1] // k.shape[1]
+    return q.float() @ k.float().repeat_interleave(group, dim=1).transpose(-1, -2) * scaling
+
+
+def weighted_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """float32 ``probs [B, Hq, Tq, N] @ v [B, Hkv, N, D]`` (GQA) -> ``[B, Hq, Tq, D]``."""
+    group = probs.shape[1] // v.shape[1]
+    return probs @ v.float().repeat_interleave(group, dim=1)
+
+
+# ------------------------------------------------------------------------------------------------ layers
+class HookedLayer(CacheLayerMixin):
+    """A cache layer that stores tokens its own way and attends over them itself (through the hook).
+
+    Subclasses implement ``_init_storage(k)``, ``_append(k, v)``, ``_attend(q, allowed, scaling)``,
+    ``nbytes_by_part()`` and list their batch-major tensors in ``_batch_fields`` (dict fields:
+    every value is batch-major). ``allowed`` is bool ``[B, 1, Tq, Nseen]`` over every token seen so far.
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+    _batch_fields: tuple[str, ...] = ()
+
+    def __init__(self, config, layer_idx: int, *, compressed_prefill: bool = False):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.compressed_prefill = compressed_prefill
+        self.n_seen = 0  # tokens written so far = columns of the attention mask
+        self.exact_call = False  # the current forward attends exactly (a prompt, compressed_prefill=False)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(layer={self.layer_idx}, tokens={self.n_seen})"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch, self.kv_heads, _, self.head_dim = key_states.shape
+        self._init_storage(key_states)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store the new tokens ``[B, Hkv, Tq, D]``; returns them unchanged (they identify the attention call)."""
+        _check_nothing_pending()
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[:2] != (self.batch, self.kv_heads) or key_states.dtype != self.dtype:
+            raise ValueError(
+                f"layer {self.layer_idx} holds batch {self.batch}, {self.kv_heads} kv heads, {self.dtype}; got "
+                f"keys of shape {tuple(key_states.shape)} and dtype {key_states.dtype}"
+            )
+        q_len = key_states.shape[2]
+        self.exact_call = q_len > 1 and not self.compressed_prefill
+        self.n_seen += q_len
+        self._append(key_states, value_states)
+        _hand_over(self, key_states)
+        return key_states, value_states
+
+    def attend(self, query: torch.Tensor, attention_mask=None, scaling: float | None = None) -> torch.Tensor:
+        """Attention of ``query [B, Hq, Tq, D]`` (the newest ``Tq`` tokens) over everything stored.
+
+        ``attention_mask``: transformers' mask for this call (None = causal). Returns ``[B, Hq, Tq, D]``
+        in the query's dtype.
+        """
+        if _HANDOFF.layer is self:
+            _release()
+        B, _, q_len, D = query.shape
+        scaling = D**-0.5 if scaling is None else scaling
+        allowed = allowed_mask(attention_mask, B, q_len, self.n_seen, query.device)
+        return self._attend(query, allowed, scaling).to(query.dtype)
+
+    def get_seq_length(self) -> int:
+        return self.n_seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.n_seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        self.n_seen = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot roll back: compressed tokens cannot be restored")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def _map_batch(self, fn) -> None:
+        """Apply ``fn`` to every batch-major tensor (``_batch_fields``; dict fields value by value)."""
+        if not self.is_initialized:
+            return
+        for name in self._batch_fields:
+            field = getattr(self, name)
+            if isinstance(field, dict):
+                setattr(self, name, {k: fn(t) for k, t in field.items()})
+            elif field is not None:
+                setattr(self, name, fn(field))
+        self.batch = getattr(self, self._batch_fields[0]).shape[0]
+
+    def nbytes_by_part(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def _init_storage(self, key_states: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _attend(self, q: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def nbytes_of(*tensors) -> int:
+    """Total bytes of the given tensors (None skipped)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class CompressingLayer(HookedLayer):
+    """Token order ``[sink | compressed | recent]``: the first ``sink`` tokens and a recent buffer stay exact.
+
+    A subclass says how many tokens are compressed once ``n`` tokens are visible (``_n_compressed``,
+    excluding sinks, monotone in ``n``) and how a chunk of tokens is compressed (``_compress`` -> dict of
+    batch-major tensors with tokens on dim 2), scored (``_compressed_logits``) and read back
+    (``_compressed_values``). Tokens are compressed as soon as no query of the current call sees them
+    exact, and after attention down to what the rule keeps at rest.
+    """
+
+    _batch_fields = ("sink_k", "sink_v", "recent_k", "recent_v", "stored")
+
+    def __init__(self, config, layer_idx: int, *, sink: int = 0, compressed_prefill: bool = False):
+        super().__init__(config, layer_idx, compressed_prefill=compressed_prefill)
+        self.sink = sink
+
+    def _init_storage(self, key_states: torch.Tensor) -> None:
+        empty = key_states[:, :, :0].clone()
+        self.sink_k = self.sink_v = self.recent_k = self.recent_v = empty
+        self.stored: dict[str, torch.Tensor] = {}
+        self.n_compressed = 0
+
+    def _n_compressed(self, n: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _compress(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _compressed_logits(self, q: torch.Tensor, chunk: dict, scaling: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _compressed_values(self, chunk: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _compressed_at(self, n: int) -> int:
+        return int(self._n_compressed(torch.tensor(n)))
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        q_len = k.shape[2]
+        room = min(self.sink - self.sink_k.shape[2], q_len)
+        if room > 0:
+            self.sink_k = torch.cat([self.sink_k, k[:, :, :room]], dim=2)
+            self.sink_v = torch.cat([self.sink_v, v[:, :, :room]], dim=2)
+            k, v = k[:, :, room:], v[:, :, room:]
+        self.recent_k = torch.cat([self.recent_k, k], dim=2)
+        self.recent_v = torch.cat([self.recent_v, v], dim=2)
+        if not self.exact_call:  # what even the oldest query of this call sees compressed
+            self._compress_until(self._compressed_at(self.n_seen - q_len + 1))
+
+    def _compress_until(self, n_compressed: int) -> None:
+        m = min(n_compressed - self.n_compressed, self.recent_k.shape[2])
+        if m <= 0:
+            return
+        chunk = self._compress(self.recent_k[:, :, :m], self.recent_v[:, :, :m])
+        self.stored = {k: torch.cat([self.stored[k], t], dim=2) if k in self.stored else t for k, t in chunk.items()}
+        self.recent_k, self.recent_v = self.recent_k[:, :, m:], self.recent_v[:, :, m:]
+        self.n_compressed += m
+
+    def _attend(self, q: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+        q_len = q.shape[2]
+        S, C, R = self.sink_k.shape[2], self.n_compressed, self.recent_k.shape[2]
+        exact = exact_logits(q, torch.cat([self.sink_k, self.recent_k], dim=2), scaling)
+        logits_sink, logits_recent = exact.split([S, R], dim=-1)
+        logits_comp = self._compressed_logits(q, self.stored, scaling) if C else exact[..., :0]
+        # recent tokens that some queries of this call already see compressed (compressed_prefill only)
+        m = 0 if self.exact_call else min(max(self._compressed_at(self.n_seen) - C, 0), R)
+        if m:
+            chunk = self._compress(self.recent_k[:, :, :m], self.recent_v[:, :, :m])
+            n_visible = torch.arange(self.n_seen - q_len + 1, self.n_seen + 1, device=q.device)
+            per_query = self._n_compressed(n_visible) - C  # [Tq] recent tokens compressed for each query
+            use_comp = torch.arange(m, device=q.device) < per_query.unsqueeze(-1)  # [Tq, m]
+            head = torch.where(use_comp, self._compressed_logits(q, chunk, scaling), logits_recent[..., :m])
+            logits_recent = torch.cat([head, logits_recent[..., m:]], dim=-1)
+        probs = masked_softmax(torch.cat([logits_sink, logits_comp, logits_recent], dim=-1), allowed)
+        p_sink, p_comp, p_recent = probs.split([S, C, R], dim=-1)
+        out = weighted_values(p_sink, self.sink_v)
+        if C:
+            out = out + weighted_values(p_comp, self._compressed_values(self.stored))
+        if m:
+            p_head = p_recent[..., :m]
+            out = out + weighted_values(p_head * use_comp, self._compressed_values(chunk))
+            p_recent = torch.cat([p_head * ~use_comp, p_recent[..., m:]], dim=-1)
+        out = out + weighted_values(p_recent, self.recent_v)
+        self._compress_until(self._compressed_at(self.n_seen))
+        return out
+
+    def _exact_bytes(self) -> tuple[int, int]:
+        """(sink bytes, recent bytes)."""
+        return nbytes_of(self.sink_k, self.sink_v), nbytes_of(self.recent_k, self.recent_v)
+
+
+class H1BLayer(CompressingLayer):
+    """One layer of :class:`H1BCache` (see there for the arguments)."""
+
+    _batch_fields = CompressingLayer._batch_fields + ("calibrated",)
+
+    def __init__(self, config, layer_idx: int, *, sketcher: SimHashSketcher, score: str, temperature,
+                 value_bits: int, group_size: int | None, window: int, sink: int, compressed_prefill: bool,
+                 backend: str):
+        super().__init__(config, layer_idx, sink=sink, compressed_prefill=compressed_prefill)
+        self.sketcher, self.score, self.temperature = sketcher, score, temperature
+        self.value_bits, self.group_size, self.window, self.backend = value_bits, group_size, window, backend
+        self.calibrated: torch.Tensor | None = None  # [B, Hq] per-sequence T from the prefill
+        self._call_keys: torch.Tensor | None = None
+
+    def _init_storage(self, key_states: torch.Tensor) -> None:
+        super()._init_storage(key_states)
+        self.calibrated = None
+
+    def _n_compressed(self, n: torch.Tensor) -> torch.Tensor:
+        return (n - self.sink - self.window).clamp(min=0)
+
+    def _compress(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        chunk = {"key_codes": self.sketcher.sketch(k)}
+        if self.score != "hamming":
+            chunk["key_norms"] = k.float().norm(dim=-1).to(torch.float16)
+        qv = quantize_values(v, self.value_bits, self.group_size)
+        chunk.update(values=qv.data, value_scales=qv.scale, value_zeros=qv.zero)
+        return chunk
+
+    def _compressed_values(self, chunk: dict) -> torch.Tensor:
+        data, scale = chunk["values"], chunk["value_scales"]
+        shape = (*data.shape[:-1], self.head_dim)
+        qv = QuantizedTensor(data, scale, chunk["value_zeros"], self.value_bits, self.head_dim // scale.shape[-1],
+                             torch.Size(shape), self.dtype)
+        return qv.dequantize()
+
+    def _compressed_logits(self, q: torch.Tensor, chunk: dict, scaling: float) -> torch.Tensor:
+        if self.score == "hamming":
+            a = sketched_logits(q, chunk["key_codes"], sketcher=self.sketcher, score="hamming", temperature=1.0)
+            return a / self._temperature().to(q.device).view(-1, q.shape[1], 1, 1)
+        logits = sketched_logits(q, chunk["key_codes"], sketcher=self.sketcher, score=self.score,
+                                 key_norms=chunk["key_norms"])
+        rescale = scaling * math.sqrt(q.shape[-1])  # sketched_logits assumes scaling = 1/sqrt(D)
+        return logits if rescale == 1.0 else logits * rescale
+
+    def _temperature(self) -> torch.Tensor:
+        """``[Hq]`` given, or ``[B, Hq]`` calibrated; float32."""
+        return self.temperature if self.temperature is not None else self.calibrated
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._call_keys = k
+        super()._append(k, v)
+
+    def _attend(self, q: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+        keys, self._call_keys = self._call_keys, None
+        if self.score == "hamming" and self.temperature is None and self.calibrated is None:
+            self.calibrated = self._calibrate(q, keys, allowed)
+        if self._use_kernel(q, allowed, scaling):
+            return self._kernel_decode(q)
+        return super()._attend(q, allowed, scaling)
+
+    def _calibrate(self, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Per-sequence ``T [B, Hq]`` on this call's exact q/k, padded tokens excluded."""
+        q_len = q.shape[2]
+        valid = allowed[:, 0, -1, -q_len:]  # [B, Tq]: the last query sees every non-padding token of the call
+        temps = []
+        for b in range(q.shape[0]):
+            idx = valid[b].nonzero().squeeze(-1)
+            if idx.numel() < 2:
+                raise ValueError(
+                    "temperature=None calibrates the 'hamming' temperature on the prefill, which needs >= 2 "
+                    f"(non-padding) tokens per sequence; sequence {b} has {idx.numel()}. Pass temperature=..."
+                )
+            temps.append(calibrate_temperature(q[b : b + 1, :, idx], k[b : b + 1, :, idx], sketcher=self.sketcher))
+        return torch.stack(temps)
+
+    # ---- the single dispatch point to the Triton decode kernel
+    def _use_kernel(self, q: torch.Tensor, allowed: torch.Tensor, scaling: float) -> bool:
+        """Whether this call goes to the Triton decode kernel: "auto" on CUDA, "triton" anywhere (CPU under
+        ``TRITON_INTERPRET=1``), and only for what the kernel serves -- one query, some compressed tokens, no
+        padding, scaling 1/sqrt(D), one temperature per head. Everything else takes the torch path."""
+        if self.backend == "torch" or (self.backend == "auto" and q.device.type != "cuda"):
+            return False
+        return (
+            q.shape[2] == 1
+            and self.n_compressed > 0
+            and bool(allowed.all())
+            and scaling == q.shape[-1] ** -0.5
+            and (self.score != "hamming" or self.temperature is not None or self.calibrated.shape[0] == 1)
+        )
+
+    def _kernel_decode(self, q: torch.Tensor) -> torch.Tensor:
+        from .kernels import h1b_decode_attention  # noqa: PLC0415 -- optional (Triton)
+
+        stored = self.stored
+        temperature = self._temperature().to(q.device).reshape(-1) if self.score == "hamming" else None
+        out = h1b_decode_attention(
+            q[:, :, 0], stored["key_codes"], stored["values"], stored["value_scales"], stored["value_zeros"],
+            projection=self.sketcher.projection_on(q.device), score=self.score, temperature=temperature,
+            key_norms=stored.get("key_norms"), window_k=torch.cat([self.sink_k, self.recent_k], dim=2),
+            window_v=torch.cat([self.sink_v, self.recent_v], dim=2), value_bits=self.value_bits,
+            backend=self.backend,
+        )
+        self._compress_until(self._compressed_at(self.n_seen))
+        return out.unsqueeze(2)
+
+    def nbytes_by_part(self) -> dict[str, int]:
+        """Bytes of what is stored, under :func:`memory.kv_cache_bytes`'s part names (+ ``sink`` if used)."""
+        s = self.stored if self.is_initialized else {}
+        sink, recent = self._exact_bytes() if self.is_initialized else (0, 0)
+        parts = {
+            "key_codes": nbytes_of(s.get("key_codes")),
+            "key_norms": nbytes_of(s.get("key_norms")),
+            "values": nbytes_of(s.get("values")),
+            "value_scales_zeros": nbytes_of(s.get("value_scales"), s.get("value_zeros")),
+            "window": recent,
+            "projection": 0,  # R is regenerated from its seed
+        }
+        if self.sink:
+            parts["sink"] = sink
+        return parts
+
+
+# ------------------------------------------------------------------------------------------------ caches
+class HookedCache(Cache):
+    """A ``Cache`` of :class:`HookedLayer` s, one per decoder layer, with byte accounting.
+
+    ``compressed_prefill`` is a flag every cache of this package accepts (see the module docstring).
+    """
+
+    def __init__(self, layers: list[HookedLayer]):
+        super().__init__(layers=layers)
+
+    def nbytes_by_part(self) -> dict[str, int]:
+        """True bytes of the stored tensors, summed over layers, by part."""
+        total: dict[str, int] = {}
+        for layer in self.layers:
+            for name, n in layer.nbytes_by_part().items():
+                total[name] = total.get(name, 0) + n
+        return total
+
+    def nbytes(self) -> int:
+        """True bytes of every stored tensor (all layers and sequences); bookkeeping excluded."""
+        return sum(self.nbytes_by_part().values())
+
+
+def text_config(config):
+    """The decoder config whose attention modules the cache serves (the same object the model holds)."""
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    if not hasattr(config, "_attn_implementation"):
+        raise TypeError(f"config must be a transformers model config (model.config), got {type(config).__name__}")
+    return config
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+class H1BCache(HookedCache):
+    """H1B-KV cache: SimHash key sketches, low-bit values, optional exact window and sink tokens.
+
+    Parameters
+    ----------
+    config : the model's config object (``model.config``; must be the same object, see module docstring).
+    bits : sketch bits per key and kv head, a multiple of 8 in [8, 4096].
+    score : "hamming" (the paper's), "cos" or "asym" (store an fp16 key norm) -- see :mod:`h1bkv_lite.attention`.
+    temperature : "hamming" only: None (calibrate on the prefill), float, tensor ``[Hq]``, ``[L, Hq]`` or ``[L, 1]``.
+    value_bits : 2, 4 or 8.  group_size : channels per value scale/zero (None: one per token, the paper's).
+    window : newest tokens kept exact.  sink : first tokens kept exact (StreamingLLM; with left padding they
+        are the first columns, so a padded row's sinks are padding).
+    compressed_prefill : multi-token forwards attend as if decoded token by token (default: exactly).
+    seed : layer ``i`` sketches with ``SimHashSketcher(head_dim, bits, seed + i)``.
+    backend : "auto" (the Triton decode kernel for CUDA decode steps it serves, torch otherwise), "torch", or
+        "triton" (the kernel wherever it serves, also on CPU under ``TRITON_INTERPRET=1``; for tests).
+    """
+
+    def __init__(self, config, *, bits: int = 256, score: str = "hamming", temperature=None, value_bits: int = 4,
+                 group_size: int | None = None, window: int = 0, sink: int = 0, compressed_prefill: bool = False,
+                 seed: int = 0, backend: str = "auto"):
+        config = text_config(config)
+        shape = memory.model_shape(config)
+        check_sketch_bits(bits)
+        if score == "exact":
+            raise ValueError("score='exact' keeps exact keys: it is an ablation of h1b_attention, not a cache format")
+        check_choice("score", score, ("hamming", "cos", "asym"))
+        check_choice("value_bits", value_bits, VALUE_BITS)
+        if group_size is not None:
+            check_int("group_size", group_size, low=1)
+            if shape.head_dim % group_size:
+                raise ValueError(f"group_size must divide head_dim={shape.head_dim}, got {group_size}")
+        check_int("window", window, low=0)
+        check_int("sink", sink, low=0)
+        check_bool("compressed_prefill", compressed_prefill)
+        check_int("seed", seed, low=0)
+        check_choice("backend", backend, BACKENDS)
+        temps = _layer_temperatures(temperature, score, shape.num_layers, shape.num_heads)
+        self.bits, self.score, self.value_bits, self.group_size = bits, score, value_bits, group_size
+        self.window, self.sink, self.seed = window, sink, seed
+        layers = [
+            H1BLayer(config, i, sketcher=SimHashSketcher(shape.head_dim, bits, seed + i), score=score,
+                     temperature=temps[i], value_bits=value_bits, group_size=group_size, window=window, sink=sink,
+                     compressed_prefill=compressed_prefill, backend=backend)
+            for i in range(shape.num_layers)
+        ]
+        super().__init__(layers)
+
+    @property
+    def scheme(self) -> memory.H1B:
+        """The :mod:`memory` scheme these settings store (sink tokens aside)."""
+        return memory.H1B(self.bits, self.value_bits, self.group_size, self.score != "hamming", self.window)
+
+    def temperatures(self) -> torch.Tensor | None:
+        """The "hamming" temperatures in use, float32 ``[L, B, Hq]`` (given ones broadcast), or None."""
+        if self.score != "hamming" or not all(layer.is_initialized for layer in self.layers):
+            return None
+        return torch.stack([layer._temperature().expand(layer.batch, -1) for layer in self.layers])
+
+
+def _layer_temperatures(temperature, score: str, num_layers: int, num_heads: int) -> list:
+    """Normalise ``temperature`` to one float32 ``[Hq]`` tensor (or None) per layer."""
+    if temperature is None:
+        return [None] * num_layers
+    if score != "hamming":
+        raise ValueError(f"temperature applies to score='hamming' only, got score={score!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, torch.Tensor)):
+        raise TypeError(f"temperature must be None, a float or a tensor, got {type(temperature).__name__}")
+    t = torch.as_tensor(temperature, dtype=torch.float32).detach().cpu()
+    if t.dim() == 0 or (t.dim() == 1 and t.shape[0] == num_heads):
+        t = t.expand(num_layers, num_heads)
+    elif t.dim() == 2 and t.shape[0] == num_layers and t.shape[1] in (1, num_heads):
+        t = t.expand(num_layers, num_heads)
+    else:
+        raise ValueError(
+            f"temperature must be a float or have shape [{num_heads}] (per head), [{num_layers}, {num_heads}] or "
+            f"[{num_layers}, 1] (per layer); got {tuple(t.shape)}"
+        )
+    if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
+        raise ValueError("temperature must be finite and > 0")
+    return [row.clone() for row in t]
+
+
+@torch.no_grad()
+def fit_temperature(model, input_ids: torch.Tensor, *, bits: int, seed: int = 0) -> torch.Tensor:
+    """Calibrate the "hamming" temperature on text: float32 ``[L, Hq]`` (mean over the batch's sequences).
+
+    Runs one exact forward of ``input_ids [B, T]`` with an :class:`H1BCache`; pass the result as
+    ``H1BCache(..., temperature=T)`` to score other text without an oracle calibration.
+    """
+    cache = H1BCache(model.config, bits=bits, seed=seed)
+    model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    return cache.temperatures().mean(dim=1).to(torch.float32)

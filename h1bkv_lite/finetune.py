@@ -1,0 +1,729 @@
+"""Adapt a causal LM to H1B attention: straight-through training of temperatures, ``v_proj`` or LoRA adapters.
+
+    ft = H1BFinetuner(model, FinetuneConfig(recipe="paper", bits=64), calibration_ids=train_ids[:4])
+    ft.train(train_ids, steps=40, eval_ids=val_ids, eval_every=10, checkpoint="ft.pt")
+    ft.perplexity(val_ids)                        # through H1BCache(compressed_prefill=True, temperature=learned)
+    ft.perplexity(val_ids, exact=True)            # the adapted model with an ordinary (exact) cache
+    ft.save("ft.pt"); H1BFinetuner.from_checkpoint(fresh_model, "ft.pt")   # only the adapted parameters
+
+Recipes (``FinetuneConfig.recipe``):
+
+``"paper"``
+    The paper's: learned temperature(s) and every layer's ``v_proj``; the sketch matrices R stay fixed.
+``"lora"``
+    LoRA adapters (peft) on the q/k/v projections (``lora_targets``) plus the learned temperature(s).
+``"temperature"``
+    Only the temperature(s): the cheapest adaptation, a control for what ``v_proj`` / LoRA add.
+
+Temperatures ("hamming" score only) are parameterised as ``log T`` -- one (``"global"``, the paper's), one per
+layer (``"layer"``) or one per layer and query head (``"head"``) -- and initialised from
+:func:`~h1bkv_lite.cache.fit_temperature` (per head, :func:`~h1bkv_lite.attention.calibrate_temperature` on
+``calibration_ids``) averaged in log space over the heads (and layers) that share a value.
+
+Training-time attention. Inside ``with ft.attention():`` every attention module of the model calls
+:func:`h1b_train_attention` (registered as ``"h1b_train"`` in transformers' ``AttentionInterface``; the model's
+own implementation is put back on exit). Its forward is :func:`~h1bkv_lite.attention.h1b_attention`'s and
+``H1BCache(compressed_prefill=True)``'s: each query sees the newest ``window`` keys it can see (and the first
+``sink`` tokens) exactly and every other key only through its sketch, with values quantized to ``value_bits``
+(tested equal to ``eval.perplexity`` through ``H1BCache``). Only the backward differs, through surrogates:
+
+``ste="clipped"`` (default): the hardtanh straight-through estimator of binarised networks (Hubara et al. 2016)
+    applied to the projection of the *unit* vector, ``u = (x / |x|) R``: forward ``sign(u)`` (= the stored bit),
+    backward ``d sign(u_i) / d u_i := 1[|u_i| <= 1]``. Each ``u_i`` is N(0, 1) whatever the vector's norm, so
+    one clip suits every layer and head; the surrogate is scale-invariant like the sketch (no gradient along
+    ``x``, which could never flip a bit), and bits far from their hyperplane (|u| > 1, about 32%) pass none.
+    "hamming" and "cos" take it on query and key bits; "asym" keeps the query exact (its gradient is exact)
+    and takes it on the key bits only; the fp16 key norm of "cos"/"asym" passes gradient straight through.
+``ste="expected"``: the forward value of the sketch, the gradient of its expectation over R --
+    ``1 - 2 theta / pi`` for "hamming" (cosine clamped to +-(1 - 1e-4), where arccos' slope is finite),
+    the exact logit ``q.k * scaling`` for "asym" (unbiased for it) and "cos" (whose ``cos(pi h / b)`` estimates
+    ``cos theta``). Deterministic and low-variance, but blind to which bits of this R are about to flip.
+
+Values outside the window are quantized in the forward, exactly as the cache stores them, and passed straight
+through (identity) in the backward, the usual estimator for rounding.
+
+Loss: ``(1 - distill) * CE + distill * KL(p_exact || p_h1b)`` per predicted token, where ``p_exact`` is the
+*un-adapted* model with exact attention (original ``v_proj`` / LoRA disabled), computed without gradient.
+
+Checkpoints hold only the adapted parameters (``log_temperature`` and the trainable model parameters by
+name), the optimizer state, the step and the logs; the batch of step ``i`` depends only on ``(seed, i)``, so a
+run resumed from a checkpoint equals an uninterrupted one.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import trange
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+from . import memory
+from ._validation import check_choice, check_int, check_sketch_bits, check_tensor
+from .cache import H1BCache, allowed_mask, fit_temperature, masked_softmax, text_config, weighted_values
+from .quant import VALUE_BITS, quantize_values
+from .sketch import SimHashSketcher
+
+__all__ = [
+    "RECIPES",
+    "STES",
+    "TEMPERATURES",
+    "TRAIN_ATTENTION",
+    "FinetuneConfig",
+    "H1BFinetuner",
+    "h1b_train_attention",
+]
+
+TRAIN_ATTENTION = "h1b_train"
+"""Name of the training-time attention in transformers' ``AttentionInterface`` (and of its mask function)."""
+
+RECIPES = ("paper", "lora", "temperature")
+TEMPERATURES = ("global", "layer", "head")
+STES = ("clipped", "expected")
+TRAIN_SCORES = ("hamming", "cos", "asym")
+CHECKPOINT_FORMAT = "h1bkv_lite.finetune/1"
+
+
+# ------------------------------------------------------------------------------------------------ surrogates
+class _Substitute(torch.autograd.Function):
+    """Forward ``value`` exactly, backward into ``surrogate`` (a straight-through estimator without rounding)."""
+
+    @staticmethod
+    def forward(ctx, value, surrogate):
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
+
+
+def _substitute(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    return _Substitute.apply(value, surrogate) if surrogate.requires_grad else value
+
+
+def _signs(x: torch.Tensor, projection: torch.Tensor, ste: str) -> torch.Tensor:
+    """``sign(x @ R)`` as +-1 float32 ``[..., bits]`` (sign(0) = +1, the stored bit); clipped STE if asked."""
+    p = x @ projection  # the sketcher's own projection: same bits as SimHashSketcher.sketch
+    s = torch.where(p >= 0, 1.0, -1.0)
+    if ste == "clipped" and x.requires_grad:
+        u = p / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # projection of the unit vector, ~N(0, 1)
+        s = _substitute(s, u.clamp(-1.0, 1.0))
+    return s
+
+
+def _key_norms(k: torch.Tensor) -> torch.Tensor:
+    """``|k|`` rounded to fp16 as the cache stores it, gradient straight through. ``[B, Hkv, N]``."""
+    norms = k.norm(dim=-1)
+    return _substitute(norms.to(torch.float16).float(), norms)
+
+
+def compressed_logits(q: torch.Tensor, k: torch.Tensor, *, sketcher: SimHashSketcher, score: str, scaling: float,
+                      temperature: torch.Tensor | None, ste: str) -> torch.Tensor:
+    """Logits of every query against every key seen through its sketch, with surrogate gradients.
+
+    q ``[B, Hq, Tq, D]``, k ``[B, Hkv, N, D]`` (GQA); temperature ``[Hq]`` ("hamming"). Returns float32
+    ``[B, Hq, Tq, N]``, equal (up to float rounding) to what :class:`~h1bkv_lite.cache.H1BCache` computes.
+    """
+    group = q.shape[1] // k.shape[1]
+    qf, kf = q.float(), k.float()
+    R = sketcher.projection_on(q.device)  # [D, b], fixed: never a parameter
+    bits = sketcher.bits
+    sign_ste = "clipped" if ste == "clipped" else "none"
+    if score == "hamming":
+        sq = _signs(qf, R, sign_ste)
+        sk = _signs(kf, R, sign_ste).repeat_interleave(group, dim=1)
+        a = sq @ sk.transpose(-1, -2) / bits  # = 1 - 2 h / b
+        if ste == "expected" and (q.requires_grad or k.requires_grad):
+            qn = F.normalize(qf, dim=-1)
+            kn = F.normalize(kf, dim=-1).repeat_interleave(group, dim=1)
+            cos = (qn @ kn.transpose(-1, -2)).clamp(-1 + 1e-4, 1 - 1e-4)
+            a = _Substitute.apply(a, 1 - 2 / math.pi * torch.acos(cos))
+        return a / temperature.view(1, -1, 1, 1)
+    norms = _key_norms(kf).repeat_interleave(group, dim=1).unsqueeze(-2)  # [B, Hq, 1, N]
+    if score == "cos":
+        sq = _signs(qf, R, sign_ste)
+        sk = _signs(kf, R, sign_ste).repeat_interleave(group, dim=1)
+        h = (bits - sq @ sk.transpose(-1, -2)) / 2
+        logits = qf.norm(dim=-1, keepdim=True) * norms * torch.cos(math.pi * h / bits) * scaling
+    else:  # asym: the query stays exact
+        sk = _signs(kf, R, sign_ste).repeat_interleave(group, dim=1)
+        logits = math.sqrt(math.pi / 2) / bits * norms * ((qf @ R) @ sk.transpose(-1, -2)) * scaling
+    if ste == "expected" and (q.requires_grad or k.requires_grad):
+        exact = qf @ kf.repeat_interleave(group, dim=1).transpose(-1, -2) * scaling
+        logits = _Substitute.apply(logits, exact)
+    return logits
+
+
+def h1b_train_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sketcher: SimHashSketcher,
+                        score: str = "hamming", temperature=None, scaling: float | None = None,
+                        value_bits: int | None = 4, group_size: int | None = None, window: int = 0, sink: int = 0,
+                        ste: str = "clipped", attention_mask=None) -> torch.Tensor:
+    """Differentiable causal H1B attention over one sequence chunk (no cache).
+
+    q ``[B, Hq, T, D]``, k and v ``[B, Hkv, T, D]``; the queries are the last ``Tq`` positions. Key ``j`` is
+    exact for the query at position ``p`` iff ``p - j < window`` or ``j < sink``; every other key is scored
+    through its sketch (:func:`compressed_logits`) and its value read quantized (``value_bits``, straight
+    through in the backward). temperature ("hamming"): a float or ``[Hq]`` tensor (may require grad).
+    attention_mask: transformers' mask (None, 2D padding or 4D). Returns ``[B, Hq, Tq, D]`` in q's dtype.
+    """
+    check_choice("score", score, TRAIN_SCORES)
+    check_choice("ste", ste, STES)
+    if score == "hamming":
+        if temperature is None:
+            raise ValueError("temperature is required for score='hamming'")
+        temperature = torch.as_tensor(temperature, dtype=torch.float32, device=q.device).expand(q.shape[1])
+    B, Hq, Tq, D = q.shape
+    N = k.shape[2]
+    scaling = D**-0.5 if scaling is None else scaling
+    allowed = allowed_mask(attention_mask, B, Tq, N, q.device)  # [B, 1, Tq, N]
+    qpos = torch.arange(N - Tq, N, device=q.device).unsqueeze(-1)
+    kpos = torch.arange(N, device=q.device).unsqueeze(0)
+    keep = ((qpos - kpos) < window) | (kpos < sink)  # [Tq, N]: exact key and value
+    group = Hq // k.shape[1]
+    exact = q.float() @ k.float().repeat_interleave(group, dim=1).transpose(-1, -2) * scaling
+    if bool(keep.all()):
+        logits = exact
+    else:
+        comp = compressed_logits(q, k, sketcher=sketcher, score=score, scaling=scaling, temperature=temperature,
+                                 ste=ste)
+        logits = torch.where(keep, exact, comp)
+    probs = masked_softmax(logits, allowed)
+    if value_bits is None or bool(keep.all()):
+        return weighted_values(probs, v).to(q.dtype)
+    v_hat = _substitute(quantize_values(v.detach(), value_bits, group_size).dequantize(), v)
+    out = weighted_values(probs * ~keep, v_hat) + weighted_values(probs * keep, v)
+    return out.to(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ the hook
+_ACTIVE: dict[int, "H1BFinetuner"] = {}  # id(config) -> the finetuner whose attention() is entered
+
+
+def _interface_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The ``"h1b_train"`` attention function: ``(out [B, T, Hq, D], None)`` like transformers' own."""
+    ft = _ACTIVE.get(id(module.config))
+    if ft is None:
+        raise RuntimeError(
+            f"attention implementation {TRAIN_ATTENTION!r} is only valid inside `with H1BFinetuner.attention():`"
+        )
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("h1b_train attention does not support attention softcapping")
+    window = kwargs.get("sliding_window")
+    if window is not None and key.shape[2] > window:
+        raise NotImplementedError("h1b_train attention implements full attention only (sliding-window layer)")
+    out = ft._attend(module.layer_idx, query, key, value, attention_mask, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(TRAIN_ATTENTION, _interface_attention)
+AttentionMaskInterface.register(TRAIN_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+# ------------------------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What is adapted and how (see the module docstring).
+
+    Attributes
+    ----------
+    recipe : "paper" (T + v_proj), "lora" (LoRA on ``lora_targets`` + T) or "temperature" (T only).
+    bits, score, value_bits, group_size, window, sink, sketch_seed : the H1B attention trained for, as in
+        :class:`~h1bkv_lite.cache.H1BCache` (layer ``i`` sketches with seed ``sketch_seed + i``).
+    temperature : granularity of the learned T ("hamming"): "global", "layer" or "head".
+    train_temperature : learn T (else it stays at its calibrated value).
+    ste : "clipped" or "expected" (module docstring).
+    lora_rank, lora_alpha, lora_targets : LoRA settings (dropout 0, so training is deterministic).
+    distill : weight of the KL-to-exact-model term, in [0, 1] (0: plain LM loss).
+    lr, temperature_lr : AdamW learning rates of the weights (v_proj / LoRA) and of log T.
+    batch_size : training sequences per step.  max_grad_norm : clip (None: no clipping).
+    seed : LoRA initialisation and the order of training batches.
+    """
+
+    recipe: str = "paper"
+    bits: int = 256
+    score: str = "hamming"
+    value_bits: int = 4
+    group_size: int | None = None
+    window: int = 0
+    sink: int = 0
+    sketch_seed: int = 0
+    temperature: str = "global"
+    train_temperature: bool = True
+    ste: str = "clipped"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    distill: float = 0.0
+    lr: float = 1e-4
+    temperature_lr: float = 1e-2
+    batch_size: int = 2
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        check_choice("recipe", self.recipe, RECIPES)
+        check_sketch_bits(self.bits)
+        check_choice("score", self.score, TRAIN_SCORES)
+        check_choice("value_bits", self.value_bits, VALUE_BITS)
+        if self.group_size is not None:
+            check_int("group_size", self.group_size, low=1)
+        check_int("window", self.window, low=0)
+        check_int("sink", self.sink, low=0)
+        check_int("sketch_seed", self.sketch_seed, low=0)
+        check_choice("temperature", self.temperature, TEMPERATURES)
+        _check_bool("train_temperature", self.train_temperature)
+        check_choice("ste", self.ste, STES)
+        check_int("lora_rank", self.lora_rank, low=1)
+        _check_positive("lora_alpha", self.lora_alpha)
+        if isinstance(self.lora_targets, str) or not self.lora_targets or not all(
+                isinstance(t, str) for t in self.lora_targets):
+            raise TypeError(f"lora_targets must be a non-empty tuple of module names, got {self.lora_targets!r}")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if isinstance(self.distill, bool) or not isinstance(self.distill, (int, float)) or not 0 <= self.distill <= 1:
+            raise ValueError(f"distill must be a number in [0, 1], got {self.distill!r}")
+        _check_positive("lr", self.lr)
+        _check_positive("temperature_lr", self.temperature_lr)
+        check_int("batch_size", self.batch_size, low=1)
+        if self.max_grad_norm is not None:
+            _check_positive("max_grad_norm", self.max_grad_norm)
+        check_int("seed", self.seed, low=0)
+        if self.recipe == "temperature" and (self.score != "hamming" or not self.train_temperature):
+            raise ValueError("recipe='temperature' trains only T: it needs score='hamming' and train_temperature=True")
+
+    @property
+    def learns_temperature(self) -> bool:
+        return self.score == "hamming" and self.train_temperature
+
+    def cache_kwargs(self) -> dict:
+        """The :class:`~h1bkv_lite.cache.H1BCache` settings of the attention trained for (temperature aside)."""
+        return dict(bits=self.bits, score=self.score, value_bits=self.value_bits,
+                    group_size=self.group_size, window=self.window, sink=self.sink, seed=self.sketch_seed)
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------------------ finetuner
+class H1BFinetuner:
+    """Adapts ``model`` (in place) to H1B attention; see the module docstring.
+
+    Parameters
+    ----------
+    model : a transformers causal LM whose attention modules dispatch through ``AttentionInterface``
+        (Llama, Mistral, Qwen2, ...). It is modified in place (``v_proj`` weights or injected LoRA layers) until
+        :meth:`restore`; its parameters' ``requires_grad`` flags are set for the recipe.
+    config : :class:`FinetuneConfig`.
+    calibration_ids : ``long [n, T]`` training text to calibrate the initial "hamming" temperature on, or
+    temperature : the initial T instead (float, ``[Hq]``, ``[L, 1]`` or ``[L, Hq]``).
+    """
+
+    def __init__(self, model, config: FinetuneConfig | None = None, *, calibration_ids: torch.Tensor | None = None,
+                 temperature=None):
+        config = FinetuneConfig() if config is None else config
+        if not isinstance(config, FinetuneConfig):
+            raise TypeError(f"config must be a FinetuneConfig, got {type(config).__name__}")
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise TypeError(f"model must be a transformers model, got {type(model).__name__}")
+        if id(text_config(model.config)) in _ACTIVE:
+            raise RuntimeError("this model is inside another finetuner's attention() block")
+        self.model, self.config = model, config
+        self.shape = memory.model_shape(text_config(model.config))
+        L, Hq, D = self.shape.num_layers, self.shape.num_heads, self.shape.head_dim
+        if config.group_size is not None and D % config.group_size:
+            raise ValueError(f"group_size must divide head_dim={D}, got {config.group_size}")
+        self.device = next(model.parameters()).device
+        self.n_base_params = sum(p.numel() for p in model.parameters())
+        self.sketchers = [SimHashSketcher(D, config.bits, config.sketch_seed + i) for i in range(L)]
+        self.log_temperature = self._init_temperature(calibration_ids, temperature)
+        self.initial_log_temperature = None if self.log_temperature is None else self.log_temperature.detach().cpu().clone()
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        self._original: dict[str, torch.Tensor] = {}
+        self._peft = None
+        self._apply_recipe()
+        self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=0.0)
+        self.step = 0
+        self.log: list[dict] = []  # one row per training step
+        self.evals: list[dict] = []  # one row per evaluation
+        self._restored = False
+
+    def __repr__(self) -> str:
+        return (f"H1BFinetuner(recipe={self.config.recipe!r}, bits={self.config.bits}, score={self.config.score!r}, "
+                f"step={self.step}, trainable={self.n_trainable():,})")
+
+    # ---- setup
+    def _init_temperature(self, calibration_ids, temperature) -> torch.nn.Parameter | None:
+        cfg, L, Hq = self.config, self.shape.num_layers, self.shape.num_heads
+        if cfg.score != "hamming":
+            if temperature is not None:
+                raise ValueError(f"temperature applies to score='hamming' only, got score={cfg.score!r}")
+            return None
+        if (calibration_ids is None) == (temperature is None):
+            raise ValueError("score='hamming' needs exactly one of calibration_ids (training text to calibrate T on) "
+                             "or temperature")
+        if temperature is None:
+            check_tensor("calibration_ids", calibration_ids, ndim=2, dtypes=(torch.long,))
+            t = fit_temperature(self.model, calibration_ids.to(self.device), bits=cfg.bits, seed=cfg.sketch_seed)
+        else:
+            if isinstance(temperature, bool) or not isinstance(temperature, (int, float, torch.Tensor)):
+                raise TypeError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
+            t = torch.as_tensor(temperature, dtype=torch.float32).detach().cpu()
+            if not (t.dim() == 0 or t.shape in ((Hq,), (L, 1), (L, Hq))):
+                raise ValueError(f"temperature must be a float or have shape [{Hq}], [{L}, 1] or [{L}, {Hq}]; "
+                                 f"got {tuple(t.shape)}")
+        t = t.float().cpu().expand(L, Hq)
+        if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
+            raise ValueError("temperature must be finite and > 0")
+        log_t = t.log()
+        if cfg.temperature == "layer":
+            log_t = log_t.mean(dim=1, keepdim=True)
+        elif cfg.temperature == "global":
+            log_t = log_t.mean().view(1, 1)
+        return torch.nn.Parameter(log_t.clone().to(self.device), requires_grad=cfg.train_temperature)
+
+    def _apply_recipe(self) -> None:
+        cfg = self.config
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if cfg.recipe == "paper":
+            names = [name for name, _ in self.model.named_parameters() if _is_v_proj(name)]
+            if not names:
+                raise ValueError("recipe='paper' needs attention modules with a `v_proj` projection")
+            params = dict(self.model.named_parameters())
+            for name in names:
+                self._original[name] = params[name].detach().clone()
+                params[name].requires_grad_(True)
+        elif cfg.recipe == "lora":
+            try:
+                from peft import LoraConfig, get_peft_model  # noqa: PLC0415 -- optional dependency
+            except ImportError as err:
+                raise ImportError("recipe='lora' needs the optional `peft` package: pip install peft") from err
+            lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets),
+                              lora_dropout=0.0, bias="none")
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                torch.manual_seed(cfg.seed)
+                self._peft = get_peft_model(self.model, lora)  # injects LoRA layers into self.model in place
+
+    def _param_groups(self) -> list[dict]:
+        groups = []
+        weights = [p for p in self.model.parameters() if p.requires_grad]
+        if weights:
+            groups.append({"params": weights, "lr": self.config.lr})
+        if self.log_temperature is not None and self.log_temperature.requires_grad:
+            groups.append({"params": [self.log_temperature], "lr": self.config.temperature_lr})
+        if not groups:
+            raise ValueError("nothing to train: this recipe with train_temperature=False leaves no parameter")
+        return groups
+
+    # ---- what is trained
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The adapted parameters by name (``log_temperature`` first when learned)."""
+        out = {}
+        if self.log_temperature is not None and self.log_temperature.requires_grad:
+            out["log_temperature"] = self.log_temperature
+        out.update((name, p) for name, p in self.model.named_parameters() if p.requires_grad)
+        return out
+
+    def n_trainable(self) -> int:
+        """Number of trained scalars (temperatures included)."""
+        return sum(p.numel() for p in self.trainable_parameters().values())
+
+    def trainable_fraction(self) -> float:
+        """``n_trainable() / parameters of the un-adapted model``."""
+        return self.n_trainable() / self.n_base_params
+
+    def temperatures(self) -> torch.Tensor | None:
+        """Current T, float32 ``[L, Hq]`` on the CPU (None unless "hamming")."""
+        if self.log_temperature is None:
+            return None
+        L, Hq = self.shape.num_layers, self.shape.num_heads
+        return self.log_temperature.detach().exp().cpu().expand(L, Hq).clone()
+
+    def method(self):
+        """The cache factory that serves the adapted model: ``functools.partial(H1BCache, ..., temperature=T)``."""
+        kwargs = self.config.cache_kwargs()
+        if self.config.score == "hamming":
+            kwargs["temperature"] = self.temperatures()
+        return functools.partial(H1BCache, **kwargs)
+
+    # ---- attention
+    @contextmanager
+    def attention(self):
+        """Within this block the model attends with :func:`h1b_train_attention` (differentiable H1B)."""
+        self._check_usable()
+        config = text_config(self.model.config)
+        if id(config) in _ACTIVE:
+            raise RuntimeError("attention() blocks of a model cannot be nested")
+        previous = config._attn_implementation
+        _ACTIVE[id(config)] = self
+        config._attn_implementation = TRAIN_ATTENTION
+        try:
+            yield self
+        finally:
+            config._attn_implementation = previous
+            del _ACTIVE[id(config)]
+
+    def _attend(self, layer_idx, q, k, v, attention_mask, scaling):
+        cfg = self.config
+        temperature = None
+        if self.log_temperature is not None:
+            log_t = self.log_temperature[min(layer_idx, self.log_temperature.shape[0] - 1)]
+            temperature = log_t.exp().expand(self.shape.num_heads)
+        return h1b_train_attention(
+            q, k, v, sketcher=self.sketchers[layer_idx], score=cfg.score, temperature=temperature, scaling=scaling,
+            value_bits=cfg.value_bits, group_size=cfg.group_size, window=cfg.window, sink=cfg.sink, ste=cfg.ste,
+            attention_mask=attention_mask)
+
+    # ---- training
+    @torch.no_grad()
+    def _teacher_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """Next-token logits of the un-adapted model with exact attention."""
+        if self._peft is not None:
+            with self._peft.disable_adapter():
+                return self.model(input_ids=batch, use_cache=False).logits
+        if self._original:
+            return torch.func.functional_call(self.model, self._original, (),
+                                              {"input_ids": batch, "use_cache": False}).logits
+        return self.model(input_ids=batch, use_cache=False).logits
+
+    def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss on ``batch long [B, T]`` through H1B attention: ``(loss, {"ce", "kl"})``."""
+        d = self.config.distill
+        teacher = self._teacher_logits(batch)[:, :-1].float() if d > 0 else None
+        with self.attention():
+            logits = self.model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        ce = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:])
+        parts = {"ce": ce.item(), "kl": float("nan")}
+        loss = ce
+        if teacher is not None:
+            kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True,
+                          reduction="none").sum(-1).mean()
+            parts["kl"] = kl.item()
+            loss = (1 - d) * ce + d * kl
+        return loss, parts
+
+    def _batch_indices(self, step: int, n: int) -> torch.Tensor:
+        """Rows of the training windows used at ``step``: a fresh permutation of all ``n`` rows per epoch."""
+        B = self.config.batch_size
+        rows = []
+        for g in range(step * B, (step + 1) * B):
+            epoch, i = divmod(g, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 100_003 + epoch))
+            rows.append(int(perm[i]))
+        return torch.tensor(rows)
+
+    def train(self, train_ids: torch.Tensor, steps: int, *, eval_ids: torch.Tensor | None = None,
+              eval_every: int | None = None, eval_batch_size: int = 1, checkpoint=None,
+              checkpoint_every: int | None = None, progress: bool = True) -> pd.DataFrame:
+        """Train until ``self.step == steps`` (resuming where a loaded checkpoint left off).
+
+        train_ids ``long [n, T]``: training windows; step ``i`` uses ``batch_size`` of them, chosen from
+        ``(seed, i)`` only. eval_ids: held-out windows, scored with :meth:`perplexity` before the first step,
+        every ``eval_every`` steps and at the end. checkpoint: a path written every ``checkpoint_every``
+        steps (default: only at the end). Returns :meth:`history`.
+        """
+        self._check_usable()
+        check_tensor("train_ids", train_ids, ndim=2, dtypes=(torch.long,))
+        check_int("steps", steps, low=0)
+        if eval_every is not None:
+            check_int("eval_every", eval_every, low=1)
+        if checkpoint_every is not None:
+            check_int("checkpoint_every", checkpoint_every, low=1)
+            if checkpoint is None:
+                raise ValueError("checkpoint_every needs a checkpoint path")
+        if eval_ids is not None:
+            check_tensor("eval_ids", eval_ids, ndim=2, dtypes=(torch.long,))
+        n = train_ids.shape[0]
+        params = list(self.trainable_parameters().values())
+        if eval_ids is not None and not any(row["step"] == self.step for row in self.evals):
+            self._evaluate(eval_ids, eval_batch_size)
+        bar = trange(self.step, steps, desc=f"finetune {self.config.recipe} b={self.config.bits}",
+                     disable=not progress, initial=self.step, total=steps)
+        for step in bar:
+            start = time.perf_counter()
+            batch = train_ids[self._batch_indices(step, n)].to(self.device)
+            loss, parts = self.loss(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float("nan")
+            if self.config.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
+            self.optimizer.step()
+            self.step = step + 1
+            row = {"step": self.step, "loss": loss.item(), **parts, "grad_norm": grad_norm,
+                   "seconds": time.perf_counter() - start}
+            if self.log_temperature is not None:
+                row["log_temperature"] = self.log_temperature.detach().cpu().flatten().tolist()
+            self.log.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+            if eval_ids is not None and ((eval_every and self.step % eval_every == 0) or self.step == steps):
+                self._evaluate(eval_ids, eval_batch_size)
+            if checkpoint is not None and ((checkpoint_every and self.step % checkpoint_every == 0)
+                                           or self.step == steps):
+                self.save(checkpoint)
+        return self.history()
+
+    def _evaluate(self, eval_ids: torch.Tensor, batch_size: int) -> None:
+        start = time.perf_counter()
+        ppl = self.perplexity(eval_ids, batch_size=batch_size)
+        self.evals.append({"step": self.step, "ppl": ppl, "seconds": time.perf_counter() - start})
+
+    # ---- evaluation
+    def perplexity(self, ids: torch.Tensor, *, exact: bool = False, batch_size: int = 1,
+                   progress: bool = False) -> float:
+        """Held-out perplexity of the adapted model over ``ids long [n, T]``.
+
+        ``exact=False``: every token's attention through ``self.method()`` (H1BCache with the learned
+        temperatures, ``compressed_prefill=True``: what decoding with the compressed cache sees).
+        ``exact=True``: an ordinary exact cache -- the adapted model for users who switch H1B off.
+        """
+        from .eval import perplexity  # noqa: PLC0415 -- eval imports pandas/tqdm machinery
+
+        self._check_usable()
+        check_tensor("ids", ids, ndim=2, dtypes=(torch.long,))
+        df = perplexity(self.model, ids.to(self.device), "fp16" if exact else self.method(), batch_size=batch_size,
+                        progress=progress)
+        return math.exp(df.nll.sum() / df.tokens.sum())
+
+    def history(self) -> pd.DataFrame:
+        """One row per step: ``step, loss, ce, kl, grad_norm, seconds``, and ``ppl`` where evaluated (step 0:
+        before training)."""
+        cols = ["step", "loss", "ce", "kl", "grad_norm", "seconds"]
+        log = pd.DataFrame([{k: r[k] for k in cols} for r in self.log], columns=cols)
+        evals = pd.DataFrame(self.evals, columns=["step", "ppl", "seconds"]).rename(columns={"seconds": "eval_seconds"})
+        out = pd.merge(log, evals, on="step", how="outer").sort_values("step").reset_index(drop=True)
+        out.insert(0, "recipe", self.config.recipe)
+        out.insert(1, "bits", self.config.bits)
+        return out
+
+    def temperature_history(self) -> pd.DataFrame:
+        """T at step 0 (the calibrated start) and after every step, long format: ``step, layer, head, temperature``.
+
+        Shared values are repeated over the layers and heads that share them ("global": one T for all)."""
+        if self.log_temperature is None:
+            return pd.DataFrame(columns=["step", "layer", "head", "temperature"])
+        L, Hq = self.shape.num_layers, self.shape.num_heads
+        snapshots = [(0, self.initial_log_temperature)]
+        snapshots += [(r["step"], torch.tensor(r["log_temperature"]).view(self.initial_log_temperature.shape))
+                      for r in self.log]
+        rows = []
+        for step, log_t in snapshots:
+            t = log_t.exp().expand(L, Hq)
+            rows += [{"step": step, "layer": layer, "head": head, "temperature": float(t[layer, head])}
+                     for layer in range(L) for head in range(Hq)]
+        return pd.DataFrame(rows)
+
+    # ---- checkpoints
+    def adapted_state_dict(self) -> dict[str, torch.Tensor]:
+        """Copies of exactly the adapted parameters, by name (on the CPU)."""
+        return {name: p.detach().cpu().clone() for name, p in self.trainable_parameters().items()}
+
+    def save(self, path) -> Path:
+        """Write the adapted parameters, optimizer state, step, config and logs to ``path`` (atomically)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"format": CHECKPOINT_FORMAT, "config": asdict(self.config), "step": self.step,
+                 "adapted": self.adapted_state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "initial_log_temperature": self.initial_log_temperature, "log": self.log, "evals": self.evals,
+                 "n_base_params": self.n_base_params}
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load(self, path) -> "H1BFinetuner":
+        """Restore a checkpoint of the same config: adapted parameters, optimizer state, step and logs."""
+        self._check_usable()
+        state = _read_checkpoint(path)
+        saved = FinetuneConfig(**_config_fields(state["config"]))
+        if saved != self.config:
+            diff = {f.name: (getattr(saved, f.name), getattr(self.config, f.name)) for f in fields(FinetuneConfig)
+                    if getattr(saved, f.name) != getattr(self.config, f.name)}
+            raise ValueError(f"checkpoint config differs from this finetuner's (checkpoint, here): {diff}")
+        params = self.trainable_parameters()
+        adapted = state["adapted"]
+        if set(adapted) != set(params):
+            missing, extra = sorted(set(params) - set(adapted)), sorted(set(adapted) - set(params))
+            raise ValueError(f"checkpoint parameters do not match: missing {missing[:3]}, unexpected {extra[:3]}")
+        for name, p in params.items():
+            if adapted[name].shape != p.shape:
+                raise ValueError(f"checkpoint parameter {name} has shape {tuple(adapted[name].shape)}, "
+                                 f"expected {tuple(p.shape)}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(adapted[name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.log, self.evals = state["step"], list(state["log"]), list(state["evals"])
+        self.initial_log_temperature = state["initial_log_temperature"]
+        return self
+
+    @classmethod
+    def from_checkpoint(cls, model, path) -> "H1BFinetuner":
+        """Apply a checkpoint to an un-adapted ``model``: a finetuner with the saved config, parameters and state."""
+        state = _read_checkpoint(path)
+        config = FinetuneConfig(**_config_fields(state["config"]))
+        temperature = 1.0 if config.score == "hamming" else None  # overwritten by the checkpoint's log T
+        if config.score == "hamming" and not config.train_temperature:
+            raise ValueError("a checkpoint with train_temperature=False does not hold T; build the finetuner with "
+                             "its calibration and call .load(path)")
+        return cls(model, config, temperature=temperature).load(path)
+
+    # ---- undo
+    def restore(self):
+        """Put the model back as it was (original ``v_proj`` / LoRA removed, ``requires_grad`` flags); returns it.
+
+        The finetuner cannot be used afterwards (its adapted values are gone from the model; save first)."""
+        self._check_usable()
+        if self._peft is not None:
+            self._peft.base_model.unload()
+            self._peft = None
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, original in self._original.items():
+                params[name].copy_(original)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
+        self._restored = True
+        return self.model
+
+    def _check_usable(self) -> None:
+        if self._restored:
+            raise RuntimeError("this finetuner restored its model; build a new one (or load a checkpoint)")
+
+
+def _is_v_proj(name: str) -> bool:
+    return ".v_proj." in name or name.startswith("v_proj.")
+
+
+def _config_fields(saved: dict) -> dict:
+    names = {f.name for f in fields(FinetuneConfig)}
+    unknown = set(saved) - names
+    if unknown:
+        raise ValueError(f"checkpoint config has unknown fields {sorted(unknown)}")
+    out = dict(saved)
+    if "lora_targets" in out:
+        out["lora_targets"] = tuple(out["lora_targets"])
+    return out
+
+
+def _read_checkpoint(path) -> dict:
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an h1bkv_lite finetune checkpoint ({CHECKPOINT_FORMAT})")
+    return state

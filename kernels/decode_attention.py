@@ -1,0 +1,673 @@
+"""Decode attention over an H1B-KV cache: one new query token per sequence, split-K (flash-decoding).
+
+The cache holds, per kv head and past token, a SimHash key code (``bits // 8`` bytes), optionally an
+fp16 key norm, and the value quantized to ``value_bits`` with fp16 scale/zero per group; plus an exact
+window of the newest ``W`` tokens. Logits for compressed keys (``D`` = head_dim, ``b`` = bits, ``h`` =
+popcount of query code XOR key code):
+
+- ``"hamming"`` (the paper's): ``(1 - 2 h / b) / T``, ``T`` a float or one per query head.
+- ``"cos"``: ``|q| |k| cos(pi h / b) / sqrt(D)``.
+- ``"asym"`` (QJL): ``sqrt(pi/2) / b * |k| * <R^T q, s_k> / sqrt(D)``, ``s_k`` the +-1 key signs; the
+  query is not sketched.
+
+Window keys always get the exact ``q . k / sqrt(D)``. One softmax over all of them; values are
+``zero + code * scale`` per group. All arithmetic is fp32.
+
+Kernels, in launch order: ``_query_prep_kernel`` (query code words, norm, projection), then
+``_decode_split_kernel`` over ``(batch * kv head, split)`` -- each program walks one chunk of the
+context for all query heads of its kv head (GQA: the cache is read once per kv head) with an online
+softmax and writes a partial ``(max, sum, acc)``; the last split of each row is the exact window.
+``_decode_combine_kernel`` merges the partials per query head. Reference:
+:func:`h1b_decode_attention_reference`, which follows ``h1bkv_lite.attention.sketched_logits``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from h1bkv_lite._validation import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_tensor
+from h1bkv_lite.quant import VALUE_BITS, unpack_codes
+from h1bkv_lite.sketch import pack_bits, unpack_bits
+
+from ._common import as_words, cdiv, next_pow2, pack_sign_words, popcount32, tl, triton, use_triton
+from .hamming import hamming_scores_reference
+from .sketch_pack import _project_tile
+
+SCORES = ("hamming", "cos", "asym")
+_SCORE_ID = {"hamming": 0, "cos": 1, "asym": 2}
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _query_prep_kernel(q_ptr, r_ptr, qw_ptr, qn_ptr, qp_ptr, M, D, stride_qm, proj_scale,
+                       BITS: tl.constexpr, SCORE: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_BITS: tl.constexpr):
+    """Per query row: int32 code words [M, BITS // 32] (hamming, cos), norm [M] (cos), and
+    ``proj_scale * q @ R`` [M, BITS] (asym)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    if SCORE == 1:
+        d = tl.arange(0, BLOCK_D)
+        q = tl.load(q_ptr + rows[:, None] * stride_qm + d[None, :],
+                    mask=row_mask[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+        tl.store(qn_ptr + rows, tl.sqrt(tl.sum(q * q, axis=1)), mask=row_mask)
+    for c0 in range(0, BITS, BLOCK_BITS):
+        proj = _project_tile(q_ptr, r_ptr, rows, row_mask, stride_qm, D, BITS, c0, BLOCK_M, BLOCK_K, BLOCK_BITS)
+        if SCORE == 2:
+            cols = c0 + tl.arange(0, BLOCK_BITS)
+            tl.store(qp_ptr + rows[:, None] * BITS + cols[None, :], proj * proj_scale,
+                     mask=row_mask[:, None] & (cols < BITS)[None, :])
+        else:
+            words = pack_sign_words(proj, BLOCK_M, BLOCK_BITS // 32)
+            wcol = c0 // 32 + tl.arange(0, BLOCK_BITS // 32)
+            tl.store(qw_ptr + rows[:, None] * (BITS // 32) + wcol[None, :], words,
+                     mask=row_mask[:, None] & (wcol < BITS // 32)[None, :])
+
+
+@triton.jit
+def _mm(a, b, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 ``a [M, K] @ b [K, N]``: ``tl.dot``, or broadcast multiply-adds (leaner when M == 1)."""
+    if USE_DOT:
+        return tl.dot(a, b, input_precision=PRECISION)
+    elif a.shape[0] == 1:  # one query head: keep the tiles 2-D
+        return tl.sum(tl.reshape(a, (a.shape[1],))[:, None] * b, axis=0)[None, :]
+    else:
+        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+
+
+@triton.jit
+def _online_softmax(s, m_i, l_i):
+    """One online-softmax step on log2-unit logits ``s [GR, n]``: (p, rescale of old sums, new max, new sum)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _codes_as_float(vbytes, J: tl.constexpr, VALUE_BITS: tl.constexpr):
+    """Code ``J`` of each byte as a float, times ``2**(J * VALUE_BITS)``: the masked bits OR'ed into the
+    mantissa of 2**23, minus 2**23 (exact; a logic op and an add instead of a shift and an int-to-float)."""
+    bits = (vbytes & (((1 << VALUE_BITS) - 1) << (J * VALUE_BITS))) | 0x4B000000
+    return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _value_update(acc, p, pv, vbytes, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
+                  J: tl.constexpr, D: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_GROUPS: tl.constexpr,
+                  USE_DOT: tl.constexpr, PRECISION: tl.constexpr, GR: tl.constexpr):
+    """Add the p-weighted value columns ``c * PER_BYTE + J`` of one tile to ``acc``: ``[GR, NBC]`` with
+    ``tl.dot``; otherwise per-row partial sums (``[BLOCK_N, NBC]`` for one head, ``[GR, BLOCK_N, NBC]``),
+    reduced over the rows once per chunk instead of once per tile."""
+    vals = _codes_as_float(vbytes, J, VALUE_BITS)  # [BLOCK_N, NBC], code * 2**(J * VALUE_BITS)
+    inv_u: tl.constexpr = 1.0 / (1 << (J * VALUE_BITS))
+    if VALUE_GROUPS == 1:
+        wgt = pv * inv_u  # the per-token scale is folded into the weights; zeros are summed separately
+    else:
+        grp = (c * (8 // VALUE_BITS) + J) // (D // VALUE_GROUPS)
+        vmask = nmask[:, None] & (c < D * VALUE_BITS // 8)[None, :]
+        sc = tl.load(vs_base + n[:, None] * stride_vsn + grp[None, :], mask=vmask, other=0.0).to(tl.float32)
+        zr = tl.load(vz_base + n[:, None] * stride_vzn + grp[None, :], mask=vmask, other=0.0).to(tl.float32)
+        wgt = p
+        vals = zr + vals * (sc * inv_u)
+    if USE_DOT:
+        return acc + tl.dot(wgt, vals, input_precision=PRECISION)
+    elif GR == 1:
+        return acc + tl.reshape(wgt, (wgt.shape[1],))[:, None] * vals
+    else:
+        return acc + wgt[:, :, None] * vals[None, :, :]
+
+
+@triton.jit
+def _rescale(acc, alpha, USE_DOT: tl.constexpr, GR: tl.constexpr):
+    if USE_DOT:
+        return acc * alpha[:, None]
+    elif GR == 1:
+        return acc * alpha[:, None]  # [1, 1] broadcasts over [BLOCK_N, NBC]
+    else:
+        return acc * alpha[:, None, None]
+
+
+@triton.jit
+def _reduce_rows(acc, USE_DOT: tl.constexpr, GR: tl.constexpr):
+    """Per-row partial sums -> ``[GR, NBC]``."""
+    if USE_DOT:
+        return acc
+    elif GR == 1:
+        return tl.sum(acc, axis=0)[None, :]
+    else:
+        return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _load_tile(kc_base, kn_base, vd_base, vs_base, vz_base, n, nmask, w, wmask, c, cmask,
+               stride_kcn, stride_knn, stride_vdn, stride_vsn, stride_vzn,
+               SCORE: tl.constexpr, VALUE_GROUPS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The cache bytes of one tile of keys: code words, norms, value bytes, per-token scale and zero."""
+    kw = tl.load(kc_base + n[:, None] * stride_kcn + w[None, :], mask=nmask[:, None] & wmask[None, :], other=0)
+    if SCORE == 0:
+        kn = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        kn = tl.load(kn_base + n * stride_knn, mask=nmask, other=0.0).to(tl.float32)
+    vbytes = tl.load(vd_base + n[:, None] * stride_vdn + c[None, :], mask=nmask[:, None] & cmask[None, :], other=0)
+    if VALUE_GROUPS == 1:
+        sc = tl.load(vs_base + n * stride_vsn, mask=nmask, other=0.0).to(tl.float32)
+        zr = tl.load(vz_base + n * stride_vzn, mask=nmask, other=0.0).to(tl.float32)
+    else:  # gathered per column in _value_update
+        sc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        zr = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    return kw, kn, vbytes, sc, zr
+
+
+@triton.jit
+def _asym_dots(kw, qp_ptr, qrow, gmask, w, wmask, BITS: tl.constexpr, GR: tl.constexpr):
+    """``<R^T q, s_k>`` ``[GR, BLOCK_N]`` from code words ``kw [BLOCK_N, NW_P]``: bit j of every word at
+    once, its sign applied by flipping the sign bit of ``R^T q`` (xor), summed over words at the end."""
+    nkw = ~kw  # a cleared bit (sign -1) flips the sign
+    if GR == 1:
+        acc = tl.zeros(kw.shape, dtype=tl.float32)
+    else:
+        acc = tl.zeros((GR, kw.shape[0], kw.shape[1]), dtype=tl.float32)
+    for j in tl.static_range(32):
+        qpj = tl.load(qp_ptr + qrow[:, None] * BITS + w[None, :] * 32 + j, mask=gmask[:, None] & wmask[None, :],
+                      other=0.0).to(tl.int32, bitcast=True)  # [GR, NW_P]: R^T q at bits 32 w + j
+        flip = (nkw << (31 - j)) & -2147483648
+        if GR == 1:
+            acc += (tl.reshape(qpj, (kw.shape[1],))[None, :] ^ flip).to(tl.float32, bitcast=True)
+        else:
+            acc += (qpj[:, None, :] ^ flip[None, :, :]).to(tl.float32, bitcast=True)
+    if GR == 1:
+        return tl.sum(acc, axis=1)[None, :]
+    else:
+        return tl.sum(acc, axis=2)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, stride_qb, stride_qh,
+    qw_ptr, qn_ptr, qp_ptr, t_ptr, inv_t, cos_ptr,
+    kc_ptr, stride_kcb, stride_kch, stride_kcn,
+    kn_ptr, stride_knb, stride_knh, stride_knn,
+    vd_ptr, stride_vdb, stride_vdh, stride_vdn,
+    vs_ptr, stride_vsb, stride_vsh, stride_vsn,
+    vz_ptr, stride_vzb, stride_vzh, stride_vzn,
+    wk_ptr, stride_wkb, stride_wkh, stride_wkn,
+    wv_ptr, stride_wvb, stride_wvh, stride_wvn,
+    m_ptr, l_ptr, acc_ptr,
+    N, W, HKV, CHUNK, NUM_SPLITS, SPLITS_TOTAL, qk_scale,
+    D: tl.constexpr, BITS: tl.constexpr, NW_P: tl.constexpr, GROUP: tl.constexpr, VALUE_GROUPS: tl.constexpr,
+    VALUE_BITS: tl.constexpr, SCORE: tl.constexpr,
+    GR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+    PER_HEAD_T: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    g = tl.arange(0, GR)
+    gmask = g < GROUP
+    heads = hk * GROUP + g  # query heads served by this kv head
+    qrow = b * (HKV * GROUP) + heads  # rows of the prep outputs
+    part = qrow * SPLITS_TOTAL + split  # rows of the partial outputs
+    m_i = tl.full((GR,), -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros((GR,), dtype=tl.float32)
+
+    if split < NUM_SPLITS:
+        # ---- compressed keys [start, end); logits in log2 units (exp2) ----
+        NW: tl.constexpr = BITS // 32
+        w = tl.arange(0, NW_P)  # code words, padded to a power of two
+        wmask = w < NW
+        if SCORE == 0:
+            qw = tl.load(qw_ptr + qrow[:, None] * NW + w[None, :], mask=gmask[:, None] & wmask[None, :], other=0)
+            if PER_HEAD_T:
+                t_log2 = 1.4426950408889634 / tl.load(t_ptr + heads, mask=gmask, other=1.0)
+            else:
+                t_log2 = tl.full((GR,), inv_t * 1.4426950408889634, tl.float32)
+        elif SCORE == 1:
+            qw = tl.load(qw_ptr + qrow[:, None] * NW + w[None, :], mask=gmask[:, None] & wmask[None, :], other=0)
+            qn = tl.load(qn_ptr + qrow, mask=gmask, other=0.0) * qk_scale
+        PER_BYTE: tl.constexpr = 8 // VALUE_BITS
+        NBC: tl.constexpr = BLOCK_D // PER_BYTE  # value bytes per token, padded
+        c = tl.arange(0, NBC)
+        cmask = c < D // PER_BYTE
+        kc_base = kc_ptr + b * stride_kcb + hk * stride_kch
+        kn_base = kn_ptr + b * stride_knb + hk * stride_knh
+        vd_base = vd_ptr + b * stride_vdb + hk * stride_vdh
+        vs_base = vs_ptr + b * stride_vsb + hk * stride_vsh
+        vz_base = vz_ptr + b * stride_vzb + hk * stride_vzh
+        # value column c * PER_BYTE + j accumulates in acc<j>; see _value_update for the shapes
+        if USE_DOT:
+            acc0 = tl.zeros((GR, NBC), dtype=tl.float32)
+        elif GR == 1:
+            acc0 = tl.zeros((BLOCK_N, NBC), dtype=tl.float32)
+        else:
+            acc0 = tl.zeros((GR, BLOCK_N, NBC), dtype=tl.float32)
+        acc1 = acc0
+        acc2 = acc0
+        acc3 = acc0
+        l_rows = tl.zeros((GR, BLOCK_N), dtype=tl.float32)  # per-row sums of p, reduced at the end
+        z_rows = tl.zeros((GR, BLOCK_N), dtype=tl.float32)  # per-row sums of p * zero (per-token values)
+        start = split * CHUNK
+        end = tl.minimum(start + CHUNK, N)
+        # software pipelining by hand: the loads of tile i + 1 are issued before tile i is processed
+        n_next = start + tl.arange(0, BLOCK_N)
+        nmask_next = n_next < end
+        kw_next, kn_next, vb_next, sc_next, zr_next = _load_tile(
+            kc_base, kn_base, vd_base, vs_base, vz_base, n_next, nmask_next, w, wmask, c, cmask,
+            stride_kcn, stride_knn, stride_vdn, stride_vsn, stride_vzn, SCORE, VALUE_GROUPS, BLOCK_N)
+        for n0 in range(start, end, BLOCK_N):
+            n, nmask = n_next, nmask_next
+            kw, kn, vbytes, sc, zr = kw_next, kn_next, vb_next, sc_next, zr_next
+            n_next = n + BLOCK_N
+            nmask_next = n_next < end
+            kw_next, kn_next, vb_next, sc_next, zr_next = _load_tile(
+                kc_base, kn_base, vd_base, vs_base, vz_base, n_next, nmask_next, w, wmask, c, cmask,
+                stride_kcn, stride_knn, stride_vdn, stride_vsn, stride_vzn, SCORE, VALUE_GROUPS, BLOCK_N)
+            if SCORE == 2:
+                s = _asym_dots(kw, qp_ptr, qrow, gmask, w, wmask, BITS, GR) * kn[None, :]
+            else:
+                if GR == 1:
+                    h = tl.sum(popcount32(tl.reshape(qw, (NW_P,))[None, :] ^ kw), axis=1)[None, :]
+                else:
+                    h = tl.sum(popcount32(qw[:, None, :] ^ kw[None, :, :]), axis=2)  # [GR, BLOCK_N]
+                if SCORE == 0:
+                    s = (1.0 - h.to(tl.float32) * (2.0 / BITS)) * t_log2[:, None]
+                else:
+                    s = qn[:, None] * kn[None, :] * tl.load(cos_ptr + h)
+            s = tl.where(nmask[None, :], s, -float("inf"))
+
+            # Online softmax with a lazily moved maximum: sums are re-based only when a logit exceeds the
+            # current base by more than 2**8 (so p <= 256), which after the first tile is rare.
+            m_tile = tl.max(s, axis=1)
+            if tl.max((m_tile > m_i + 8.0).to(tl.int32), axis=0) > 0:
+                m_new = tl.maximum(m_i, m_tile)
+                alpha = tl.exp2(m_i - m_new)
+                l_rows = l_rows * alpha[:, None]
+                z_rows = z_rows * alpha[:, None]
+                acc0 = _rescale(acc0, alpha, USE_DOT, GR)
+                acc1 = _rescale(acc1, alpha, USE_DOT, GR)
+                acc2 = _rescale(acc2, alpha, USE_DOT, GR)
+                acc3 = _rescale(acc3, alpha, USE_DOT, GR)
+                m_i = m_new
+            p = tl.exp2(s - m_i[:, None])
+            l_rows += p
+
+            vbytes = vbytes.to(tl.int32)
+            pv = p
+            if VALUE_GROUPS == 1:
+                pv = p * sc[None, :]
+                z_rows += p * zr[None, :]
+            acc0 = _value_update(acc0, p, pv, vbytes, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
+                                 0, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
+            if PER_BYTE > 1:
+                acc1 = _value_update(acc1, p, pv, vbytes, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
+                                     1, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
+            if PER_BYTE > 2:
+                acc2 = _value_update(acc2, p, pv, vbytes, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
+                                     2, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
+                acc3 = _value_update(acc3, p, pv, vbytes, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
+                                     3, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
+        l_i = tl.sum(l_rows, axis=1)
+        zsum = tl.sum(z_rows, axis=1)[:, None]
+        out_base = acc_ptr + part[:, None] * BLOCK_D + c[None, :] * PER_BYTE
+        smask = gmask[:, None] & cmask[None, :]
+        tl.store(out_base, _reduce_rows(acc0, USE_DOT, GR) + zsum, mask=smask)
+        if PER_BYTE > 1:
+            tl.store(out_base + 1, _reduce_rows(acc1, USE_DOT, GR) + zsum, mask=smask)
+        if PER_BYTE > 2:
+            tl.store(out_base + 2, _reduce_rows(acc2, USE_DOT, GR) + zsum, mask=smask)
+            tl.store(out_base + 3, _reduce_rows(acc3, USE_DOT, GR) + zsum, mask=smask)
+    else:
+        # ---- exact window: logits q . k / sqrt(D) ----
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                    mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        wk_base = wk_ptr + b * stride_wkb + hk * stride_wkh
+        wv_base = wv_ptr + b * stride_wvb + hk * stride_wvh
+        acc = tl.zeros((GR, BLOCK_D), dtype=tl.float32)
+        for w0 in range(0, W, BLOCK_W):
+            t = w0 + tl.arange(0, BLOCK_W)
+            tmask = t < W
+            kvmask = tmask[:, None] & dmask[None, :]
+            kt = tl.load(wk_base + t[:, None] * stride_wkn + d[None, :], mask=kvmask, other=0.0).to(tl.float32)
+            vt = tl.load(wv_base + t[:, None] * stride_wvn + d[None, :], mask=kvmask, other=0.0).to(tl.float32)
+            s = tl.sum(q[:, None, :] * kt[None, :, :], axis=2) * (qk_scale * 1.4426950408889634)
+            s = tl.where(tmask[None, :], s, -float("inf"))
+            p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], axis=1)
+        tl.store(acc_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
+
+    tl.store(m_ptr + part, m_i, mask=gmask)
+    tl.store(l_ptr + part, l_i, mask=gmask)
+
+
+@triton.jit
+def _decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, stride_ob, stride_oh, HQ,
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    row = tl.program_id(0)  # b * HQ + head
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    m_max = tl.full((BLOCK_S,), -float("inf"), dtype=tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        m_max = tl.maximum(m_max, tl.load(m_ptr + row * SPLITS + s0 + s, mask=s0 + s < SPLITS, other=-float("inf")))
+    m = tl.max(m_max, axis=0)
+    l_tot = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    o = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        smask = s0 + s < SPLITS
+        wgt = tl.exp2(tl.load(m_ptr + row * SPLITS + s0 + s, mask=smask, other=-float("inf")) - m)
+        l_tot += wgt * tl.load(l_ptr + row * SPLITS + s0 + s, mask=smask, other=0.0)
+        part = tl.load(acc_ptr + (row * SPLITS + s0 + s)[:, None] * BLOCK_D + d[None, :],
+                       mask=smask[:, None], other=0.0)
+        o += tl.sum(part * wgt[:, None], axis=0)
+    o = o / tl.sum(l_tot, axis=0)
+    bidx = row // HQ
+    hidx = row % HQ
+    tl.store(out_ptr + bidx * stride_ob + hidx * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launcher
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cos_table(bits: int, device: torch.device) -> torch.Tensor:
+    """``log2(e) * cos(pi h / bits)`` for h = 0..bits (the reference's expression, on the same device)."""
+    return torch.cos(math.pi * torch.arange(bits + 1, device=device).float() / bits) * _LOG2E
+
+
+def _plan_splits(n: int, rows: int, device: torch.device, block_n: int, split_k: int | None,
+                 programs_per_sm: int) -> tuple[int, int]:
+    """(number of splits, chunk length) for ``n`` compressed keys and ``rows = batch * kv heads``: by
+    default enough programs for ``programs_per_sm`` per SM; chunks are whole multiples of ``block_n``, so
+    no split is empty."""
+    if n == 0:
+        return 0, block_n
+    if split_k is None:
+        split_k = max(1, cdiv(programs_per_sm * _sm_count(device), rows))
+    chunk = cdiv(cdiv(n, split_k), block_n) * block_n
+    return cdiv(n, chunk), chunk
+
+
+def _default_config(score: str, group: int, device: torch.device) -> dict:
+    """Tile sizes and inner-product form, from a sweep on an H200 (``benchmarks/decode.py --tune``) and the
+    compiler's register report (no spills up to 512 bits).
+
+    One query head per kv head: fp32 multiply-adds into per-row partial sums, 128-key tiles for "hamming"
+    (64 for "cos"/"asym", which need more registers). GQA groups: ``tl.dot`` in fp32 ("ieee": exact fp32
+    FMAs, as fast here as tf32x3 tensor-core passes), 16-key tiles."""
+    if group > 1:
+        return {"block_n": 16, "use_dot": True, "precision": "ieee", "num_warps": 8 if score == "asym" else 4,
+                "num_stages": 1, "programs_per_sm": 4}
+    return {"block_n": 128 if score == "hamming" else 64, "use_dot": False, "precision": "ieee", "num_warps": 4,
+            "num_stages": 1, "programs_per_sm": 4}
+
+
+def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
+            projection, score, temperature, value_bits, split_k, config):
+    B, Hq, D = q.shape
+    _, Hkv, N, _ = key_codes.shape
+    bits = projection.shape[1]
+    group = Hq // Hkv
+    dev = q.device
+    cfg = {**_default_config(score, group, dev), **(config or {})}
+    block_n, block_d = cfg["block_n"], max(16, next_pow2(D))
+    W = 0 if window_k is None else window_k.shape[2]
+    splits, chunk = _plan_splits(N, B * Hkv, dev, block_n, split_k, cfg["programs_per_sm"])
+    total = splits + (1 if W > 0 else 0)
+    score_id = _SCORE_ID[score]
+    qk_scale = 1.0 / math.sqrt(D)
+
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    q2 = q.reshape(B * Hq, D)
+    f32 = dict(dtype=torch.float32, device=dev)
+    q_words = torch.empty(B * Hq, bits // 32, dtype=torch.int32, device=dev) if score_id < 2 else q2
+    q_norm = torch.empty(B * Hq, **f32) if score_id == 1 else q2  # unused buffers alias q2
+    q_proj = torch.empty(B * Hq, bits, **f32) if score_id == 2 else q2
+    if N > 0:
+        asym_scale = math.sqrt(math.pi / 2) / bits * qk_scale * _LOG2E
+        _query_prep_kernel[(cdiv(B * Hq, 16),)](
+            q2, projection, q_words, q_norm, q_proj, B * Hq, D, q2.stride(0), asym_scale,
+            BITS=bits, SCORE=score_id, BLOCK_M=16, BLOCK_D=block_d, BLOCK_K=min(64, block_d),
+            BLOCK_BITS=min(128, next_pow2(bits)),
+        )
+    cos_table = _cos_table(bits, dev) if score_id == 1 else q2
+    per_head_t = isinstance(temperature, torch.Tensor)
+    t_tensor = temperature if per_head_t else q2
+    inv_t = 1.0 / temperature if (score_id == 0 and not per_head_t) else 1.0
+
+    kw = as_words(key_codes)
+    norms = key_norms if key_norms is not None else kw
+    wk = window_k if W > 0 else q.unsqueeze(2)  # never read when W == 0
+    wv = window_v if W > 0 else q.unsqueeze(2)
+    m = torch.empty(B * Hq * total, **f32)
+    lse = torch.empty(B * Hq * total, **f32)
+    acc = torch.empty(B * Hq * total, block_d, **f32)
+    _decode_split_kernel[(B * Hkv, total)](
+        q, q.stride(0), q.stride(1),
+        q_words, q_norm, q_proj, t_tensor, inv_t, cos_table,
+        kw, *kw.stride()[:3],
+        norms, *norms.stride()[:3],
+        values_packed, *values_packed.stride()[:3],
+        value_scale, *value_scale.stride()[:3],
+        value_zero, *value_zero.stride()[:3],
+        wk, *wk.stride()[:3],
+        wv, *wv.stride()[:3],
+        m, lse, acc,
+        N, W, Hkv, chunk, splits, total, qk_scale,
+        D=D, BITS=bits, NW_P=next_pow2(bits // 32), GROUP=group, VALUE_GROUPS=value_scale.shape[-1],
+        VALUE_BITS=value_bits, SCORE=score_id,
+        GR=next_pow2(group), BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_W=max(2, 16 // next_pow2(group)),
+        PER_HEAD_T=per_head_t, USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
+    _decode_combine_kernel[(B * Hq,)](
+        m, lse, acc, out, total, out.stride(0), out.stride(1), Hq,
+        D=D, BLOCK_D=block_d, BLOCK_S=min(32, next_pow2(total)),
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# reference and public entry point
+
+
+def h1b_decode_attention_reference(
+    q, key_codes, values_packed, value_scale, value_zero, *, projection, score, temperature=None,
+    key_norms=None, window_k=None, window_v=None, value_bits=4,
+) -> torch.Tensor:
+    """Plain torch, fp32: the same inputs and result as :func:`h1b_decode_attention` (no checks).
+
+    Logits follow ``h1bkv_lite.attention.sketched_logits``; values are dequantized in fp32 (not cast
+    back to the original dtype).
+    """
+    B, Hq, D = q.shape
+    Hkv, N = key_codes.shape[1], key_codes.shape[2]
+    bits = projection.shape[1]
+    group = Hq // Hkv
+    qf = q.float().reshape(B, Hkv, group, D)  # query heads of one kv head side by side
+    proj = qf @ projection  # [B, Hkv, group, bits]
+    if score == "asym":
+        dots = proj @ (unpack_bits(key_codes).float() * 2 - 1).transpose(-1, -2)
+        logits = math.sqrt(math.pi / 2) / bits * key_norms.float().unsqueeze(-2) * dots / math.sqrt(D)
+    else:
+        h = hamming_scores_reference(pack_bits(proj >= 0), key_codes).float()  # [B, Hkv, group, N]
+        if score == "hamming":
+            t = torch.as_tensor(temperature, dtype=torch.float32, device=q.device).expand(Hq)
+            logits = (1 - 2 * h / bits) / t.reshape(1, Hkv, group, 1)
+        else:
+            cos = torch.cos(math.pi * h / bits)
+            logits = qf.norm(dim=-1, keepdim=True) * key_norms.float().unsqueeze(-2) * cos / math.sqrt(D)
+    G = value_scale.shape[-1]
+    codes = unpack_codes(values_packed, value_bits).float().reshape(B, Hkv, N, G, D // G)
+    v_hat = (value_zero.float().unsqueeze(-1) + codes * value_scale.float().unsqueeze(-1)).reshape(B, Hkv, N, D)
+    values = v_hat
+    if window_k is not None and window_k.shape[2] > 0:
+        logits = torch.cat([logits, qf @ window_k.float().transpose(-1, -2) / math.sqrt(D)], dim=-1)
+        values = torch.cat([v_hat, window_v.float()], dim=2)
+    probs = torch.softmax(logits, dim=-1)  # [B, Hkv, group, N + W]
+    return (probs @ values).reshape(B, Hq, D).to(q.dtype)
+
+
+def h1b_decode_attention(
+    q: torch.Tensor,
+    key_codes: torch.Tensor,
+    values_packed: torch.Tensor,
+    value_scale: torch.Tensor,
+    value_zero: torch.Tensor,
+    *,
+    projection: torch.Tensor,
+    score: str,
+    temperature=None,
+    key_norms: torch.Tensor | None = None,
+    window_k: torch.Tensor | None = None,
+    window_v: torch.Tensor | None = None,
+    value_bits: int = 4,
+    split_k: int | None = None,
+    backend: str = "auto",
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Attention of one new query token per sequence and head over an H1B-KV cache.
+
+    Parameters
+    ----------
+    q : ``[B, Hq, D]`` fp16 / bf16 / fp32, the new token's queries.
+    key_codes : uint8 ``[B, Hkv, N, bits // 8]`` SimHash codes of the compressed keys (``bits`` a
+        multiple of 32 for the Triton path). ``Hq`` must be a multiple of ``Hkv``; query head ``h`` reads
+        kv head ``h // (Hq // Hkv)``. ``N`` may be 0 when a window is given.
+    values_packed : uint8 ``[B, Hkv, N, D * value_bits // 8]``; value_scale, value_zero : fp16
+        ``[B, Hkv, N, G]``, ``G`` groups per vector (``G = 1``: per token, the paper's form); the layout
+        of :class:`h1bkv_lite.QuantizedTensor`.
+    projection : float32 ``[D, bits]``, the sketcher's R (``SimHashSketcher.projection_on(device)``).
+    score : ``"hamming"``, ``"cos"`` or ``"asym"`` (module docstring).
+    temperature : float or tensor ``[Hq]`` (> 0); required by ``"hamming"``, not accepted by the others.
+    key_norms : ``[B, Hkv, N]`` fp16 (or any float) key norms; required by ``"cos"`` and ``"asym"``.
+    window_k, window_v : ``[B, Hkv, W, D]`` fp16 / bf16 / fp32 exact newest tokens, both or neither
+        (``W`` may be 0).
+    value_bits : 2, 4 or 8.
+    split_k : number of context chunks per (sequence, kv head); ``None`` picks enough to fill the GPU.
+    backend : ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+    config : tuning overrides for the Triton path (keys of ``_default_config``); for benchmarks.
+
+    Returns
+    -------
+    ``[B, Hq, D]`` in q's dtype. No input is modified. Shapes, dtypes and devices are checked, values are
+    not: scanning the cache for NaN would cost a pass over it and a device sync on every decode step, so
+    NaN/Inf inputs simply propagate (a temperature tensor on the GPU is likewise not checked for > 0).
+    """
+    _check_decode_inputs(q, key_codes, values_packed, value_scale, value_zero, projection, score, key_norms,
+                         window_k, window_v, value_bits)
+    B, Hq, D = q.shape
+    temperature = _check_temperature(temperature, score, Hq, q.device)
+    if split_k is not None:
+        check_int("split_k", split_k, low=1)
+    if not use_triton(backend, q.device, _decode_split_kernel):
+        return h1b_decode_attention_reference(
+            q, key_codes, values_packed, value_scale, value_zero, projection=projection, score=score,
+            temperature=temperature, key_norms=key_norms, window_k=window_k, window_v=window_v,
+            value_bits=value_bits,
+        )
+    if projection.shape[1] % 32:
+        raise ValueError(
+            f"the Triton kernel needs bits (projection.shape[1]) a multiple of 32, got {projection.shape[1]} "
+            "(use backend='torch')"
+        )
+    for name, t in (("values_packed", values_packed), ("value_scale", value_scale), ("value_zero", value_zero),
+                    ("key_norms", key_norms), ("window_k", window_k), ("window_v", window_v)):
+        if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
+    return _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
+                   projection.contiguous(), score, temperature, value_bits, split_k, config)
+
+
+def _check_temperature(temperature, score: str, heads: int, device):
+    """None (not "hamming"), a positive float, or a float32 ``[heads]`` tensor on ``device``."""
+    if score != "hamming":
+        if temperature is not None:
+            raise ValueError(f"temperature applies to score='hamming' only, got one with score={score!r}")
+        return None
+    if temperature is None:
+        raise ValueError("temperature is required for score='hamming' (a float or a tensor [Hq])")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, torch.Tensor)):
+        raise TypeError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
+    if isinstance(temperature, torch.Tensor) and temperature.dim() == 0 and temperature.device.type == "cpu":
+        temperature = float(temperature)
+    if not isinstance(temperature, torch.Tensor):
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        return float(temperature)
+    t = temperature.expand(heads) if temperature.dim() == 0 else temperature
+    if t.shape != (heads,):
+        raise ValueError(f"temperature must be a scalar or have shape [{heads}] (one per query head), got {tuple(t.shape)}")
+    if t.device.type == "cpu" and not bool((torch.isfinite(t) & (t > 0)).all()):
+        raise ValueError("temperature must be finite and > 0")
+    return t.to(device=device, dtype=torch.float32).contiguous()
+
+
+def _check_decode_inputs(q, key_codes, values_packed, value_scale, value_zero, projection, score, key_norms,
+                         window_k, window_v, value_bits) -> None:
+    """Shapes, dtypes and devices only (no pass over the data, no device sync)."""
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, finite=False)
+    check_tensor("key_codes", key_codes, ndim=4, dtypes=(torch.uint8,), nonempty=False)
+    check_choice("score", score, SCORES)
+    check_choice("value_bits", value_bits, VALUE_BITS)
+    check_tensor("projection", projection, ndim=2, dtypes=(torch.float32,), finite=False)
+    B, Hq, D = q.shape
+    Bk, Hkv, N, nbytes = key_codes.shape
+    if Bk != B:
+        raise ValueError(f"key_codes batch ({Bk}) must equal q's ({B})")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of key_codes heads ({Hkv})")
+    if tuple(projection.shape) != (D, nbytes * 8):
+        raise ValueError(
+            f"projection must have shape [D, bits] = [{D}, {nbytes * 8}] (q head_dim, key_codes bytes * 8), "
+            f"got {tuple(projection.shape)}"
+        )
+    check_tensor("values_packed", values_packed, ndim=4, dtypes=(torch.uint8,), nonempty=False)
+    if tuple(values_packed.shape) != (B, Hkv, N, D * value_bits // 8) or (D * value_bits) % 8:
+        raise ValueError(
+            f"values_packed must have shape [B, Hkv, N, D * value_bits // 8] = {[B, Hkv, N, D * value_bits // 8]}, "
+            f"got {list(values_packed.shape)}"
+        )
+    for name, t in (("value_scale", value_scale), ("value_zero", value_zero)):
+        check_tensor(name, t, ndim=4, dtypes=FLOAT_DTYPES, finite=False, nonempty=False)
+        if tuple(t.shape[:3]) != (B, Hkv, N) or t.shape[3] < 1 or D % t.shape[3]:
+            raise ValueError(f"{name} must have shape [B, Hkv, N, G] = [{B}, {Hkv}, {N}, G] with G dividing D={D}, "
+                             f"got {list(t.shape)}")
+    if value_scale.shape != value_zero.shape:
+        raise ValueError(f"value_scale {list(value_scale.shape)} and value_zero {list(value_zero.shape)} differ")
+    if score in ("cos", "asym"):
+        if key_norms is None:
+            raise ValueError(f"key_norms is required for score={score!r}")
+        check_tensor("key_norms", key_norms, ndim=3, dtypes=FLOAT_DTYPES, finite=False, nonempty=False)
+        if tuple(key_norms.shape) != (B, Hkv, N):
+            raise ValueError(f"key_norms must have shape [B, Hkv, N] = {[B, Hkv, N]}, got {list(key_norms.shape)}")
+    elif key_norms is not None:
+        raise ValueError("key_norms is not used by score='hamming'; pass None")
+    if (window_k is None) != (window_v is None):
+        raise ValueError("window_k and window_v must be given together (or both None)")
+    W = 0
+    if window_k is not None:
+        for name, t in (("window_k", window_k), ("window_v", window_v)):
+            check_tensor(name, t, ndim=4, dtypes=FLOAT_DTYPES, finite=False, nonempty=False)
+            if t.shape[:2] != (B, Hkv) or t.shape[3] != D:
+                raise ValueError(f"{name} must have shape [B, Hkv, W, D] = [{B}, {Hkv}, W, {D}], got {list(t.shape)}")
+        if window_k.shape != window_v.shape:
+            raise ValueError(f"window_k {list(window_k.shape)} and window_v {list(window_v.shape)} differ")
+        W = window_k.shape[2]
+    if N + W == 0:
+        raise ValueError("nothing to attend to: key_codes has N = 0 tokens and there is no window")
+    check_same_device(q=q, key_codes=key_codes, values_packed=values_packed, value_scale=value_scale,
+                      value_zero=value_zero, projection=projection, key_norms=key_norms, window_k=window_k,
+                      window_v=window_v)

@@ -1,0 +1,107 @@
+"""Tables and figures for the decode benchmark (``benchmarks/decode.py``), used by notebook 07.
+
+    df = load_decode_results("benchmarks/results/decode_h200.json")
+    fig = plot_decode_times(df); fig = plot_speedup(df); fig = plot_bandwidth(df)
+
+Needs pandas, matplotlib and seaborn (the ``notebooks`` extra); imported lazily so the kernels don't.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load_decode_results(path) -> "pandas.DataFrame":
+    """One row per benchmarked case, with the run's device, versions and copy bandwidth as columns."""
+    import pandas as pd
+
+    result = json.loads(Path(path).read_text())
+    df = pd.DataFrame(result["rows"])
+    for key in ("device", "torch", "triton", "cuda", "copy_GBps", "date"):
+        df[key] = result.get(key)
+    df["heads"] = df["Hq"].astype(str) + "q/" + df["Hkv"].astype(str) + "kv"
+    df["variant"] = df["score"] + ", b=" + df["bits"].astype(str)
+    return df
+
+
+def decode_table(df) -> "pandas.DataFrame":
+    """The benchmark table: times in microseconds, speedup over SDPA, bandwidth as a share of a copy."""
+    out = df[["B", "heads", "context", "variant", "h1b_ms", "sdpa_ms", "speedup", "byte_ratio",
+              "h1b_frac_of_copy", "sdpa_frac_of_copy", "h1b_eager_ms", "sdpa_eager_ms"]].copy()
+    for col in ("h1b_ms", "sdpa_ms", "h1b_eager_ms", "sdpa_eager_ms"):
+        out[col.replace("_ms", "_us")] = out.pop(col) * 1e3
+    return out.sort_values(["B", "heads", "context", "variant"]).reset_index(drop=True)
+
+
+def _context_ticks(g, df) -> None:
+    import matplotlib.ticker as mticker
+
+    contexts = sorted(df["context"].unique())
+    for ax in g.axes.flat:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(mticker.FixedLocator(contexts))
+        ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda x, _: f"{x / 1024:.0f}k"))
+        ax.xaxis.set_minor_locator(mticker.NullLocator())
+
+
+def _long_times(df):
+    import pandas as pd
+
+    sdpa = df.drop_duplicates(["B", "heads", "context"]).assign(method="SDPA fp16 (flash)", time_us=lambda d: d.sdpa_ms * 1e3)
+    h1b = df.assign(method=lambda d: "H1B " + d.variant, time_us=lambda d: d.h1b_ms * 1e3)
+    return pd.concat([sdpa, h1b], ignore_index=True)
+
+
+def plot_decode_times(df):
+    """Decode time vs context, one panel per (batch, head layout), log-log."""
+    import seaborn as sns
+
+    g = sns.relplot(data=_long_times(df), x="context", y="time_us", hue="method", row="B", col="heads",
+                    kind="line", marker="o", height=3.2, aspect=1.2, facet_kws={"sharey": False})
+    g.set(yscale="log", xlabel="context (tokens)", ylabel="time per decode step (us)")
+    _context_ticks(g, df)
+    import matplotlib.ticker as mticker
+
+    for ax in g.axes.flat:
+        ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(mticker.NullFormatter())
+    g.figure.subplots_adjust(wspace=0.25)
+    g.figure.suptitle(f"Decode attention on {df['device'].iloc[0]} (CUDA-graph time)", y=1.02)
+    return g.figure
+
+
+def plot_speedup(df):
+    """H1B kernel speedup over SDPA fp16 vs context; dashed, in the same colour: the byte ratio, which is
+    the speedup if both kernels ran at the same bandwidth."""
+    import seaborn as sns
+
+    variants = list(dict.fromkeys(df["variant"]))
+    palette = dict(zip(variants, sns.color_palette(n_colors=len(variants))))
+    g = sns.relplot(data=df, x="context", y="speedup", hue="variant", palette=palette, row="B", col="heads",
+                    kind="line", marker="o", height=3.2, aspect=1.2)
+    ratios = df.groupby("variant")["byte_ratio"].median()
+    for ax in g.axes.flat:
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        for variant, ratio in ratios.items():
+            ax.axhline(ratio, lw=0.8, ls="--", color=palette[variant], alpha=0.6)
+    g.set(xlabel="context (tokens)", ylabel="speedup over SDPA (x)")
+    _context_ticks(g, df)
+    g.figure.suptitle("Speedup over SDPA fp16 (dashed: byte ratio, the bandwidth-bound ceiling)", y=1.02)
+    return g.figure
+
+
+def plot_bandwidth(df):
+    """Achieved bandwidth on the bytes each kernel must move, as a share of a device-to-device copy."""
+    import pandas as pd
+    import seaborn as sns
+
+    long = pd.concat([
+        df.drop_duplicates(["B", "heads", "context"]).assign(method="SDPA fp16 (flash)", frac=lambda d: d.sdpa_frac_of_copy),
+        df.assign(method=lambda d: "H1B " + d.variant, frac=lambda d: d.h1b_frac_of_copy),
+    ], ignore_index=True)
+    g = sns.relplot(data=long, x="context", y="frac", hue="method", row="B", col="heads", kind="line", marker="o",
+                    height=3.2, aspect=1.2)
+    g.set(ylim=(0, 1.05), xlabel="context (tokens)", ylabel="bandwidth / copy bandwidth")
+    _context_ticks(g, df)
+    g.figure.suptitle(f"Achieved bandwidth (copy: {df['copy_GBps'].iloc[0]:.0f} GB/s, read + write)", y=1.02)
+    return g.figure

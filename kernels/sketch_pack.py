@@ -1,0 +1,273 @@
+"""Sketch-and-pack kernels: ``sign(x @ R)`` straight into packed bytes, and the fused cache-append path.
+
+References: :meth:`h1bkv_lite.SimHashSketcher.sketch` (bit layout: sketch bit ``i`` in bit ``i % 8`` of
+byte ``i // 8``, 1 = projection >= 0, sign(0) = +1) and :func:`h1bkv_lite.quantize_values`.
+
+Exactness. The projection is an fp32 dot product (``input_precision="ieee"``: no tf32), but its
+summation order differs from torch's matmul, so a projection within a few ulps of 0 can land on the
+other side of it: codes match bit-exactly except on such near-ties (|x @ R| ~ 1e-7 |x| |R_i|, which
+random data essentially never produces; the tests count them). The value quantization reproduces
+``quantize_values`` exactly: same fp32 min/max, correctly rounded division (``div_rn``), fp16 zero
+rounded down and scale rounded up by the same nearest-then-step rule, round-half-to-even codes.
+"""
+from __future__ import annotations
+
+import torch
+
+from h1bkv_lite._validation import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_tensor
+from h1bkv_lite.quant import VALUE_BITS, QuantizedTensor, quantize_values
+from h1bkv_lite.sketch import pack_bits
+
+from ._common import cdiv, next_pow2, pack_sign_bytes, tl, triton, use_triton
+
+_FP16_MAX = torch.finfo(torch.float16).max
+
+
+@triton.jit
+def _project_tile(x_ptr, r_ptr, rows, row_mask, stride_xm, D, BITS, col0,
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """fp32 ``x[rows] @ R[:, col0:col0 + BLOCK_COLS]`` -> ``[BLOCK_M, BLOCK_COLS]``, K looped in chunks."""
+    cols = col0 + tl.arange(0, BLOCK_COLS)
+    acc = tl.zeros((BLOCK_M, BLOCK_COLS), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
+                    mask=row_mask[:, None] & (ks < D)[None, :], other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + ks[:, None] * BITS + cols[None, :],
+                    mask=(ks < D)[:, None] & (cols < BITS)[None, :], other=0.0)
+        acc += tl.dot(x, r, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _sketch_pack_kernel(x_ptr, r_ptr, out_ptr, M, D, NBYTES, stride_xm,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    proj = _project_tile(x_ptr, r_ptr, rows, row_mask, stride_xm, D, NBYTES * 8, pid_b * BLOCK_BYTES * 8,
+                         BLOCK_M, BLOCK_K, BLOCK_BYTES * 8)
+    packed = pack_sign_bytes(proj, BLOCK_M, BLOCK_BYTES)
+    nbytes = pid_b * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+    tl.store(out_ptr + rows[:, None] * NBYTES + nbytes[None, :], packed.to(tl.uint8),
+             mask=row_mask[:, None] & (nbytes < NBYTES)[None, :])
+
+
+@triton.jit
+def _round_fp16(x, DOWN: tl.constexpr):
+    """fp32 -> fp16 rounded toward -inf (DOWN) or +inf: round to nearest, then step one fp16 ulp if
+    that went the wrong way (the rule of ``h1bkv_lite.quant._round_fp16``, with nextafter done on the
+    fp16 bit pattern)."""
+    h = x.to(tl.float16)
+    hb = h.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    neg = hb >= 0x8000
+    is_zero = (hb & 0x7FFF) == 0
+    if DOWN:
+        wrong = h.to(tl.float32) > x
+        stepped = tl.where(is_zero, 0x8001, tl.where(neg, hb + 1, hb - 1))
+    else:
+        wrong = h.to(tl.float32) < x
+        stepped = tl.where(is_zero, 0x0001, tl.where(neg, hb - 1, hb + 1))
+    out = tl.where(wrong, stepped, hb)
+    return out.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _round_half_even(t):
+    """torch.round for t >= 0 (codes are never negative here)."""
+    f = tl.floor(t)
+    r = t - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    return f + tl.where((r > 0.5) | ((r == 0.5) & odd), 1.0, 0.0)
+
+
+@triton.jit
+def _sketch_pack_quantize_kernel(
+    k_ptr, r_ptr, codes_ptr, v_ptr, data_ptr, scale_ptr, zero_ptr,
+    M, D, NBYTES, stride_km, stride_vm,
+    GROUPS, GROUP_SIZE, DATA_BYTES,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+    GROUPS_P: tl.constexpr, GROUP_P: tl.constexpr, VALUE_BITS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+
+    # keys -> sign bits, BLOCK_BYTES bytes of the code at a time
+    for b0 in range(0, NBYTES, BLOCK_BYTES):
+        proj = _project_tile(k_ptr, r_ptr, rows, row_mask, stride_km, D, NBYTES * 8, b0 * 8,
+                             BLOCK_M, BLOCK_K, BLOCK_BYTES * 8)
+        packed = pack_sign_bytes(proj, BLOCK_M, BLOCK_BYTES)
+        nbytes = b0 + tl.arange(0, BLOCK_BYTES)
+        tl.store(codes_ptr + rows[:, None] * NBYTES + nbytes[None, :], packed.to(tl.uint8),
+                 mask=row_mask[:, None] & (nbytes < NBYTES)[None, :])
+
+    # values -> per-group affine codes; tile [BLOCK_M, GROUPS_P, GROUP_P], element (g, j) = column g*gs + j
+    LEVELS: tl.constexpr = (1 << VALUE_BITS) - 1
+    PER_BYTE: tl.constexpr = 8 // VALUE_BITS
+    g = tl.arange(0, GROUPS_P)
+    j = tl.arange(0, GROUP_P)
+    valid = (g < GROUPS)[:, None] & (j < GROUP_SIZE)[None, :]
+    mask3 = row_mask[:, None, None] & valid[None, :, :]
+    col = g[:, None] * GROUP_SIZE + j[None, :]
+    v = tl.load(v_ptr + rows[:, None, None] * stride_vm + col[None, :, :], mask=mask3, other=0.0).to(tl.float32)
+    real_group = (g < GROUPS)[None, :]
+    lo = tl.where(real_group, tl.min(tl.where(mask3, v, float("inf")), axis=2), 0.0)  # [BLOCK_M, GROUPS_P]
+    hi = tl.where(real_group, tl.max(tl.where(mask3, v, -float("inf")), axis=2), 0.0)
+    lo = tl.where(row_mask[:, None], lo, 0.0)
+    hi = tl.where(row_mask[:, None], hi, 0.0)
+    zero = _round_fp16(lo, True)
+    zero_f = zero.to(tl.float32)
+    scale = _round_fp16(tl.math.div_rn(hi - zero_f, tl.full(hi.shape, LEVELS, tl.float32)), False)
+    scale_f = scale.to(tl.float32)
+    safe = tl.where(scale_f > 0, scale_f, 1.0)
+    t = tl.math.div_rn(v - zero_f[:, :, None], tl.broadcast_to(safe[:, :, None], v.shape))
+    q = tl.minimum(tl.maximum(_round_half_even(t), 0.0), LEVELS)
+    q = tl.where(scale_f[:, :, None] > 0, q, 0.0).to(tl.int32)
+
+    q = tl.reshape(q, (BLOCK_M, GROUPS_P, GROUP_P // PER_BYTE, PER_BYTE))
+    shifts = tl.arange(0, PER_BYTE) * VALUE_BITS
+    packed_v = tl.sum(q << shifts[None, None, None, :], axis=3)  # [BLOCK_M, GROUPS_P, GROUP_P // PER_BYTE]
+    jb = tl.arange(0, GROUP_P // PER_BYTE)
+    byte_col = g[:, None] * (GROUP_SIZE // PER_BYTE) + jb[None, :]
+    byte_ok = (g < GROUPS)[:, None] & (jb < GROUP_SIZE // PER_BYTE)[None, :]
+    tl.store(data_ptr + rows[:, None, None] * DATA_BYTES + byte_col[None, :, :], packed_v.to(tl.uint8),
+             mask=row_mask[:, None, None] & byte_ok[None, :, :])
+    gmask = row_mask[:, None] & (g < GROUPS)[None, :]
+    tl.store(scale_ptr + rows[:, None] * GROUPS + g[None, :], scale, mask=gmask)
+    tl.store(zero_ptr + rows[:, None] * GROUPS + g[None, :], zero, mask=gmask)
+
+
+def _check_projection(x: torch.Tensor, projection: torch.Tensor) -> int:
+    check_tensor("projection", projection, ndim=2, dtypes=(torch.float32,))
+    d, bits = projection.shape
+    if x.shape[-1] != d:
+        raise ValueError(f"x last dim ({x.shape[-1]}) must equal projection.shape[0] (head_dim={d})")
+    if bits % 8:
+        raise ValueError(f"projection.shape[1] (bits) must be a multiple of 8, got {bits}")
+    return bits
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., d]`` -> 2-D ``[M, d]`` with a unit last stride (a view when possible)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def sketch_pack_reference(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """Plain torch: ``pack_bits(x.float() @ projection >= 0)``, as ``SimHashSketcher.sketch``."""
+    return pack_bits(x.float() @ projection >= 0)
+
+
+def sketch_pack(x: torch.Tensor, projection: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """SimHash codes of ``x``: packed ``sign(x @ projection)``.
+
+    Parameters
+    ----------
+    x : ``[..., d]`` fp16 / bf16 / fp32 (CPU or CUDA). Not modified.
+    projection : float32 ``[d, bits]``, ``bits`` a multiple of 8 (``SimHashSketcher.projection_on``).
+    backend : ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
+
+    Returns
+    -------
+    uint8 ``[..., bits // 8]``, bit ``i`` in bit ``i % 8`` of byte ``i // 8``, 1 where ``x @ R >= 0``.
+    """
+    check_tensor("x", x, min_ndim=1, dtypes=FLOAT_DTYPES)
+    bits = _check_projection(x, projection)
+    check_same_device(x=x, projection=projection)
+    if not use_triton(backend, x.device, _sketch_pack_kernel):
+        return sketch_pack_reference(x, projection)
+    x2 = _rows(x)
+    M, d = x2.shape
+    nbytes = bits // 8
+    out = torch.empty(M, nbytes, dtype=torch.uint8, device=x.device)
+    r = projection.contiguous()
+    BLOCK_M, BLOCK_K = 32, max(16, min(64, next_pow2(d)))
+    BLOCK_BYTES = max(2, min(16, next_pow2(nbytes)))
+    grid = (cdiv(M, BLOCK_M), cdiv(nbytes, BLOCK_BYTES))
+    _sketch_pack_kernel[grid](x2, r, out, M, d, nbytes, x2.stride(0),
+                              BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_BYTES=BLOCK_BYTES)
+    return out.reshape(*x.shape[:-1], nbytes)
+
+
+def sketch_pack_quantize_reference(
+    k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, value_bits: int = 4, group_size: int | None = None
+) -> tuple[torch.Tensor, QuantizedTensor]:
+    """Plain torch: ``(sketch_pack_reference(k, projection), quantize_values(v, value_bits, group_size))``."""
+    return sketch_pack_reference(k, projection), quantize_values(v, value_bits, group_size)
+
+
+def sketch_pack_quantize(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    projection: torch.Tensor,
+    value_bits: int = 4,
+    group_size: int | None = None,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, QuantizedTensor]:
+    """Cache-append path in one launch: key codes and quantized values of a batch of new tokens.
+
+    Parameters
+    ----------
+    k : ``[..., d]`` fp16 / bf16 / fp32 new keys; v : ``[..., n]`` new values with the same leading
+        dims (e.g. ``[B, Hkv, T, d]`` both). Neither is modified.
+    projection : float32 ``[d, bits]``, ``bits`` a multiple of 8.
+    value_bits : 2, 4 or 8.  group_size : divides ``n`` (``None`` = ``n``, one group per vector).
+        The Triton path needs whole bytes per group (``group_size * value_bits % 8 == 0``).
+
+    Returns
+    -------
+    ``(codes, qt)``: uint8 codes ``[..., bits // 8]`` as :func:`sketch_pack`, and a
+    :class:`~h1bkv_lite.QuantizedTensor` whose ``data [..., n * value_bits // 8]``, fp16
+    ``scale / zero [..., n // group_size]`` equal ``quantize_values(v, value_bits, group_size)``'s.
+    """
+    check_tensor("k", k, min_ndim=1, dtypes=FLOAT_DTYPES)
+    check_tensor("v", v, min_ndim=1, dtypes=FLOAT_DTYPES)
+    bits = _check_projection(k, projection)
+    check_same_device(k=k, v=v, projection=projection)
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"k and v must share leading dims, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    check_choice("value_bits", value_bits, VALUE_BITS)
+    n = v.shape[-1]
+    if group_size is None:
+        group_size = n
+    check_int("group_size", group_size, low=1, high=n)
+    if n % group_size:
+        raise ValueError(f"group_size must divide v's last dim ({n}), got {group_size}")
+    if not use_triton(backend, k.device, _sketch_pack_quantize_kernel):
+        return sketch_pack_quantize_reference(k, v, projection, value_bits, group_size)
+    if (group_size * value_bits) % 8:
+        raise ValueError(
+            f"group_size * value_bits must fill whole bytes for the Triton kernel, got group_size={group_size} "
+            f"with value_bits={value_bits} (use backend='torch')"
+        )
+    if v.abs().max() > _FP16_MAX / 2:
+        raise ValueError(f"v has magnitudes above {_FP16_MAX / 2:g}; fp16 scales/zeros cannot represent it")
+
+    k2, v2 = _rows(k), _rows(v)
+    M, d = k2.shape
+    nbytes, groups = bits // 8, n // group_size
+    data_bytes = n * value_bits // 8
+    dev = k.device
+    codes = torch.empty(M, nbytes, dtype=torch.uint8, device=dev)
+    data = torch.empty(M, data_bytes, dtype=torch.uint8, device=dev)
+    scale = torch.empty(M, groups, dtype=torch.float16, device=dev)
+    zero = torch.empty(M, groups, dtype=torch.float16, device=dev)
+    groups_p, group_p = next_pow2(groups), max(next_pow2(group_size), 8 // value_bits)
+    BLOCK_M = max(16, min(32, 4096 // (groups_p * group_p)))
+    BLOCK_K = max(16, min(64, next_pow2(d)))
+    BLOCK_BYTES = max(2, min(16, next_pow2(nbytes)))
+    _sketch_pack_quantize_kernel[(cdiv(M, BLOCK_M),)](
+        k2, projection.contiguous(), codes, v2, data, scale, zero,
+        M, d, nbytes, k2.stride(0), v2.stride(0), groups, group_size, data_bytes,
+        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_BYTES=BLOCK_BYTES,
+        GROUPS_P=groups_p, GROUP_P=group_p, VALUE_BITS=value_bits,
+    )
+    lead = k.shape[:-1]
+    qt = QuantizedTensor(
+        data.reshape(*lead, data_bytes), scale.reshape(*lead, groups), zero.reshape(*lead, groups),
+        value_bits, group_size, v.shape, v.dtype,
+    )
+    return codes.reshape(*lead, nbytes), qt

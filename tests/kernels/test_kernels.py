@@ -1,0 +1,470 @@
+"""Each Triton kernel against its plain-torch reference, plus the references against the core library.
+
+Runs on the CPU through Triton's interpreter (see conftest.py) and, marked ``gpu``, on CUDA.
+
+Tolerances, and why:
+- Codes, Hamming distances, quantized value bytes and fp16 scales/zeros are compared bit-exactly.
+  The one allowed difference: a key code bit whose projection is a near-tie, ``|x @ R| < 1e-5 |x| |R_i|``
+  (an fp32 dot of <= 128 terms is off by at most ~1e-6 of ``|x| |R_i|``, so only such bits can flip under a
+  different summation order). Mismatches are asserted to lie only there, and counted (~0 on random data).
+- Decode outputs: both sides compute in fp32 and differ only by summation order (a config may choose
+  tf32x3 dots on CUDA, ~1e-6 relative; the defaults are plain fp32), so fp32 outputs get
+  ``rtol=1e-4, atol=1e-5``. fp16/bf16 outputs are those fp32 values rounded once to the output dtype, which
+  can land one ulp apart: ``rtol = atol = 2 ulp`` (2**-9, 2**-6).
+- Query codes are computed by the kernel, so a query projection that is a near-tie could flip one query bit
+  and move a whole row of logits by ``2 / bits / T``: such queries (probability ~1e-5 per bit) are redrawn.
+"""
+import math
+
+import pytest
+import torch
+
+from h1bkv_lite import SimHashSketcher, h1b_attention, quantize_values
+from h1bkv_lite.kernels import (
+    h1b_decode_attention,
+    h1b_decode_attention_reference,
+    hamming_scores,
+    hamming_scores_reference,
+    sketch_pack,
+    sketch_pack_quantize,
+)
+from h1bkv_lite.kernels._common import is_interpreted, use_triton
+from h1bkv_lite.kernels.decode_attention import _decode_split_kernel
+from h1bkv_lite.sketch import unpack_bits
+
+_CUDA = torch.cuda.is_available()
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not _CUDA, reason="needs CUDA")]),
+]
+NEAR_TIE = 1e-5
+OUT_TOL = {
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.float16: dict(rtol=2**-9, atol=2**-9),
+    torch.bfloat16: dict(rtol=2**-6, atol=2**-6),
+}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    if request.param == "cpu" and not is_interpreted(_decode_split_kernel):
+        pytest.skip("Triton kernels are compiled for CUDA here; run with TRITON_INTERPRET=1 for the CPU cases")
+    return torch.device(request.param)
+
+
+def fresh_seed() -> int:
+    """A new seed per test (drawn from torch's global RNG, itself unseeded), printed on failure."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, gen, device, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+
+def _near_ties(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """bool ``[..., bits]``: projections within NEAR_TIE of zero, relative to ``|x| |R_i|``."""
+    xf = x.double().cpu()
+    r = projection.double().cpu()
+    return (xf @ r).abs() < NEAR_TIE * xf.norm(dim=-1, keepdim=True) * r.norm(dim=0)
+
+
+def _assert_codes_match(got: torch.Tensor, x: torch.Tensor, projection: torch.Tensor, msg: str) -> int:
+    """Codes equal the reference except at near-tie bits; return how many near-tie bits differ."""
+    want = (x.float().cpu() @ projection.cpu()) >= 0
+    got_bits = unpack_bits(got.cpu())
+    wrong = got_bits != want
+    ties = _near_ties(x, projection)
+    assert not bool((wrong & ~ties).any()), f"{msg}: {int((wrong & ~ties).sum())} code bits differ away from ties"
+    return int(wrong.sum())
+
+
+# ---------------------------------------------------------------------------------------------------
+# sketch_pack
+
+
+@pytest.mark.parametrize("d,bits", [(64, 64), (64, 256), (128, 128), (128, 512), (96, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_sketch_pack_matches_sketcher(device, d, bits, dtype):
+    seed = fresh_seed()
+    gen = _gen(seed)
+    sk = SimHashSketcher(d, bits, seed=seed % 1000)
+    x = _randn(3, 37, d, gen=gen, device=device, dtype=dtype)
+    x_before = x.clone()
+    got = sketch_pack(x, sk.projection_on(device), backend="triton")
+    assert got.dtype == torch.uint8 and got.shape == (3, 37, bits // 8) and got.device.type == device.type
+    assert torch.equal(x, x_before), "sketch_pack modified x"
+    flips = _assert_codes_match(got, x, sk.projection, f"seed={seed}")
+    assert flips <= 2, f"seed={seed}: {flips} near-tie flips (expected ~0)"
+    ref = sk.sketch(x)
+    assert int((got != ref).sum()) <= flips, f"seed={seed}: differs from SimHashSketcher.sketch"
+
+
+def test_sketch_pack_sign_of_zero_is_plus(device):
+    sk = SimHashSketcher(64, 128, seed=3)
+    x = torch.zeros(5, 64, device=device)
+    x[1] = -0.0
+    got = sketch_pack(x, sk.projection_on(device), backend="triton")
+    assert bool((got == 0xFF).all()), "sign(0) must be +1 (all bits set)"
+    assert torch.equal(got, sk.sketch(x))
+
+
+# ---------------------------------------------------------------------------------------------------
+# sketch_pack_quantize
+
+
+def _quantize_on_cpu(v, value_bits, group_size):
+    """quantize_values computed on the CPU, moved to v's device. (Its fp16 round-up/down steps use
+    torch.nextafter on fp16, which is exact on the CPU; the CPU result is the specification.)"""
+    ref = quantize_values(v.cpu(), value_bits, group_size)
+    return type(ref)(ref.data.to(v.device), ref.scale.to(v.device), ref.zero.to(v.device), ref.bits,
+                     ref.group_size, ref.shape, ref.dtype)
+
+
+@pytest.mark.parametrize(
+    "d,bits,n,value_bits,group_size",
+    [(64, 128, 64, 4, None), (128, 256, 128, 4, 32), (64, 64, 64, 2, 16), (128, 512, 128, 8, None),
+     (64, 128, 96, 4, None), (64, 128, 64, 4, 2)],
+)
+def test_sketch_pack_quantize_matches_references(device, d, bits, n, value_bits, group_size):
+    seed = fresh_seed()
+    gen = _gen(seed)
+    sk = SimHashSketcher(d, bits, seed=seed % 1000)
+    k = _randn(2, 3, 37, d, gen=gen, device=device, dtype=torch.float16)
+    v = _randn(2, 3, 37, n, gen=gen, device=device, scale=3.0) + 0.5
+    v[0, 0, 0] = 1.25  # a constant vector: scale 0, codes 0
+    k_before, v_before = k.clone(), v.clone()
+    codes, qt = sketch_pack_quantize(k, v, sk.projection_on(device), value_bits, group_size, backend="triton")
+    assert torch.equal(k, k_before) and torch.equal(v, v_before), "inputs modified"
+    ref = _quantize_on_cpu(v, value_bits, group_size)
+    msg = f"seed={seed}"
+    assert torch.equal(qt.data, ref.data), f"{msg}: {int((qt.data != ref.data).sum())} value bytes differ"
+    assert torch.equal(qt.scale.view(torch.int16), ref.scale.view(torch.int16)), f"{msg}: fp16 scales differ"
+    assert torch.equal(qt.zero.view(torch.int16), ref.zero.view(torch.int16)), f"{msg}: fp16 zeros differ"
+    assert (qt.bits, qt.group_size, qt.shape, qt.dtype) == (ref.bits, ref.group_size, ref.shape, ref.dtype)
+    flips = _assert_codes_match(codes, k, sk.projection, msg)
+    assert flips <= 2, f"{msg}: {flips} near-tie flips (expected ~0)"
+
+
+def test_sketch_pack_quantize_rounding_edges(device):
+    """Half-way codes round to even, fp16 zero rounds down / scale rounds up on non-representable ranges."""
+    sk = SimHashSketcher(16, 32, seed=0)
+    k = torch.ones(4, 16, device=device)
+    v = torch.zeros(4, 16)
+    v[0] = torch.tensor([0, 15, 0.5, 1.5, 2.5, 3.5, 7.5, 14.5, 4, 5, 6, 7, 8, 9, 10, 11.5])  # scale exactly 1
+    v[1] = torch.linspace(-1 / 3, 1e-3 / 7, 16)  # zero and scale not representable in fp16
+    v[2] = torch.full((16,), 2.0 / 3.0)  # constant: scale 0
+    v[3] = torch.linspace(1000.1, 1000.2, 16)  # range below fp16 resolution at this magnitude
+    v = v.to(device)
+    _, qt = sketch_pack_quantize(k, v, sk.projection_on(device), 4, None, backend="triton")
+    ref = _quantize_on_cpu(v, 4, None)
+    assert torch.equal(qt.data, ref.data)
+    assert torch.equal(qt.scale.view(torch.int16), ref.scale.view(torch.int16))
+    assert torch.equal(qt.zero.view(torch.int16), ref.zero.view(torch.int16))
+    assert qt.codes()[0, 2:8].tolist() == [0, 2, 2, 4, 8, 14]
+
+
+# ---------------------------------------------------------------------------------------------------
+# hamming_scores
+
+
+@pytest.mark.parametrize("bits", [40, 64, 128, 256, 512])
+def test_hamming_scores_exact(device, bits):
+    seed = fresh_seed()
+    gen = _gen(seed)
+    sk = SimHashSketcher(32, bits, seed=1)
+    qc = sk.sketch(_randn(2, 3, 7, 32, gen=gen, device=device))
+    kc = sk.sketch(_randn(2, 1, 75, 32, gen=gen, device=device))  # broadcast over the head dim
+    before = (qc.clone(), kc.clone())
+    got = hamming_scores(qc, kc, backend="triton")
+    assert torch.equal(qc, before[0]) and torch.equal(kc, before[1]), "inputs modified"
+    assert got.dtype == torch.int32 and got.shape == (2, 3, 7, 75)
+    assert torch.equal(got, sk.hamming(qc, kc)), f"seed={seed}"
+    assert torch.equal(got, sk.hamming(qc, kc, method="xor")), f"seed={seed}"
+    assert torch.equal(hamming_scores_reference(qc, kc), got)
+
+
+def test_hamming_scores_extremes(device):
+    a = torch.zeros(1, 4, 16, dtype=torch.uint8, device=device)
+    a[0, 1] = 0xFF
+    a[0, 2, ::2] = 0x0F
+    a[0, 3] = torch.arange(16, dtype=torch.uint8) * 17
+    got = hamming_scores(a, a, backend="triton")
+    assert torch.equal(got, hamming_scores_reference(a, a))
+    assert got[0, 0, 1].item() == 128 and got.diagonal(dim1=-2, dim2=-1).abs().sum().item() == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# decode attention
+
+
+def _no_tie_queries(q: torch.Tensor, projection: torch.Tensor, gen) -> torch.Tensor:
+    """Redraw the query rows that have a near-tie projection (see module docstring)."""
+    for _ in range(100):
+        bad = _near_ties(q, projection).any(-1)
+        if not bool(bad.any()):
+            return q
+        q = torch.where(bad.to(q.device).unsqueeze(-1), _randn(*q.shape, gen=gen, device=q.device, dtype=q.dtype), q)
+    raise AssertionError("could not draw tie-free queries")
+
+
+def make_cache(*, seed, device, B, Hq, Hkv, N, W, D, bits, value_bits=4, groups=1, score="hamming",
+               dtype=torch.float32, per_head_t=True):
+    """Random keys/values compressed the way the cache stores them; returns (args, kwargs, raw tensors)."""
+    gen = _gen(seed)
+    sk = SimHashSketcher(D, bits, seed=seed % 997)
+    R = sk.projection_on(device)
+    k = _randn(B, Hkv, N + W, D, gen=gen, device=device, dtype=dtype)
+    v = _randn(B, Hkv, N + W, D, gen=gen, device=device, dtype=dtype)
+    q = _no_tie_queries(_randn(B, Hq, D, gen=gen, device=device, dtype=dtype, scale=1.5), R, gen)
+    if N:
+        codes = sk.sketch(k[:, :, :N])
+        qt = quantize_values(v[:, :, :N], value_bits, D // groups)
+        data, scale, zero = qt.data, qt.scale, qt.zero
+    else:
+        codes = torch.zeros(B, Hkv, 0, bits // 8, dtype=torch.uint8, device=device)
+        data = torch.zeros(B, Hkv, 0, D * value_bits // 8, dtype=torch.uint8, device=device)
+        scale = zero = torch.zeros(B, Hkv, 0, groups, dtype=torch.float16, device=device)
+    kwargs = dict(projection=R, score=score, value_bits=value_bits, window_k=k[:, :, N:], window_v=v[:, :, N:])
+    if score == "hamming":
+        kwargs["temperature"] = (torch.rand(Hq, generator=gen) * 0.3 + 0.05).to(device) if per_head_t else 0.1
+    else:
+        kwargs["key_norms"] = k[:, :, :N].float().norm(dim=-1).half()
+    return (q, codes, data, scale, zero), kwargs, dict(q=q, k=k, v=v, sketcher=sk)
+
+
+def _check_decode(args, kwargs, seed, **launch):
+    before = [a.clone() for a in args] + [t.clone() for t in kwargs.values() if isinstance(t, torch.Tensor)]
+    got = h1b_decode_attention(*args, backend="triton", **kwargs, **launch)
+    ref = h1b_decode_attention_reference(*args, **kwargs)
+    after = list(args) + [t for t in kwargs.values() if isinstance(t, torch.Tensor)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after)), "an input was modified"
+    q = args[0]
+    assert got.shape == q.shape and got.dtype == q.dtype and got.device == q.device
+    assert bool(torch.isfinite(got).all()), f"seed={seed}: non-finite output"
+    err = (got.float() - ref.float()).abs().max().item()
+    torch.testing.assert_close(got, ref, **OUT_TOL[q.dtype], msg=lambda m: f"seed={seed}, max err {err:.3g}\n{m}")
+
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+_SHAPES = [(1, 0), (37, 0), (300, 0), (1, 5), (37, 5), (300, 5)]  # (N compressed, W window)
+DECODE_CASES = [
+    pytest.param(score, gqa, N, W, id=f"{score}-gqa{gqa}-N{N}-W{W}")
+    for score in ("hamming", "cos", "asym") for gqa in (1, 4, 8) for N, W in _SHAPES
+]
+
+
+@pytest.mark.parametrize("score,gqa,N,W", DECODE_CASES)
+def test_decode_matches_reference(device, score, gqa, N, W):
+    seed = fresh_seed()
+    i = seed % 24  # cycle head_dim, bits, batch and dtype through the grid
+    D, bits = (64, 128)[i % 2], (64, 128, 256, 512)[i % 4]
+    B, Hkv = (1, 2)[i % 2], (2, 1)[i % 2]
+    dtype = _DTYPES[i % 3] if N != 300 else torch.float32
+    args, kwargs, _ = make_cache(seed=seed, device=device, B=B, Hq=Hkv * gqa, Hkv=Hkv, N=N, W=W, D=D,
+                                 bits=bits, score=score, dtype=dtype)
+    _check_decode(args, kwargs, f"{seed} (D={D}, bits={bits}, B={B}, dtype={dtype})")
+
+
+@pytest.mark.parametrize("value_bits,groups", [(2, 1), (8, 1), (4, 4), (2, 2), (8, 8)])
+@pytest.mark.parametrize("score", ["hamming", "asym"])
+def test_decode_value_formats(device, value_bits, groups, score):
+    seed = fresh_seed()
+    args, kwargs, _ = make_cache(seed=seed, device=device, B=2, Hq=4, Hkv=2, N=70, W=3, D=64, bits=128,
+                                 value_bits=value_bits, groups=groups, score=score)
+    _check_decode(args, kwargs, seed)
+
+
+@pytest.mark.parametrize("split_k", [1, 3, 1000])
+def test_decode_split_counts(device, split_k):
+    """One split, a few, and more than the context has blocks (the combine loops over > 32 partials)."""
+    seed = fresh_seed()
+    args, kwargs, _ = make_cache(seed=seed, device=device, B=1, Hq=8, Hkv=2, N=700, W=5, D=64, bits=64,
+                                 score="cos")
+    _check_decode(args, kwargs, seed, split_k=split_k, config={"block_n": 16})
+
+
+@pytest.mark.parametrize("use_dot,precision", [(False, "ieee"), (True, "ieee"), (True, "tf32x3")])
+def test_decode_matmul_forms(device, use_dot, precision):
+    """The fp32 multiply-add and the tl.dot forms (fp32, or three tf32 passes) agree with the reference."""
+    seed = fresh_seed()
+    for gqa, score in ((1, "asym"), (4, "hamming"), (8, "cos")):
+        args, kwargs, _ = make_cache(seed=seed, device=device, B=1, Hq=2 * gqa, Hkv=2, N=90, W=2, D=64,
+                                     bits=128, score=score)
+        _check_decode(args, kwargs, seed, config={"use_dot": use_dot, "precision": precision, "block_n": 32})
+
+
+@pytest.mark.parametrize("trend", ["rising", "falling"])
+def test_decode_rebases_running_max(device, trend):
+    """Logits that climb across the context force the lazily moved softmax maximum to re-base many times."""
+    seed = fresh_seed()
+    for gqa in (1, 4):
+        args, kwargs, _ = make_cache(seed=seed, device=device, B=1, Hq=2 * gqa, Hkv=2, N=300, W=0, D=64, bits=128,
+                                     score="cos")
+        ramp = torch.linspace(0.1, 60.0, 300, device=device)
+        kwargs["key_norms"] = (ramp if trend == "rising" else ramp.flip(0)).half().expand(1, 2, 300).contiguous()
+        _check_decode(args, kwargs, seed, config={"block_n": 16})
+
+
+def test_decode_window_only_and_scalar_temperature(device):
+    seed = fresh_seed()
+    args, kwargs, _ = make_cache(seed=seed, device=device, B=2, Hq=4, Hkv=2, N=0, W=6, D=64, bits=64,
+                                 per_head_t=False)
+    _check_decode(args, kwargs, seed)
+
+
+def test_decode_strided_cache(device):
+    """Caches that are slices of larger preallocated buffers (as a growing KV cache is) need no copy."""
+    seed = fresh_seed()
+    args, kwargs, _ = make_cache(seed=seed, device=device, B=2, Hq=4, Hkv=2, N=50, W=4, D=64, bits=128,
+                                 score="asym")
+    q, codes, data, scale, zero = args
+
+    def in_bigger(t):  # same values, stored in the first N rows of a buffer with room for 64 more tokens
+        big = torch.zeros(t.shape[0], t.shape[1], t.shape[2] + 64, *t.shape[3:], dtype=t.dtype, device=t.device)
+        big[:, :, : t.shape[2]] = t
+        return big[:, :, : t.shape[2]]
+
+    strided = [q, *(in_bigger(t) for t in (codes, data, scale, zero))]
+    kwargs["key_norms"] = in_bigger(kwargs["key_norms"].unsqueeze(-1)).squeeze(-1)
+    assert not strided[1].is_contiguous()
+    _check_decode(strided, kwargs, seed)
+
+
+@pytest.mark.parametrize("score", ["hamming", "cos", "asym"])
+@pytest.mark.parametrize("gqa,W", [(1, 0), (4, 5), (8, 3)])
+def test_reference_matches_h1b_attention(device, score, gqa, W):
+    """The kernel reference agrees with the core library's h1b_attention at Tq = 1 on the same cache."""
+    seed = fresh_seed()
+    args, kwargs, raw = make_cache(seed=seed, device=device, B=2, Hq=2 * gqa, Hkv=2, N=41, W=W, D=64,
+                                   bits=128, score=score)
+    ref = h1b_decode_attention_reference(*args, **kwargs)
+    lib = h1b_attention(raw["q"].unsqueeze(2), raw["k"], raw["v"], sketcher=raw["sketcher"], score=score,
+                        temperature=kwargs.get("temperature"), value_bits=4, window=W)[:, :, 0]
+    torch.testing.assert_close(ref, lib, rtol=1e-5, atol=1e-6, msg=lambda m: f"seed={seed}\n{m}")
+
+
+def test_auto_backend_on_cpu_is_the_reference():
+    seed = fresh_seed()
+    args, kwargs, _ = make_cache(seed=seed, device=torch.device("cpu"), B=1, Hq=2, Hkv=1, N=20, W=2, D=64,
+                                 bits=64)
+    assert torch.equal(h1b_decode_attention(*args, **kwargs), h1b_decode_attention_reference(*args, **kwargs))
+    x = torch.randn(4, 64)
+    R = SimHashSketcher(64, 64).projection
+    assert torch.equal(sketch_pack(x, R), SimHashSketcher(64, 64).sketch(x))
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad inputs
+
+
+def test_backend_choice_errors():
+    with pytest.raises(ValueError, match="backend"):
+        use_triton("cuda", torch.device("cpu"), _decode_split_kernel)
+
+    def compiled_kernel():  # stands for a kernel that was not defined under the interpreter
+        pass
+
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        use_triton("triton", torch.device("cpu"), compiled_kernel)
+    assert use_triton("torch", torch.device("cpu"), compiled_kernel) is False
+
+
+def test_sketch_pack_bad_inputs():
+    R = SimHashSketcher(64, 128).projection
+    with pytest.raises(TypeError, match="x"):
+        sketch_pack([1.0] * 64, R)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        sketch_pack(torch.zeros(2, 64, dtype=torch.int32), R)
+    with pytest.raises(ValueError, match="projection.shape"):
+        sketch_pack(torch.zeros(2, 32), R)
+    with pytest.raises(TypeError, match="projection"):
+        sketch_pack(torch.zeros(2, 64), R.double())
+    with pytest.raises(ValueError, match="bits"):
+        sketch_pack(torch.zeros(2, 64), torch.zeros(64, 12))
+    with pytest.raises(ValueError, match="backend"):
+        sketch_pack(torch.zeros(2, 64), R, backend="gpu")
+    k = torch.randn(3, 64)
+    with pytest.raises(ValueError, match="leading dims"):
+        sketch_pack_quantize(k, torch.randn(4, 64), R)
+    with pytest.raises(ValueError, match="value_bits"):
+        sketch_pack_quantize(k, torch.randn(3, 64), R, value_bits=3)
+    with pytest.raises(ValueError, match="group_size"):
+        sketch_pack_quantize(k, torch.randn(3, 64), R, group_size=48)
+    if is_interpreted(_decode_split_kernel):  # the Triton path needs whole bytes per group
+        with pytest.raises(ValueError, match="group_size"):
+            sketch_pack_quantize(k, torch.randn(3, 64), R, value_bits=4, group_size=1, backend="triton")
+    with pytest.raises(ValueError, match="NaN"):
+        sketch_pack_quantize(k, torch.full((3, 64), float("nan")), R)
+
+
+def test_hamming_bad_inputs():
+    a = torch.zeros(2, 3, 16, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="q_codes"):
+        hamming_scores(a.float(), a)
+    with pytest.raises(ValueError, match="k_codes"):
+        hamming_scores(a, torch.zeros(16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="code width"):
+        hamming_scores(a, torch.zeros(2, 3, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="broadcast"):
+        hamming_scores(a, torch.zeros(3, 3, 16, dtype=torch.uint8))
+
+
+def _good_call(**overrides):
+    args, kwargs, _ = make_cache(seed=0, device=torch.device("cpu"), B=1, Hq=4, Hkv=2, N=8, W=2, D=64,
+                                 bits=64, score="cos")
+    names = ("q", "key_codes", "values_packed", "value_scale", "value_zero")
+    call = dict(zip(names, args), **kwargs)
+    call.update(overrides)
+    return lambda: h1b_decode_attention(**call)
+
+
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        (dict(q=torch.zeros(1, 4, 64, dtype=torch.int8)), TypeError, "q must have dtype"),
+        (dict(q=torch.zeros(1, 4, 1, 64)), ValueError, "q must have 3 dims"),
+        (dict(q=torch.zeros(1, 3, 64)), ValueError, "multiple of key_codes heads"),
+        (dict(q=torch.zeros(2, 4, 64)), ValueError, "key_codes batch"),
+        (dict(key_codes=torch.zeros(1, 2, 8, 8, dtype=torch.int32)), TypeError, "key_codes"),
+        (dict(projection=torch.zeros(64, 128)), ValueError, "projection must have shape"),
+        (dict(values_packed=torch.zeros(1, 2, 8, 64, dtype=torch.uint8)), ValueError, "values_packed"),
+        (dict(value_scale=torch.zeros(1, 2, 8, 3, dtype=torch.float16)), ValueError, "value_scale"),
+        (dict(value_bits=3), ValueError, "value_bits"),
+        (dict(score="dot"), ValueError, "score"),
+        (dict(key_norms=None), ValueError, "key_norms is required"),
+        (dict(key_norms=torch.zeros(1, 2, 9)), ValueError, "key_norms must have shape"),
+        (dict(temperature=0.5), ValueError, "temperature applies"),
+        (dict(score="hamming"), ValueError, "key_norms is not used"),
+        (dict(score="hamming", key_norms=None), ValueError, "temperature is required"),
+        (dict(score="hamming", key_norms=None, temperature=torch.ones(3)), ValueError, "temperature must be"),
+        (dict(score="hamming", key_norms=None, temperature=-1.0), ValueError, "temperature must be"),
+        (dict(score="hamming", key_norms=None, temperature="1"), TypeError, "temperature"),
+        (dict(window_v=None), ValueError, "window_k and window_v"),
+        (dict(window_k=torch.zeros(1, 2, 2, 32), window_v=torch.zeros(1, 2, 2, 32)), ValueError, "window_k"),
+        (dict(split_k=0), ValueError, "split_k"),
+        (dict(backend="cuda"), ValueError, "backend"),
+    ],
+)
+def test_decode_bad_inputs(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _good_call(**overrides)()
+
+
+def test_decode_nothing_to_attend_and_bits_for_triton():
+    empty = dict(key_codes=torch.zeros(1, 2, 0, 8, dtype=torch.uint8),
+                 values_packed=torch.zeros(1, 2, 0, 32, dtype=torch.uint8),
+                 value_scale=torch.zeros(1, 2, 0, 1, dtype=torch.float16),
+                 value_zero=torch.zeros(1, 2, 0, 1, dtype=torch.float16),
+                 key_norms=torch.zeros(1, 2, 0), window_k=None, window_v=None)
+    with pytest.raises(ValueError, match="nothing to attend"):
+        _good_call(**empty)()
+    if is_interpreted(_decode_split_kernel):
+        args, kwargs, _ = make_cache(seed=1, device=torch.device("cpu"), B=1, Hq=2, Hkv=1, N=4, W=0, D=64,
+                                     bits=40, score="cos")
+        assert math.isfinite(h1b_decode_attention(*args, **kwargs).sum().item())  # torch path takes any bits
+        with pytest.raises(ValueError, match="multiple of 32"):
+            h1b_decode_attention(*args, backend="triton", **kwargs)

@@ -1,0 +1,39 @@
+"""Notebook 07 (kernel performance) runs on the committed benchmark JSON and reports consistent numbers."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run_notebook():
+    spec = importlib.util.spec_from_file_location("notebook_runner", ROOT / "tests" / "notebook_runner.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    return runner.run_notebook
+
+
+@pytest.fixture(scope="module")
+def results_path():
+    paths = sorted((ROOT / "benchmarks" / "results").glob("decode_*.json"))
+    paths = [p for p in paths if "tune" not in p.name]
+    if not paths:
+        pytest.skip("no committed decode benchmark results")
+    return paths[0]
+
+
+def test_notebook_07_reads_results(tmp_path, results_path):
+    metrics = _run_notebook()("07_kernel_performance", tmp_path, RESULTS=str(results_path))
+    raw = json.loads(results_path.read_text())
+    assert metrics["device"] == raw["device"]
+    rows = [r for r in raw["rows"] if r["score"] == "hamming" and r["bits"] == 128]
+    assert metrics["speedup_hamming_b128_max"] == pytest.approx(max(r["speedup"] for r in rows))
+    assert 0 < metrics["h1b_frac_of_copy_hamming_b128_max"] <= 1.0
+    assert metrics["max_rel_err_vs_reference"] < 5e-3  # fp16 output against the fp32 reference
+    for name in ("decode_time_vs_context", "decode_speedup", "decode_bandwidth"):
+        assert (tmp_path / f"{name}.png").exists()

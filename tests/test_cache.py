@@ -1,0 +1,299 @@
+"""H1BCache on tiny random Llama / Mistral / Qwen2 models: generate, exactness, bytes, padding, dtypes, args."""
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, MistralConfig, Qwen2Config
+
+from h1bkv_lite import memory
+from h1bkv_lite.attention import h1b_attention
+from h1bkv_lite.cache import ATTENTION_NAME, H1BCache, fit_temperature
+
+ARCHS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+VOCAB = 128
+
+
+def tiny_model(arch: str = "llama", dtype=torch.float32, attn: str = "sdpa", seed: int = 0):
+    """2 layers, hidden 128, 4 query heads, 2 kv heads (GQA), head_dim 32; large init for peaky attention."""
+    config = ARCHS[arch](
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, attn_implementation=attn,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).to(dtype).eval()
+
+
+def greedy(model, ids, cache=None, n_new=8, mask=None):
+    out = model.generate(ids, attention_mask=mask if mask is not None else torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=n_new, min_new_tokens=n_new, past_key_values=cache, output_scores=True,
+                         return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences[:, ids.shape[1]:], torch.stack(out.scores, dim=1)
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("score", ["hamming", "cos", "asym"])
+def test_window_covering_everything_reproduces_dynamic_cache(arch, score, prompt):
+    model = tiny_model(arch)
+    ref_tokens, ref_scores = greedy(model, prompt, DynamicCache(config=model.config))
+    cache = H1BCache(model.config, bits=16, score=score, window=40)
+    tokens, scores = greedy(model, prompt, cache)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(scores, ref_scores, atol=1e-4, rtol=1e-4)
+    assert model.config._attn_implementation == "sdpa"  # the user's implementation is back
+
+
+def test_compressed_cache_changes_output_and_restores_implementation(prompt):
+    model = tiny_model(attn="eager")
+    ref_tokens, ref_scores = greedy(model, prompt)
+    tokens, scores = greedy(model, prompt, H1BCache(model.config, bits=16, score="hamming"))
+    assert not torch.allclose(scores, ref_scores, atol=1e-3)
+    assert model.config._attn_implementation == "eager"
+    again, again_scores = greedy(model, prompt)  # the model without an H1B cache is untouched
+    assert torch.equal(again, ref_tokens) and torch.equal(again_scores, ref_scores)
+
+
+@pytest.mark.parametrize("score", ["hamming", "cos", "asym"])
+@pytest.mark.parametrize("window", [0, 3])
+@pytest.mark.parametrize("compressed_prefill", [False, True])
+def test_layer_matches_h1b_attention(score, window, compressed_prefill):
+    """Prefill (compressed) and every decode step equal h1b_attention on the same q/k/v, per sequence."""
+    config = tiny_model().config
+    gen = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, D, T, P = 2, 4, 2, 32, 16, 9
+    q, k, v = torch.randn(B, Hq, T, D, generator=gen), torch.randn(B, Hkv, T, D, generator=gen), torch.randn(
+        B, Hkv, T, D, generator=gen)
+    cache = H1BCache(config, bits=64, score=score, window=window, compressed_prefill=compressed_prefill, seed=7)
+    layer = cache.layers[1]
+    assert layer.sketcher.seed == 8  # seed + layer_idx
+    cache.update(k[:, :, :P], v[:, :, :P], 1)
+    prefill = layer.attend(q[:, :, :P])
+    temps = layer.calibrated if score == "hamming" else [None] * B
+
+    def reference(b, t0, t1):
+        return h1b_attention(q[b:b + 1, :, t0:t1], k[b:b + 1, :, :t1], v[b:b + 1, :, :t1], sketcher=layer.sketcher,
+                             score=score, window=window, temperature=temps[b])
+
+    if compressed_prefill:
+        for b in range(B):
+            torch.testing.assert_close(prefill[b:b + 1], reference(b, 0, P), atol=1e-5, rtol=1e-5)
+    for t in range(P, T):
+        cache.update(k[:, :, t:t + 1], v[:, :, t:t + 1], 1)
+        out = layer.attend(q[:, :, t:t + 1])
+        for b in range(B):
+            torch.testing.assert_close(out[b:b + 1], reference(b, t, t + 1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(bits=64, temperature=0.05), dict(bits=32, temperature=0.05, window=4, sink=2),
+    dict(bits=64, score="cos", window=3), dict(bits=32, score="asym", sink=3),
+])
+def test_compressed_prefill_equals_token_by_token_decode(kwargs):
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(2))
+    parallel = model(ids, past_key_values=H1BCache(model.config, compressed_prefill=True, **kwargs)).logits
+    cache = H1BCache(model.config, **kwargs)
+    stepwise = torch.cat([model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(ids.shape[1])], dim=1)
+    torch.testing.assert_close(parallel, stepwise, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kwargs", [
+    dict(bits=64), dict(bits=128, score="cos", window=5), dict(bits=32, score="asym", value_bits=2, group_size=8),
+    dict(bits=16, value_bits=8, window=100),
+])
+def test_nbytes_matches_memory_prediction(dtype, kwargs):
+    model = tiny_model("mistral", dtype=dtype)
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
+    cache = H1BCache(model.config, **kwargs)
+    greedy(model, ids, cache, n_new=6)
+    n = cache.get_seq_length()
+    assert n == 13 + 6 - 1
+    predicted = memory.kv_cache_bytes(model.config, n, 2, cache.scheme)
+    assert cache.nbytes_by_part() == predicted.parts
+    assert cache.nbytes() == predicted.total
+
+
+def test_nbytes_with_sink_tokens():
+    model = tiny_model(dtype=torch.float16)
+    cache = H1BCache(model.config, bits=64, window=3, sink=4)
+    model(torch.randint(0, VOCAB, (1, 17)), past_key_values=cache)
+    rest = memory.kv_cache_bytes(model.config, 17 - 4, 1, cache.scheme).total
+    assert cache.nbytes() == rest + memory.kv_cache_bytes(model.config, 4, 1).total
+
+
+def test_stored_tensors_are_the_compressed_format(prompt):
+    model = tiny_model(dtype=torch.bfloat16)
+    cache = H1BCache(model.config, bits=64, score="cos", window=2, group_size=16)
+    model(prompt, past_key_values=cache)
+    layer = cache.layers[0]
+    assert layer.stored["key_codes"].dtype == torch.uint8 and layer.stored["key_codes"].shape == (1, 2, 18, 8)
+    assert layer.stored["key_norms"].dtype == torch.float16 and layer.stored["key_norms"].shape == (1, 2, 18)
+    assert layer.stored["values"].shape == (1, 2, 18, 16)  # 32 channels at 4 bits
+    assert layer.stored["value_scales"].dtype == torch.float16 and layer.stored["value_scales"].shape == (1, 2, 18, 2)
+    assert layer.recent_k.dtype == torch.bfloat16 and layer.recent_k.shape == (1, 2, 2, 32)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("score", ["hamming", "cos"])
+def test_left_padded_batch_equals_sequences_alone(arch, score):
+    model = tiny_model(arch)
+    gen = torch.Generator().manual_seed(4)
+    long, short = torch.randint(1, VOCAB, (1, 16), generator=gen), torch.randint(1, VOCAB, (1, 10), generator=gen)
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 6, dtype=torch.long), short], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :6] = 0
+    settings = dict(bits=64, score=score, window=3)
+    tokens, scores = greedy(model, batch, H1BCache(model.config, **settings), mask=mask)
+    for row, ids in enumerate([long, short]):
+        alone_tokens, alone_scores = greedy(model, ids, H1BCache(model.config, **settings))
+        assert torch.equal(tokens[row:row + 1], alone_tokens)
+        torch.testing.assert_close(scores[row:row + 1], alone_scores, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes_run(dtype, prompt):
+    model = tiny_model("llama", dtype=dtype)
+    tokens, scores = greedy(model, prompt, H1BCache(model.config, bits=64, window=4, sink=2))
+    assert tokens.shape == (1, 8) and not bool(scores.isnan().any())
+
+
+def test_beam_search_reproduces_dynamic_cache(prompt):
+    model = tiny_model()
+    settings = dict(do_sample=False, num_beams=3, num_return_sequences=2, max_new_tokens=6, pad_token_id=0)
+    ref = model.generate(prompt, **settings)
+    out = model.generate(prompt, past_key_values=H1BCache(model.config, bits=16, window=30), **settings)
+    assert torch.equal(out, ref)
+    model.generate(prompt, past_key_values=H1BCache(model.config, bits=16), **settings)  # reorders compressed data
+
+
+def test_cache_on_a_copied_config_raises(prompt):
+    model = tiny_model()
+    with pytest.raises(RuntimeError, match="model's own config"):
+        model.generate(prompt, past_key_values=H1BCache(copy.deepcopy(model.config)), max_new_tokens=2)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_explicit_hook_implementation_works_for_any_cache(prompt):
+    model = tiny_model()
+    ref, ref_scores = greedy(model, prompt)
+    model.config._attn_implementation = ATTENTION_NAME  # falls back to sdpa for a DynamicCache
+    tokens, scores = greedy(model, prompt)
+    assert torch.equal(tokens, ref)
+    greedy(model, prompt, H1BCache(model.config, bits=16))
+    assert model.config._attn_implementation == ATTENTION_NAME
+
+
+def test_temperature_forms(prompt):
+    model = tiny_model()
+    fitted = fit_temperature(model, torch.randint(0, VOCAB, (2, 24)), bits=64)
+    assert fitted.shape == (2, 4) and bool((fitted > 0).all())
+    for temperature in (0.1, torch.full((4,), 0.1), torch.full((2, 4), 0.1), torch.full((2, 1), 0.1)):
+        cache = H1BCache(model.config, bits=64, temperature=temperature)
+        greedy(model, prompt, cache, n_new=2)
+        torch.testing.assert_close(cache.temperatures(), torch.full((2, 1, 4), 0.1))
+    cache = H1BCache(model.config, bits=64, temperature=fitted)
+    greedy(model, prompt, cache, n_new=2)
+    torch.testing.assert_close(cache.temperatures()[:, 0], fitted)
+
+
+def test_one_token_prompt_needs_a_temperature():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(torch.tensor([[5]]), past_key_values=H1BCache(model.config), max_new_tokens=2)
+    model.generate(torch.tensor([[5]]), past_key_values=H1BCache(model.config, temperature=0.1), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(bits=12), ValueError, "bits"),
+    (dict(bits=64.0), TypeError, "bits"),
+    (dict(score="exact"), ValueError, "score"),
+    (dict(score="dot"), ValueError, "score"),
+    (dict(value_bits=3), ValueError, "value_bits"),
+    (dict(group_size=5), ValueError, "group_size"),
+    (dict(window=-1), ValueError, "window"),
+    (dict(sink=1.5), TypeError, "sink"),
+    (dict(compressed_prefill=1), TypeError, "compressed_prefill"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(backend="cuda"), ValueError, "backend"),
+    (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(temperature=torch.ones(3)), ValueError, "temperature"),
+    (dict(temperature="1"), TypeError, "temperature"),
+    (dict(score="cos", temperature=1.0), ValueError, "temperature"),
+])
+def test_bad_arguments(kwargs, error, match):
+    config = tiny_model().config
+    with pytest.raises(error, match=match):
+        H1BCache(config, **kwargs)
+
+
+def test_bad_config():
+    with pytest.raises(TypeError, match="config"):
+        H1BCache(memory.PRESETS["smollm2-135m"])
+
+
+_KERNEL_CHECK = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_cache import greedy, tiny_model
+from h1bkv_lite.cache import H1BCache, H1BLayer
+calls = []
+kernel = H1BLayer._kernel_decode
+H1BLayer._kernel_decode = lambda self, q: calls.append(1) or kernel(self, q)
+model = tiny_model()
+ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+ref, ref_scores = greedy(model, ids, H1BCache(model.config, bits=64, window=3, backend="torch"), n_new=4)
+assert not calls
+out, scores = greedy(model, ids, H1BCache(model.config, bits=64, window=3, backend="triton"), n_new=4)
+assert len(calls) == 6, calls  # 3 decode steps x 2 layers (the prefill takes the torch path)
+assert torch.equal(out, ref)
+finite = ref_scores.isfinite()
+torch.testing.assert_close(scores[finite], ref_scores[finite], atol=1e-4, rtol=1e-4)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA test below covers the kernel")
+def test_triton_backend_dispatches_decode_steps_to_the_kernel(tmp_path):
+    """backend="triton" sends decode steps to kernels.h1b_decode_attention (Triton's CPU interpreter here)."""
+    pytest.importorskip("triton")
+    code = _KERNEL_CHECK.format(tests=str(Path(__file__).parent))
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("score", ["hamming", "cos", "asym"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_decode_kernel_matches_torch_path(score, dtype, monkeypatch):
+    """backend="auto" sends CUDA decode steps to the Triton kernel; same q/k/v give the torch path's output."""
+    from h1bkv_lite.cache import H1BLayer
+
+    calls = []
+    kernel = H1BLayer._kernel_decode
+    monkeypatch.setattr(H1BLayer, "_kernel_decode", lambda self, q: calls.append(1) or kernel(self, q))
+    config = tiny_model().config
+    gen = torch.Generator().manual_seed(0)
+    T, P = 40, 24
+    q, k, v = (torch.randn(2, h, T, 32, generator=gen).to("cuda", dtype) for h in (4, 2, 2))
+    caches = [H1BCache(config, bits=64, score=score, window=4, backend=b) for b in ("torch", "auto")]
+    for cache in caches:
+        cache.update(k[:1, :, :P], v[:1, :, :P], 0)
+        cache.layers[0].attend(q[:1, :, :P])
+    for t in range(P, T):
+        outs = []
+        for cache in caches:
+            cache.update(k[:1, :, t:t + 1], v[:1, :, t:t + 1], 0)
+            outs.append(cache.layers[0].attend(q[:1, :, t:t + 1]).float())
+        torch.testing.assert_close(outs[1], outs[0], atol=2e-3, rtol=2e-3)
+    assert len(calls) == T - P

@@ -1,0 +1,400 @@
+"""finetune.py: the differentiable H1B attention, its surrogate gradients, recipes, checkpoints, determinism.
+
+Most tests use a tiny random Llama (2 layers, hidden 128, 4 query / 2 kv heads, head_dim 32); one slow test
+trains the bundled SmolLM2-135M for a few steps.
+"""
+import functools
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from h1bkv_lite.attention import h1b_attention
+from h1bkv_lite.cache import H1BCache
+from h1bkv_lite.eval import perplexity
+from h1bkv_lite.finetune import (
+    TRAIN_ATTENTION,
+    FinetuneConfig,
+    H1BFinetuner,
+    compressed_logits,
+    h1b_train_attention,
+)
+from h1bkv_lite.sketch import SimHashSketcher
+
+VOCAB, HIDDEN, HEADS, KV_HEADS, LAYERS = 64, 128, 4, 2, 2
+HEAD_DIM = HIDDEN // HEADS
+
+
+def tiny_model(seed: int = 0):
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=256, num_hidden_layers=LAYERS,
+                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=256,
+                         initializer_range=0.2, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    """Learnable toy text: 8 windows of 32 tokens, each a short random motif repeated."""
+    gen = torch.Generator().manual_seed(0)
+    motifs = torch.randint(0, VOCAB, (8, 5), generator=gen)
+    return motifs.repeat(1, 7)[:, :32].contiguous()
+
+
+def finetuner(model, ids, **kw):
+    kw.setdefault("bits", 16)
+    cfg = FinetuneConfig(**kw)
+    calib = ids[:2] if cfg.score == "hamming" else None
+    return H1BFinetuner(model, cfg, calibration_ids=calib)
+
+
+def nll_in_training_attention(ft, ids):
+    with torch.no_grad(), ft.attention():
+        logits = ft.model(input_ids=ids, use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="sum").item()
+
+
+# ------------------------------------------------------------------------------------------------ the forward
+@pytest.mark.parametrize("score", ["hamming", "cos", "asym"])
+@pytest.mark.parametrize("window", [0, 1, 7])
+def test_forward_equals_reference_h1b_attention(score, window):
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, 23, 32, generator=gen) for h in (4, 2, 2))
+    sketcher = SimHashSketcher(32, 24, seed=3)
+    temperature = torch.tensor([0.3, 0.5, 0.7, 1.1]) if score == "hamming" else None
+    ref = h1b_attention(q, k, v, sketcher=sketcher, score=score, temperature=temperature, window=window)
+    out = h1b_train_attention(q, k, v, sketcher=sketcher, score=score, temperature=temperature, window=window)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("recipe,score,window,sink", [
+    ("paper", "hamming", 0, 0), ("paper", "cos", 3, 0), ("lora", "asym", 0, 2), ("temperature", "hamming", 4, 1),
+])
+def test_training_forward_equals_eval_perplexity_through_h1b_cache(ids, recipe, score, window, sink):
+    """What is trained is what is evaluated: eval.perplexity with H1BCache(compressed_prefill=True)."""
+    model = tiny_model()
+    ft = finetuner(model, ids, recipe=recipe, score=score, window=window, sink=sink, temperature="head", lr=1e-2)
+    ft.train(ids, steps=2, progress=False)  # adapted values, not only the initial ones
+    df = perplexity(model, ids[:3], ft.method(), batch_size=3, progress=False)
+    assert nll_in_training_attention(ft, ids[:3]) == pytest.approx(df.nll.sum(), rel=1e-5)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_window_covering_everything_is_the_exact_model_and_kl_vanishes(ids):
+    model = tiny_model()
+    ft = finetuner(model, ids, window=64, distill=0.5)
+    exact = torch.nn.functional.cross_entropy(model(input_ids=ids[:2]).logits[:, :-1].transpose(1, 2), ids[:2, 1:])
+    loss, parts = ft.loss(ids[:2])
+    assert parts["ce"] == pytest.approx(exact.item(), rel=1e-5)
+    assert parts["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert loss.item() == pytest.approx(0.5 * exact.item(), rel=1e-4)
+
+
+def test_attention_outside_the_block_raises_and_errors_restore_the_implementation(ids):
+    model = tiny_model()
+    ft = finetuner(model, ids)
+    with pytest.raises(ZeroDivisionError), ft.attention():
+        assert model.config._attn_implementation == TRAIN_ATTENTION
+        raise ZeroDivisionError
+    assert model.config._attn_implementation == "sdpa"
+    model.config._attn_implementation = TRAIN_ATTENTION
+    with pytest.raises(RuntimeError, match="only valid inside"):
+        model(input_ids=ids[:1])
+    model.config._attn_implementation = "sdpa"
+    with ft.attention(), pytest.raises(RuntimeError, match="nested"), ft.attention():
+        pass
+
+
+# ------------------------------------------------------------------------------------------------ gradients
+@pytest.mark.parametrize("recipe", ["paper", "lora", "temperature"])
+@pytest.mark.parametrize("ste", ["clipped", "expected"])
+def test_gradients_reach_exactly_the_adapted_parameters(ids, recipe, ste):
+    model = tiny_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ft = finetuner(model, ids, recipe=recipe, ste=ste, temperature="layer")
+    trainable = ft.trainable_parameters()
+    assert trainable, "nothing trainable"
+    for attempt in range(2):  # LoRA's B starts at zero, so A's first gradient is zero: check after one step
+        ft.optimizer.zero_grad()
+        ft.loss(ids[:2])[0].backward()
+        for name, p in trainable.items():
+            ok = p.grad is not None and bool(p.grad.abs().sum() > 0)
+            assert ok or (attempt == 0 and "lora_A" in name), f"no gradient reaches {name}"
+        ft.optimizer.step()
+    for name, p in model.named_parameters():
+        if name not in trainable:
+            assert not p.requires_grad and p.grad is None, name
+    for sketcher in ft.sketchers:  # R: fixed, regenerated from its seed, never a parameter
+        assert not sketcher.projection.requires_grad and sketcher.projection.grad is None
+        assert torch.equal(sketcher.projection, SimHashSketcher(HEAD_DIM, 16, sketcher.seed).projection)
+    for name, p in model.named_parameters():
+        if name in before and name not in trainable:
+            assert torch.equal(p, before[name]), f"frozen {name} changed"
+
+
+@pytest.mark.parametrize("score", ["hamming", "cos", "asym"])
+def test_key_and_query_gradients_pass_through_the_sign(score):
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 9, 32, generator=gen, requires_grad=True)
+    k = torch.randn(1, 2, 9, 32, generator=gen, requires_grad=True)
+    sketcher = SimHashSketcher(32, 64, seed=0)
+    logits = compressed_logits(q, k, sketcher=sketcher, score=score, scaling=32**-0.5,
+                               temperature=torch.full((4,), 0.2) if score == "hamming" else None, ste="clipped")
+    (logits * torch.randn(logits.shape, generator=gen)).sum().backward()
+    assert q.grad.abs().sum() > 0 and k.grad.abs().sum() > 0
+    if score == "hamming":  # the sketch ignores norms, and so does the clipped surrogate: no radial gradient
+        radial = (q.grad * q).sum(-1) / q.norm(dim=-1)
+        assert radial.abs().max() < 1e-5 * q.grad.norm(dim=-1).max()
+
+
+def test_clipped_ste_passes_gradient_only_near_the_hyperplane():
+    """d sign(u_i) / d u_i := 1[|u_i| <= 1] for u = (x / |x|) R."""
+    sketcher = SimHashSketcher(32, 64, seed=0)
+    R = sketcher.projection
+    q = torch.randn(1, 1, 1, 32, requires_grad=True)
+    k = torch.randn(1, 1, 1, 32)
+    a = compressed_logits(q, k, sketcher=sketcher, score="hamming", scaling=1.0, temperature=torch.ones(1),
+                          ste="clipped")
+    a.sum().backward()
+    qd = q.detach()
+    u = (qd / qd.norm(dim=-1, keepdim=True)) @ R
+    s_k = torch.where(k @ R >= 0, 1.0, -1.0)
+    du = s_k / 64 * (u.abs() <= 1)  # dL/du
+    expected = torch.autograd.grad((qd.requires_grad_() / qd.norm(dim=-1, keepdim=True) @ R * du).sum(), qd)[0]
+    torch.testing.assert_close(q.grad, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_expected_ste_is_the_gradient_of_the_expected_score():
+    sketcher = SimHashSketcher(32, 64, seed=0)
+    q = torch.randn(1, 1, 3, 32, requires_grad=True)
+    k = torch.randn(1, 1, 3, 32)
+    a = compressed_logits(q, k, sketcher=sketcher, score="hamming", scaling=1.0, temperature=torch.full((1,), 0.5),
+                          ste="expected")
+    a.sum().backward()
+    q2 = q.detach().clone().requires_grad_()
+    cos = torch.nn.functional.normalize(q2, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).transpose(-1, -2)
+    ((1 - 2 / math.pi * torch.acos(cos)) / 0.5).sum().backward()
+    torch.testing.assert_close(q.grad, q2.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_value_quantization_is_straight_through():
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 2, 6, 32, generator=gen), torch.randn(1, 2, 6, 32, generator=gen)
+    v = torch.randn(1, 2, 6, 32, generator=gen, requires_grad=True)
+    sketcher = SimHashSketcher(32, 16, seed=0)
+    kw = dict(sketcher=sketcher, score="asym")
+    h1b_train_attention(q, k, v, value_bits=2, **kw).sum().backward()
+    v_exact = v.detach().clone().requires_grad_()
+    h1b_train_attention(q, k, v_exact, value_bits=None, **kw).sum().backward()
+    torch.testing.assert_close(v.grad, v_exact.grad)  # same probabilities, identity through the rounding
+
+
+# ------------------------------------------------------------------------------------------------ what is trained
+def test_trainable_parameter_counts_match_the_formula(ids):
+    base = sum(p.numel() for p in tiny_model().parameters())
+    v_proj = LAYERS * HIDDEN * KV_HEADS * HEAD_DIM
+    rank = 4
+    lora = LAYERS * rank * ((HIDDEN + HEADS * HEAD_DIM) + 2 * (HIDDEN + KV_HEADS * HEAD_DIM))
+    cases = [
+        (dict(recipe="paper", temperature="global"), v_proj + 1),
+        (dict(recipe="paper", temperature="head"), v_proj + LAYERS * HEADS),
+        (dict(recipe="paper", train_temperature=False), v_proj),
+        (dict(recipe="paper", score="cos"), v_proj),
+        (dict(recipe="lora", lora_rank=rank, temperature="layer"), lora + LAYERS),
+        (dict(recipe="lora", lora_rank=rank, lora_targets=("v_proj",), temperature="global"),
+         LAYERS * rank * (HIDDEN + KV_HEADS * HEAD_DIM) + 1),
+        (dict(recipe="temperature", temperature="head"), LAYERS * HEADS),
+    ]
+    for kw, expected in cases:
+        ft = finetuner(tiny_model(), ids, **kw)
+        assert ft.n_trainable() == expected, kw
+        assert ft.n_base_params == base
+        assert ft.trainable_fraction() == pytest.approx(expected / base)
+        assert set(ft.adapted_state_dict()) == set(ft.trainable_parameters())
+
+
+def test_temperature_is_initialised_from_the_calibration(ids):
+    from h1bkv_lite.cache import fit_temperature
+
+    model = tiny_model()
+    per_head = fit_temperature(model, ids[:2], bits=16, seed=5)
+    head = finetuner(model, ids, temperature="head", sketch_seed=5)
+    torch.testing.assert_close(head.temperatures(), per_head)
+    layer = finetuner(model, ids, temperature="layer", sketch_seed=5)
+    torch.testing.assert_close(layer.temperatures()[:, 0], per_head.log().mean(1).exp())
+    glob = finetuner(model, ids, temperature="global", sketch_seed=5)
+    torch.testing.assert_close(glob.temperatures(), per_head.log().mean().exp().expand(LAYERS, HEADS))
+    assert glob.method().keywords["temperature"].shape == (LAYERS, HEADS)
+    hist = glob.temperature_history()
+    assert len(hist) == LAYERS * HEADS and (hist.step == 0).all()
+
+
+def test_loss_decreases_on_learnable_text(ids):
+    for recipe, lr in [("paper", 3e-2), ("lora", 3e-2)]:
+        ft = finetuner(tiny_model(), ids, recipe=recipe, lr=lr, batch_size=4)
+        hist = ft.train(ids, steps=12, progress=False)
+        first, last = hist.loss.iloc[:2].mean(), hist.loss.iloc[-2:].mean()
+        assert last < 0.8 * first, (recipe, hist.loss.tolist())
+
+
+def test_teacher_is_the_unadapted_exact_model(ids):
+    model = tiny_model()
+    reference = model(input_ids=ids[:2]).logits.detach()
+    for recipe in ("paper", "lora"):
+        ft = finetuner(model, ids, recipe=recipe, lr=5e-2)
+        ft.train(ids, steps=2, progress=False)
+        adapted = model(input_ids=ids[:2]).logits
+        assert not torch.allclose(adapted, reference, atol=1e-4)  # the weights did move
+        torch.testing.assert_close(ft._teacher_logits(ids[:2]), reference)
+        ft.restore()
+    torch.testing.assert_close(model(input_ids=ids[:2]).logits, reference)
+
+
+def test_restore_puts_the_model_back(ids):
+    model = tiny_model()
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for recipe in ("paper", "lora"):
+        ft = finetuner(model, ids, recipe=recipe, lr=5e-2)
+        ft.train(ids, steps=1, progress=False)
+        assert ft.restore() is model
+        assert {n: p for n, p in model.named_parameters()}.keys() == original.keys()
+        for name, p in model.named_parameters():
+            assert torch.equal(p, original[name]) and p.requires_grad, name
+        assert not any("lora" in name for name, _ in model.named_modules())
+        with pytest.raises(RuntimeError, match="restored"):
+            ft.perplexity(ids)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+@pytest.mark.parametrize("recipe", ["paper", "lora"])
+def test_checkpoint_holds_only_adapted_parameters_and_resumes_exactly(ids, recipe, tmp_path):
+    kw = dict(recipe=recipe, lr=1e-2, temperature="head", batch_size=3, seed=7)
+    full = finetuner(tiny_model(), ids, **kw)
+    full.train(ids, steps=5, progress=False)
+
+    first = finetuner(tiny_model(), ids, **kw)
+    first.train(ids, steps=2, checkpoint=tmp_path / "ft.pt", progress=False)
+    state = torch.load(tmp_path / "ft.pt", weights_only=True)
+    assert set(state["adapted"]) == set(first.trainable_parameters())
+    assert sum(t.numel() for t in state["adapted"].values()) == first.n_trainable()
+    assert state["step"] == 2
+
+    resumed = finetuner(tiny_model(), ids, **kw).load(tmp_path / "ft.pt")
+    assert resumed.step == 2
+    for name, t in resumed.adapted_state_dict().items():
+        assert torch.equal(t, state["adapted"][name]), name
+    resumed.train(ids, steps=5, progress=False)
+    for name, t in full.adapted_state_dict().items():
+        assert torch.equal(resumed.adapted_state_dict()[name], t), name
+    assert resumed.history().loss.tolist() == full.history().loss.tolist()
+
+    resumed.save(tmp_path / "done.pt")
+    deployed = H1BFinetuner.from_checkpoint(tiny_model(), tmp_path / "done.pt")
+    assert deployed.perplexity(ids[:2]) == pytest.approx(full.perplexity(ids[:2]), rel=1e-6)
+    assert deployed.perplexity(ids[:2], exact=True) == pytest.approx(full.perplexity(ids[:2], exact=True), rel=1e-6)
+    assert len(deployed.temperature_history()) == 6 * LAYERS * HEADS  # step 0 and five steps
+
+
+def test_same_seed_same_run_other_seed_other_batches(ids):
+    runs = [finetuner(tiny_model(), ids, lr=1e-2, seed=s).train(ids, steps=3, progress=False) for s in (0, 0, 1)]
+    assert runs[0].loss.tolist() == runs[1].loss.tolist()
+    assert runs[0].loss.tolist() != runs[2].loss.tolist()
+
+
+def test_train_evaluates_and_checkpoints_on_schedule(ids, tmp_path):
+    ft = finetuner(tiny_model(), ids, lr=1e-2)
+    hist = ft.train(ids, steps=4, eval_ids=ids[:2], eval_every=2, checkpoint=tmp_path / "c.pt", checkpoint_every=3,
+                    progress=False)
+    assert hist.step.tolist() == [0, 1, 2, 3, 4]
+    assert hist.dropna(subset=["ppl"]).step.tolist() == [0, 2, 4]
+    start = functools.partial(H1BCache, bits=16, temperature=ft.initial_log_temperature.exp().item())
+    unadapted = perplexity(tiny_model(), ids[:2], start, progress=False)
+    assert hist.ppl.iloc[0] == pytest.approx(math.exp(unadapted.nll.sum() / unadapted.tokens.sum()), rel=1e-6)
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["step"] == 4
+
+
+# ------------------------------------------------------------------------------------------------ bad arguments
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(recipe="full"), ValueError, "recipe"),
+    (dict(bits=12), ValueError, "bits"),
+    (dict(score="exact"), ValueError, "score"),
+    (dict(value_bits=3), ValueError, "value_bits"),
+    (dict(value_bits=None), ValueError, "value_bits"),
+    (dict(temperature="token"), ValueError, "temperature"),
+    (dict(ste="tanh"), ValueError, "ste"),
+    (dict(distill=1.5), ValueError, "distill"),
+    (dict(lr=0), ValueError, "lr"),
+    (dict(lora_rank=0), ValueError, "lora_rank"),
+    (dict(lora_targets="q_proj"), TypeError, "lora_targets"),
+    (dict(batch_size=0), ValueError, "batch_size"),
+    (dict(train_temperature=1), TypeError, "train_temperature"),
+    (dict(recipe="temperature", score="asym"), ValueError, "recipe='temperature'"),
+])
+def test_bad_config_raises(kw, err, match):
+    with pytest.raises(err, match=match):
+        FinetuneConfig(**kw)
+
+
+def test_bad_finetuner_arguments_raise(ids, tmp_path):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="exactly one of calibration_ids"):
+        H1BFinetuner(model, FinetuneConfig(bits=16))
+    with pytest.raises(ValueError, match="exactly one of calibration_ids"):
+        H1BFinetuner(model, FinetuneConfig(bits=16), calibration_ids=ids, temperature=1.0)
+    with pytest.raises(ValueError, match="shape"):
+        H1BFinetuner(model, FinetuneConfig(bits=16), temperature=torch.ones(3))
+    with pytest.raises(ValueError, match="> 0"):
+        H1BFinetuner(model, FinetuneConfig(bits=16), temperature=-1.0)
+    with pytest.raises(ValueError, match="'hamming' only"):
+        H1BFinetuner(model, FinetuneConfig(bits=16, score="cos"), temperature=1.0)
+    no_v = tiny_model()
+    for layer in no_v.model.layers:
+        layer.self_attn.v_proj = torch.nn.Identity()
+    with pytest.raises(ValueError, match="v_proj"):
+        H1BFinetuner(no_v, FinetuneConfig(bits=16, recipe="paper"), temperature=1.0)
+    with pytest.raises(TypeError, match="FinetuneConfig"):
+        H1BFinetuner(model, {"bits": 16}, temperature=1.0)
+    ft = H1BFinetuner(model, FinetuneConfig(bits=16), temperature=1.0)
+    with pytest.raises(TypeError, match="train_ids"):
+        ft.train(ids.float(), steps=1, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_every needs"):
+        ft.train(ids, steps=1, checkpoint_every=1, progress=False)
+    ft.save(tmp_path / "a.pt")
+    other = H1BFinetuner(tiny_model(), FinetuneConfig(bits=32), temperature=1.0)
+    with pytest.raises(ValueError, match="config differs"):
+        other.load(tmp_path / "a.pt")
+    torch.save({"hello": 1}, tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="not an h1bkv_lite finetune checkpoint"):
+        other.load(tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="temperature is required"):
+        h1b_train_attention(*(torch.randn(1, 1, 4, 8) for _ in range(3)), sketcher=SimHashSketcher(8, 8))
+
+
+
+# ------------------------------------------------------------------------------------------------ real model
+@pytest.mark.slow
+def test_real_model_trains_and_matches_eval_perplexity(model_and_tokenizer):
+    from h1bkv_lite.data import load_corpus, token_batches
+
+    model, tokenizer = model_and_tokenizer
+    flags = [p.requires_grad for p in model.parameters()]
+    train = token_batches(tokenizer, load_corpus(split="train"), 64, 6)
+    val = token_batches(tokenizer, load_corpus(split="validation"), 64, 2)
+    ft = H1BFinetuner(model, FinetuneConfig(recipe="paper", bits=64, lr=3e-4), calibration_ids=train[:2])
+    try:
+        assert ft.n_trainable() == 30 * 576 * 192 + 1 == 3_317_761
+        assert ft.n_base_params == 134_515_008
+        assert ft.trainable_fraction() == pytest.approx(0.02466, abs=1e-4)
+        before = ft.perplexity(val, batch_size=2)
+        with torch.no_grad(), ft.attention():
+            logits = model(input_ids=val, use_cache=False).logits
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), val[:, 1:], reduction="sum")
+        assert math.exp(nll.item() / (2 * 63)) == pytest.approx(before, rel=1e-4)
+        fp16 = ft.perplexity(val, exact=True, batch_size=2)
+        assert before > 2 * fp16  # 1 bit per key element, un-adapted: far from exact
+        hist = ft.train(train, steps=3, progress=False)
+        assert hist.loss.notna().all() and torch.isfinite(torch.tensor(hist.loss.tolist())).all()
+    finally:
+        ft.restore()
+    assert [p.requires_grad for p in model.parameters()] == flags
