@@ -551,7 +551,8 @@ def h1b_decode_attention(
         of :class:`h1bkv_lite.QuantizedTensor`.
     projection : float32 ``[D, bits]``, the sketcher's R (``SimHashSketcher.projection_on(device)``).
     score : ``"hamming"``, ``"cos"`` or ``"asym"`` (module docstring).
-    temperature : float or tensor ``[Hq]`` (> 0); required by ``"hamming"``, not accepted by the others.
+    temperature : float, one-element tensor, or tensor ``[Hq]`` (> 0); required by ``"hamming"``, not
+        accepted by the others.
     key_norms : ``[B, Hkv, N]`` fp16 (or any float) key norms; required by ``"cos"`` and ``"asym"``.
     window_k, window_v : ``[B, Hkv, W, D]`` fp16 / bf16 / fp32 exact newest tokens, both or neither
         (``W`` may be 0).
@@ -601,13 +602,13 @@ def _check_temperature(temperature, score: str, heads: int, device):
         raise ValueError("temperature is required for score='hamming' (a float or a tensor [Hq])")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float, torch.Tensor)):
         raise TypeError(f"temperature must be a float or a tensor, got {type(temperature).__name__}")
-    if isinstance(temperature, torch.Tensor) and temperature.dim() == 0 and temperature.device.type == "cpu":
+    if isinstance(temperature, torch.Tensor) and temperature.numel() == 1 and temperature.device.type == "cpu":
         temperature = float(temperature)
     if not isinstance(temperature, torch.Tensor):
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be finite and > 0, got {temperature}")
         return float(temperature)
-    t = temperature.expand(heads) if temperature.dim() == 0 else temperature
+    t = temperature.reshape(()).expand(heads) if temperature.numel() == 1 else temperature
     if t.shape != (heads,):
         raise ValueError(f"temperature must be a scalar or have shape [{heads}] (one per query head), got {tuple(t.shape)}")
     if t.device.type == "cpu" and not bool((torch.isfinite(t) & (t > 0)).all()):

@@ -1,5 +1,7 @@
-"""Measurements behind the notebooks: SimHash estimator error (:mod:`.lsh`) and attention-map fidelity
-(:mod:`.fidelity`). Plain torch/numpy/pandas; every function is unit-tested on synthetic data."""
+"""Measurements behind the notebooks. Plain torch/numpy/pandas; every function is unit-tested on synthetic data.
+
+:mod:`.lsh` (SimHash estimator error vs theory) and :mod:`.fidelity` (attention-map fidelity) are re-exported
+here; other submodules (e.g. :mod:`.values`, :mod:`.memory_table`) are imported by their module path."""
 from .fidelity import (
     SWEEP_SCORES,
     attention_fidelity,

@@ -314,6 +314,9 @@ def test_decode_window_only_and_scalar_temperature(device):
     args, kwargs, _ = make_cache(seed=seed, device=device, B=2, Hq=4, Hkv=2, N=0, W=6, D=64, bits=64,
                                  per_head_t=False)
     _check_decode(args, kwargs, seed)
+    args, kwargs, _ = make_cache(seed=seed, device=device, B=2, Hq=4, Hkv=2, N=20, W=6, D=64, bits=64)
+    for t in (0.1, torch.tensor(0.1), torch.tensor([0.1], device=device)):  # one temperature for all heads
+        _check_decode(args, {**kwargs, "temperature": t}, seed)
 
 
 def test_decode_strided_cache(device):
