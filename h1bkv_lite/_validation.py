@@ -57,6 +57,13 @@ def check_int(name: str, value, *, low: int | None = None, high: int | None = No
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    """Return ``value`` if it is a bool, else raise TypeError."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_choice(name: str, value, choices: Iterable) -> None:
     """Raise ValueError unless ``value`` is one of ``choices``."""
     choices = tuple(choices)

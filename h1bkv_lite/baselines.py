@@ -20,12 +20,11 @@ import torch
 from transformers import DynamicCache
 
 from . import memory
-from ._validation import check_choice, check_int
+from ._validation import check_bool, check_choice, check_int
 from .cache import (
     CompressingLayer,
     HookedCache,
     HookedLayer,
-    check_bool,
     exact_logits,
     masked_softmax,
     nbytes_of,

@@ -49,7 +49,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from . import memory
-from ._validation import check_choice, check_int, check_sketch_bits
+from ._validation import check_bool, check_choice, check_int, check_sketch_bits
 from .attention import calibrate_temperature, sketched_logits
 from .quant import VALUE_BITS, QuantizedTensor, quantize_values
 from .sketch import SimHashSketcher
@@ -481,7 +481,7 @@ class H1BLayer(CompressingLayer):
         return out.unsqueeze(2)
 
     def nbytes_by_part(self) -> dict[str, int]:
-        """Bytes of what is stored, under :func:`memory.kv_cache_bytes`'s part names (+ ``sink`` if used)."""
+        """Bytes of what is stored, under :func:`memory.kv_cache_bytes`'s part names."""
         s = self.stored if self.is_initialized else {}
         sink, recent = self._exact_bytes() if self.is_initialized else (0, 0)
         parts = {
@@ -490,10 +490,9 @@ class H1BLayer(CompressingLayer):
             "values": nbytes_of(s.get("values")),
             "value_scales_zeros": nbytes_of(s.get("value_scales"), s.get("value_zeros")),
             "window": recent,
+            "sink": sink,
             "projection": 0,  # R is regenerated from its seed
         }
-        if self.sink:
-            parts["sink"] = sink
         return parts
 
 
@@ -527,12 +526,6 @@ def text_config(config):
     if not hasattr(config, "_attn_implementation"):
         raise TypeError(f"config must be a transformers model config (model.config), got {type(config).__name__}")
     return config
-
-
-def check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 class H1BCache(HookedCache):
@@ -585,8 +578,8 @@ class H1BCache(HookedCache):
 
     @property
     def scheme(self) -> memory.H1B:
-        """The :mod:`memory` scheme these settings store (sink tokens aside)."""
-        return memory.H1B(self.bits, self.value_bits, self.group_size, self.score != "hamming", self.window)
+        """The :mod:`memory` scheme these settings store."""
+        return memory.H1B(self.bits, self.value_bits, self.group_size, self.score != "hamming", self.window, self.sink)
 
     def temperatures(self) -> torch.Tensor | None:
         """The "hamming" temperatures in use, float32 ``[L, B, Hq]`` (given ones broadcast), or None."""

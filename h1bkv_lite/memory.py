@@ -8,9 +8,10 @@ tokens, ``B`` batch; "per token-head" means per token, per kv head, per layer, p
 ``FP16()``
     ``keys`` and ``values``: 2 bytes per element each, so ``2 * L * H * d * n * B * 2`` bytes
     (Llama-2-7B at 8192 tokens = 4 GiB exactly).
-``H1B(bits, value_bits, group_size, key_norms, window)``
-    The newest ``w = min(window, n)`` tokens are kept as fp16 K and V (part ``window``); the other
-    ``n - w`` tokens are compressed, per token-head: ``key_codes`` ``bits / 8`` bytes (the sign
+``H1B(bits, value_bits, group_size, key_norms, window, sink)``
+    The first ``s = min(sink, n)`` tokens (StreamingLLM's attention sinks, part ``sink``) and the newest
+    ``w = min(window, n - s)`` tokens (part ``window``) are kept as fp16 K and V; the other
+    ``n - s - w`` tokens are compressed, per token-head: ``key_codes`` ``bits / 8`` bytes (the sign
     sketch); ``key_norms`` 2 bytes (fp16 ``|k|``) if ``key_norms`` else 0; ``values``
     ``ceil(d * value_bits / 8)`` bytes (packed, exact when ``d * value_bits`` is a multiple of 8);
     ``value_scales_zeros`` 4 bytes (fp16 scale + fp16 zero) per group of ``group_size`` channels
@@ -71,9 +72,10 @@ class H1B:
     group_size: int | None = None
     key_norms: bool = False
     window: int = 0
+    sink: int = 0
 
     def __post_init__(self) -> None:
-        bits = check_sketch_bits(self.bits)
+        check_sketch_bits(self.bits)
         if isinstance(self.value_bits, bool) or self.value_bits not in (2, 4, 8):
             raise ValueError(f"value_bits must be one of 2, 4, 8, got {self.value_bits!r}")
         if self.group_size is not None:
@@ -81,6 +83,7 @@ class H1B:
         if not isinstance(self.key_norms, bool):
             raise TypeError(f"key_norms must be a bool, got {self.key_norms!r}")
         check_int("window", self.window, low=0)
+        check_int("sink", self.sink, low=0)
 
 
 @dataclass(frozen=True)
@@ -240,14 +243,16 @@ def kv_cache_bytes(config: Any, seq_len: int, batch: int = 1, scheme: Scheme = F
         if scheme.group_size is not None:
             _check_groups("group_size", scheme.group_size, d)
             groups = d // scheme.group_size
-        w = min(scheme.window, n)
-        old = heads * (n - w)  # compressed token-heads
+        sink = min(scheme.sink, n)
+        w = min(scheme.window, n - sink)
+        old = heads * (n - sink - w)  # compressed token-heads
         parts = {
             "key_codes": old * (scheme.bits // 8),
             "key_norms": old * FP16_BYTES if scheme.key_norms else 0,
             "values": old * _ceil_div(d * scheme.value_bits, 8),
             "value_scales_zeros": old * groups * SCALE_ZERO_BYTES,
             "window": fp16_kv(w),
+            "sink": fp16_kv(sink),
             "projection": 0,  # R is regenerated from its seed
         }
     elif isinstance(scheme, KIVI):

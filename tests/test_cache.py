@@ -126,8 +126,10 @@ def test_nbytes_with_sink_tokens():
     model = tiny_model(dtype=torch.float16)
     cache = H1BCache(model.config, bits=64, window=3, sink=4)
     model(torch.randint(0, VOCAB, (1, 17)), past_key_values=cache)
-    rest = memory.kv_cache_bytes(model.config, 17 - 4, 1, cache.scheme).total
-    assert cache.nbytes() == rest + memory.kv_cache_bytes(model.config, 4, 1).total
+    predicted = memory.kv_cache_bytes(model.config, 17, 1, cache.scheme)
+    assert cache.nbytes_by_part() == predicted.parts
+    assert predicted.parts["sink"] == memory.kv_cache_bytes(model.config, 4, 1).total
+    assert cache.nbytes() == predicted.total
 
 
 def test_stored_tensors_are_the_compressed_format(prompt):

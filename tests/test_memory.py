@@ -32,9 +32,12 @@ TINY = ModelShape(num_layers=3, num_kv_heads=2, head_dim=8, num_heads=4)  # smal
 def brute_h1b(shape: ModelShape, n: int, batch: int, s: H1B) -> dict[str, int]:
     """Count H1B bytes one (sequence, layer, head, token) at a time, in bits where possible."""
     d = shape.head_dim
-    out = dict.fromkeys(["key_codes", "key_norms", "values", "value_scales_zeros", "window"], 0)
+    out = dict.fromkeys(["key_codes", "key_norms", "values", "value_scales_zeros", "window", "sink"], 0)
     for _seq, _layer, _head in itertools.product(range(batch), range(shape.num_layers), range(shape.num_kv_heads)):
         for t in range(n):
+            if t < s.sink:  # one of the first `sink` tokens
+                out["sink"] += 2 * d * 16 // 8
+                continue
             if t >= n - s.window:  # one of the newest `window` tokens
                 out["window"] += 2 * d * 16 // 8
                 continue
@@ -124,6 +127,8 @@ def test_config_fallbacks():
         H1B(bits=64, value_bits=8, group_size=4, key_norms=True),
         H1B(bits=16, group_size=2, window=5),
         H1B(window=100),  # window longer than the sequence
+        H1B(bits=16, window=3, sink=4),
+        H1B(sink=50, window=7),  # sinks longer than the sequence
     ],
 )
 @pytest.mark.parametrize("n,batch", [(0, 1), (1, 1), (13, 2), (40, 3)])
@@ -141,7 +146,7 @@ def test_h1b_paper_arithmetic_llama2_7b_8k():
     assert r.parts["key_codes"] == 256 * MiB  # 32 B per token-head
     # one fp16 scale + zero per value vector: 4 B x 32 layers x 32 heads x 8192 tokens = 32 MiB
     assert r.parts["value_scales_zeros"] == 32 * MiB
-    assert r.parts["key_norms"] == r.parts["window"] == 0
+    assert r.parts["key_norms"] == r.parts["window"] == r.parts["sink"] == 0
     assert r.total == 800 * MiB
     ratio = compression_ratio("llama-2-7b", 8192, H1B())
     assert ratio == 4096 / 800 == pytest.approx(5.12)
@@ -266,6 +271,7 @@ def test_numpy_ints_accepted_and_schemes_frozen():
         (lambda: H1B(value_bits=True), ValueError, "value_bits"),
         (lambda: H1B(group_size=0), ValueError, "group_size"),
         (lambda: H1B(window=-1), ValueError, "window"),
+        (lambda: H1B(sink=-2), ValueError, "sink"),
         (lambda: H1B(key_norms=1), TypeError, "key_norms"),
         (lambda: KIVI(bits=3), ValueError, "bits"),
         (lambda: KIVI(group_size=0), ValueError, "group_size"),
