@@ -1,8 +1,8 @@
 """Baseline KV caches with :class:`~h1bkv_lite.cache.H1BCache`'s interface: FP16, KIVI, eviction, Loki.
 
 Each is a transformers ``Cache`` built from ``model.config`` that works verbatim in ``model.generate``,
-reports ``nbytes()`` equal to :func:`memory.kv_cache_bytes` for its ``scheme`` (16-bit models; tokens
-kept exact are stored in the model dtype), and accepts ``compressed_prefill`` (default False: a prompt
+reports ``nbytes()`` equal to :func:`memory.kv_cache_bytes` for its ``scheme`` (tokens kept exact are
+stored in the model dtype: pass ``exact_bytes=4`` for an fp32 model), and accepts ``compressed_prefill`` (default False: a prompt
 attends exactly and is compressed afterwards; True: every query of a multi-token forward sees what
 token-by-token decoding would have left it).
 

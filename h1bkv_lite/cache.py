@@ -4,7 +4,7 @@ Use it like any cache::
 
     cache = H1BCache(model.config, bits=256, score="hamming")
     out = model.generate(**inputs, past_key_values=cache)
-    cache.nbytes()  # == memory.kv_cache_bytes(model.config, seq_len, batch, cache.scheme).total (16-bit models)
+    cache.nbytes()  # == memory.kv_cache_bytes(config, seq_len, batch, cache.scheme, exact_bytes=dtype size).total
 
 What is stored, per layer, kv head and token (``B`` batch, ``Hkv`` kv heads, ``N`` tokens, ``D`` head_dim):
 ``key_codes`` uint8 ``[B, Hkv, N, bits // 8]``; ``key_norms`` fp16 ``[B, Hkv, N]`` ("cos"/"asym" only);

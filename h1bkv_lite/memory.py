@@ -210,7 +210,9 @@ def _check_groups(name: str, group_size: int, head_dim: int) -> None:
         raise ValueError(f"{name}={group_size} must divide head_dim={head_dim}")
 
 
-def kv_cache_bytes(config: Any, seq_len: int, batch: int = 1, scheme: Scheme = FP16()) -> CacheBytes:
+def kv_cache_bytes(
+    config: Any, seq_len: int, batch: int = 1, scheme: Scheme = FP16(), exact_bytes: int = FP16_BYTES
+) -> CacheBytes:
     """Exact KV-cache size of ``config`` holding ``seq_len`` tokens for ``batch`` sequences.
 
     Parameters
@@ -223,6 +225,10 @@ def kv_cache_bytes(config: Any, seq_len: int, batch: int = 1, scheme: Scheme = F
         Number of sequences, ``>= 1``.
     scheme : FP16, H1B, KIVI, Eviction or LowRankKeys
         Storage scheme; conventions in the module docstring.
+    exact_bytes : int
+        Bytes per element of the K/V kept unquantized (full cache, windows, sinks, residuals, kept
+        tokens): 2 (fp16/bf16, the default the paper's tables assume) or 4 (an fp32 model's cache).
+        Quantization scales, zeros and key norms are fp16 regardless.
 
     Returns
     -------
@@ -233,10 +239,13 @@ def kv_cache_bytes(config: Any, seq_len: int, batch: int = 1, scheme: Scheme = F
     b = check_int("batch", batch, low=1)
     d = shape.head_dim
     heads = shape.num_layers * shape.num_kv_heads * b  # (layer, kv head, sequence) triples
-    fp16_kv = lambda tokens: heads * tokens * d * FP16_BYTES * 2  # noqa: E731  K and V
+    e = check_int("exact_bytes", exact_bytes, low=1)
+    if e not in (2, 4):
+        raise ValueError(f"exact_bytes must be 2 (fp16/bf16) or 4 (fp32), got {e}")
+    fp16_kv = lambda tokens: heads * tokens * d * e * 2  # noqa: E731  exact K and V
 
     if isinstance(scheme, FP16):
-        half = heads * n * d * FP16_BYTES
+        half = heads * n * d * e
         parts = {"keys": half, "values": half}
     elif isinstance(scheme, H1B):
         groups = 1
@@ -267,12 +276,12 @@ def kv_cache_bytes(config: Any, seq_len: int, batch: int = 1, scheme: Scheme = F
             "residual": fp16_kv(n - q),
         }
     elif isinstance(scheme, Eviction):
-        half = heads * min(scheme.budget, n) * d * FP16_BYTES
+        half = heads * min(scheme.budget, n) * d * e
         parts = {"keys": half, "values": half}
     elif isinstance(scheme, LowRankKeys):
         if scheme.rank > d:
             raise ValueError(f"rank must be in 1..head_dim={d}, got {scheme.rank}")
-        half = heads * n * d * FP16_BYTES
+        half = heads * n * d * e
         basis = shape.num_layers * shape.num_kv_heads * d * scheme.rank * FP16_BYTES
         parts = {"keys": half, "values": half, "projection": basis}
     else:

@@ -105,7 +105,7 @@ def test_compressed_prefill_equals_token_by_token_decode(kwargs):
     torch.testing.assert_close(parallel, stepwise, atol=2e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("kwargs", [
     dict(bits=64), dict(bits=128, score="cos", window=5), dict(bits=32, score="asym", value_bits=2, group_size=8),
     dict(bits=16, value_bits=8, window=100),
@@ -117,7 +117,7 @@ def test_nbytes_matches_memory_prediction(dtype, kwargs):
     greedy(model, ids, cache, n_new=6)
     n = cache.get_seq_length()
     assert n == 13 + 6 - 1
-    predicted = memory.kv_cache_bytes(model.config, n, 2, cache.scheme)
+    predicted = memory.kv_cache_bytes(model.config, n, 2, cache.scheme, exact_bytes=dtype.itemsize)
     assert cache.nbytes_by_part() == predicted.parts
     assert cache.nbytes() == predicted.total
 

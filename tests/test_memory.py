@@ -318,3 +318,16 @@ def test_compression_ratio_needs_tokens():
         bits_per_element(H1B(), 0)
     with pytest.raises(TypeError, match="scheme"):
         bits_per_element("h1b", 128)
+
+
+def test_exact_bytes_scales_only_unquantized_parts():
+    fp32 = kv_cache_bytes("llama-2-7b", 1000, scheme=FP16(), exact_bytes=4)
+    assert fp32.total == 2 * kv_cache_bytes("llama-2-7b", 1000).total
+    h16 = kv_cache_bytes("smollm2-135m", 300, 2, H1B(bits=64, window=10, sink=4, key_norms=True))
+    h32 = kv_cache_bytes("smollm2-135m", 300, 2, H1B(bits=64, window=10, sink=4, key_norms=True), exact_bytes=4)
+    for part in ("window", "sink"):
+        assert h32.parts[part] == 2 * h16.parts[part] > 0
+    for part in ("key_codes", "key_norms", "values", "value_scales_zeros"):
+        assert h32.parts[part] == h16.parts[part] > 0
+    with pytest.raises(ValueError, match="exact_bytes"):
+        kv_cache_bytes("llama-2-7b", 10, exact_bytes=3)
