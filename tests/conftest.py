@@ -1,3 +1,9 @@
+import os
+
+# Set before torch starts its thread pool (and inherited by notebook kernels): idle OpenMP threads sleep
+# instead of spinning, which on a busy 2-core machine made small torch ops 100x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 
 

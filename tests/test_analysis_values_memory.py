@@ -400,6 +400,9 @@ MEASURED = [
     Eviction(1000),
     LowRankKeys(4),
 ]
+HAS_SINK = "sink" in H1B.__dataclass_fields__
+if HAS_SINK:  # attention-sink tokens kept exact, if the accounting knows them
+    MEASURED += [H1B(bits=32, window=5, sink=3, key_norms=True), H1B(bits=8, sink=1000), H1B(bits=64, window=30, sink=20)]
 
 
 @pytest.mark.parametrize("scheme", MEASURED, ids=repr)
@@ -429,6 +432,17 @@ def test_allocated_h1b_cache_holds_the_right_tensors():
     wk, wv = parts["window"]
     assert torch.equal(wk, k[..., 24:, :].half()) and torch.equal(wv, v[..., 24:, :].half())
     assert parts["projection"] == []
+
+
+@pytest.mark.skipif(not HAS_SINK, reason="memory.H1B has no sink field")
+def test_allocated_h1b_sink_tokens_are_the_first_ones():
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(1, 1, 2, 20, 8, generator=g), torch.randn(1, 1, 2, 20, 8, generator=g)  # [L, B, H, T, D]
+    parts = allocate_cache(k, v, H1B(bits=16, window=4, sink=2))
+    sk, sv = parts["sink"]
+    assert torch.equal(sk, k[..., :2, :].half()) and torch.equal(sv, v[..., :2, :].half())
+    assert torch.equal(parts["key_codes"][0], SimHashSketcher(8, 16).sketch(k[..., 2:16, :]))
+    assert torch.equal(parts["window"][0], k[..., 16:, :].half())
 
 
 def test_allocated_kivi_and_loki():

@@ -241,6 +241,7 @@ PART_GROUPS = {
     "key_scales_zeros": "scales/zeros",
     "window": "fp16 window",
     "residual": "fp16 window",
+    "sink": "fp16 sink",
     "projection": "projection",
 }
 
@@ -309,7 +310,8 @@ def allocate_cache(k: torch.Tensor, v: torch.Tensor, scheme, seed: int = 0) -> d
     Parts and names follow :func:`h1bkv_lite.memory.kv_cache_bytes`:
 
     - ``FP16``: ``keys``, ``values`` as fp16.
-    - ``H1B``: the newest ``window`` tokens as fp16 K and V (``window``); older ones as ``key_codes``
+    - ``H1B``: the first ``sink`` tokens (``sink``) and the newest ``window`` tokens (``window``) as fp16 K
+      and V; the ones between as ``key_codes``
       (``SimHashSketcher(D, bits, seed).sketch``, uint8), ``key_norms`` (fp16 ``|k|``, if asked),
       ``values`` (packed codes of :func:`quantize_values`) and ``value_scales_zeros`` (its fp16 scale and
       zero); ``projection`` is empty (R is regenerated from the seed).
@@ -339,17 +341,20 @@ def allocate_cache(k: torch.Tensor, v: torch.Tensor, scheme, seed: int = 0) -> d
     if isinstance(scheme, H1B):
         if scheme.group_size is not None and D % scheme.group_size:
             raise ValueError(f"scheme.group_size={scheme.group_size} must divide head_dim={D}")
-        w = min(scheme.window, T)
-        old_k, old_v = k5[..., : T - w, :], v5[..., : T - w, :]
+        has_sink = hasattr(scheme, "sink")  # attention-sink tokens: newer versions of memory.H1B
+        s = min(scheme.sink, T) if has_sink else 0
+        w = min(scheme.window, T - s)
+        old_k, old_v = k5[..., s : T - w, :], v5[..., s : T - w, :]
         parts: dict[str, list[torch.Tensor]] = {
             "key_codes": [],
             "key_norms": [],
             "values": [],
             "value_scales_zeros": [],
             "window": [half(k5[..., T - w :, :]), half(v5[..., T - w :, :])],
+            **({"sink": [half(k5[..., :s, :]), half(v5[..., :s, :])]} if has_sink else {}),
             "projection": [],
         }
-        if T - w:
+        if T - s - w:
             parts["key_codes"].append(SimHashSketcher(D, scheme.bits, seed).sketch(old_k))
             if scheme.key_norms:
                 parts["key_norms"].append(half(old_k.float().norm(dim=-1)))
