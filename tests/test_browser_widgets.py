@@ -99,7 +99,7 @@ _ERRORS_JS = ("() => [...document.querySelectorAll('.jp-OutputArea-output[data-m
               ".filter(e => e.textContent.includes('Error')).map(e => e.textContent.slice(0, 2000))")
 _SLIDER_IMG_JS = """() => {
   const slider = document.querySelector('.jp-OutputArea .widget-slider, .jp-OutputArea .widget-hslider');
-  if (!slider) return null;
+  if (!slider) return null;  // the widget's output is the cell output holding the slider
   const box = slider.closest('.jp-OutputArea-output');
   const img = box && box.querySelector('img');
   return img ? img.getAttribute('src') : null;
@@ -129,8 +129,8 @@ def test_slider_redraws_figure(lab, browser, name):
     errors = page.evaluate(_ERRORS_JS)
     assert not errors, f"{name}: a cell failed in JupyterLab:\n" + "\n".join(errors)
 
-    page.wait_for_function(_SLIDER_IMG_JS, timeout=60_000)
-    before = page.evaluate(_SLIDER_IMG_JS)
+    page.wait_for_selector(".jp-OutputArea .noUi-handle", timeout=60_000)
+    before = page.evaluate(_SLIDER_IMG_JS)  # None where the widget draws only once a control moves
     handle = page.locator(".jp-OutputArea .widget-slider .noUi-handle, .jp-OutputArea .widget-hslider .noUi-handle").first
     handle.scroll_into_view_if_needed()
     shot_before = handle.locator("xpath=ancestor::div[contains(@class,'jp-OutputArea-output')]").screenshot()
