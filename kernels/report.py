@@ -105,3 +105,17 @@ def plot_bandwidth(df):
     _context_ticks(g, df)
     g.figure.suptitle(f"Achieved bandwidth (copy: {df['copy_GBps'].iloc[0]:.0f} GB/s, read + write)", y=1.02)
     return g.figure
+
+
+def plot_at_context(df, context: int):
+    """Time per decode step at one ``context``: H1B variants beside SDPA, one group per (batch, heads)."""
+    import seaborn as sns
+
+    contexts = sorted(df["context"].unique())
+    if context not in contexts:
+        raise ValueError(f"context must be one of the benchmarked lengths {contexts}, got {context!r}")
+    data = _long_times(df[df["context"] == context]).assign(case=lambda d: "B=" + d["B"].astype(str) + ", " + d["heads"])
+    g = sns.catplot(data=data, x="case", y="time_us", hue="method", kind="bar", height=3.6, aspect=2.2)
+    g.set(yscale="log", xlabel="", ylabel="time per decode step (us)")
+    g.figure.suptitle(f"Decode step at {context // 1024}k tokens on {df['device'].iloc[0]}", y=1.03)
+    return g.figure

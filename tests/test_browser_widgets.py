@@ -49,11 +49,15 @@ def _free_port() -> int:
 def lab(tmp_path_factory):
     """A JupyterLab server over smoke-parameterised copies of the notebooks; yields its base URL."""
     work = tmp_path_factory.mktemp("lab")
+    # Copies sit in work/notebooks/ beside links to the repo's inputs, so relative paths resolve as in the repo.
+    for inputs in ("benchmarks", "data"):
+        (work / inputs).symlink_to(ROOT / inputs, target_is_directory=True)
+    (work / "notebooks").mkdir()
     for name in NOTEBOOKS:
         nb = load_notebook_node(str(ROOT / "notebooks" / f"{name}.ipynb"))
         fig_dir = work / "figures" / name
         nb = parameterize_notebook(nb, {"SMOKE": True, "FIG_DIR": str(fig_dir)})
-        nbformat.write(nb, work / f"{name}.ipynb")
+        nbformat.write(nb, work / "notebooks" / f"{name}.ipynb")
     # Render every cell (no virtual scrolling), so outputs far down the page exist in the DOM.
     settings = work / "settings" / "@jupyterlab" / "notebook-extension"
     settings.mkdir(parents=True)
@@ -118,7 +122,7 @@ def _wait_idle(page, timeout_s: float) -> None:
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_slider_redraws_figure(lab, browser, name):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(f"{lab}/lab/tree/{name}.ipynb?token={TOKEN}")
+    page.goto(f"{lab}/lab/tree/notebooks/{name}.ipynb?token={TOKEN}")
     page.wait_for_function("() => window.jupyterapp && document.querySelector('.jp-Notebook .jp-Cell')",
                            timeout=120_000)
     page.wait_for_function("() => document.querySelector('.jp-Notebook-ExecutionIndicator, .jp-Toolbar')",
