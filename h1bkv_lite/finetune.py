@@ -351,7 +351,8 @@ class H1BFinetuner:
         self.n_base_params = sum(p.numel() for p in model.parameters())
         self.sketchers = [SimHashSketcher(D, config.bits, config.sketch_seed + i) for i in range(L)]
         self.log_temperature = self._init_temperature(calibration_ids, temperature)
-        self.initial_log_temperature = None if self.log_temperature is None else self.log_temperature.detach().cpu().clone()
+        self.initial_log_temperature = (None if self.log_temperature is None
+                                        else self.log_temperature.detach().cpu().clone())
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self._original: dict[str, torch.Tensor] = {}
         self._peft = None
@@ -394,7 +395,7 @@ class H1BFinetuner:
             log_t = log_t.mean(dim=1, keepdim=True)
         elif cfg.temperature == "global":
             log_t = log_t.mean().view(1, 1)
-        return torch.nn.Parameter(log_t.clone().to(self.device), requires_grad=cfg.train_temperature)
+        return torch.nn.Parameter(log_t.clone().to(self.device), requires_grad=cfg.learns_temperature)
 
     def _apply_recipe(self) -> None:
         cfg = self.config
@@ -678,10 +679,10 @@ class H1BFinetuner:
         """Apply a checkpoint to an un-adapted ``model``: a finetuner with the saved config, parameters and state."""
         state = _read_checkpoint(path)
         config = FinetuneConfig(**_config_fields(state["config"]))
-        temperature = 1.0 if config.score == "hamming" else None  # overwritten by the checkpoint's log T
-        if config.score == "hamming" and not config.train_temperature:
-            raise ValueError("a checkpoint with train_temperature=False does not hold T; build the finetuner with "
-                             "its calibration and call .load(path)")
+        temperature = None
+        if config.score == "hamming":  # the starting T (the learned one, if any, comes with the parameters)
+            initial = state["initial_log_temperature"].exp()
+            temperature = initial.reshape(()) if initial.numel() == 1 else initial
         return cls(model, config, temperature=temperature).load(path)
 
     # ---- undo

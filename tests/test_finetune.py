@@ -374,27 +374,39 @@ def test_bad_finetuner_arguments_raise(ids, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ real model
 @pytest.mark.slow
-def test_real_model_trains_and_matches_eval_perplexity(model_and_tokenizer):
+def test_real_model_trains_and_matches_the_reference(model_and_tokenizer):
+    from h1bkv_lite.capture import capture_attention_inputs
     from h1bkv_lite.data import load_corpus, token_batches
 
     model, tokenizer = model_and_tokenizer
     flags = [p.requires_grad for p in model.parameters()]
     train = token_batches(tokenizer, load_corpus(split="train"), 64, 6)
     val = token_batches(tokenizer, load_corpus(split="validation"), 64, 2)
-    ft = H1BFinetuner(model, FinetuneConfig(recipe="paper", bits=64, lr=3e-4), calibration_ids=train[:2])
+    ft = H1BFinetuner(model, FinetuneConfig(recipe="paper", bits=64, lr=3e-4, temperature="head"),
+                      calibration_ids=train[:2])
     try:
-        assert ft.n_trainable() == 30 * 576 * 192 + 1 == 3_317_761
+        assert ft.n_trainable() == 30 * 576 * 192 + 30 * 9 == 3_318_030
         assert ft.n_base_params == 134_515_008
-        assert ft.trainable_fraction() == pytest.approx(0.02466, abs=1e-4)
+        assert ft.trainable_fraction() == pytest.approx(0.024667, abs=1e-6)
+        # layer by layer on real q/k/v: the training attention is the reference H1B attention
+        captures = capture_attention_inputs(model, val[:1], layers=[0, 15, 29])
+        for layer, (q, k, v) in captures.items():
+            t = ft.temperatures()[layer]
+            ref = h1b_attention(q, k, v, sketcher=ft.sketchers[layer], temperature=t)
+            out = h1b_train_attention(q, k, v, sketcher=ft.sketchers[layer], temperature=t)
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+        # end to end, the two agree only up to chaos: a float-rounding difference between two correct orders of
+        # summation flips a sketch bit somewhere in 30 layers, and one flip moves a logit by 2 / (b T) ~ 0.5.
+        # The tiny-model test above checks the end-to-end equality itself (to 1e-5).
         before = ft.perplexity(val, batch_size=2)
         with torch.no_grad(), ft.attention():
             logits = model(input_ids=val, use_cache=False).logits
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), val[:, 1:], reduction="sum")
-        assert math.exp(nll.item() / (2 * 63)) == pytest.approx(before, rel=1e-4)
+        assert math.exp(nll.item() / (2 * 63)) == pytest.approx(before, rel=0.1)
         fp16 = ft.perplexity(val, exact=True, batch_size=2)
         assert before > 2 * fp16  # 1 bit per key element, un-adapted: far from exact
         hist = ft.train(train, steps=3, progress=False)
-        assert hist.loss.notna().all() and torch.isfinite(torch.tensor(hist.loss.tolist())).all()
+        assert torch.isfinite(torch.tensor(hist.loss.dropna().tolist())).all() and len(hist.loss.dropna()) == 3
     finally:
         ft.restore()
     assert [p.requires_grad for p in model.parameters()] == flags
