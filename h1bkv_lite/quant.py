@@ -66,14 +66,8 @@ def quantize_values(v: torch.Tensor, bits: int = 4, group_size: int | None = Non
     bytes (``n * bits % 8 == 0``). ``v`` is not modified.
     """
     check_tensor("v", v, min_ndim=1)
-    check_int("bits", bits)
-    check_choice("bits", bits, VALUE_BITS)
+    group_size = check_value_format(v, bits, group_size)
     n = v.shape[-1]
-    if group_size is None:
-        group_size = n
-    check_int("group_size", group_size, low=1, high=n)
-    if n % group_size:
-        raise ValueError(f"group_size must divide the last dim ({n}), got {group_size}")
     if (n * bits) % 8:
         raise ValueError(f"last dim * bits must fill whole bytes; got last dim {n} with bits={bits}")
     if v.abs().max() > _FP16_MAX / 2:
@@ -90,6 +84,19 @@ def quantize_values(v: torch.Tensor, bits: int = 4, group_size: int | None = Non
     q = torch.where(step > 0, q, torch.zeros_like(q)).to(torch.uint8)
     data = pack_codes(q.reshape(v.shape), bits)
     return QuantizedTensor(data, scale, zero, bits, group_size, v.shape, v.dtype)
+
+
+def check_value_format(v: torch.Tensor, bits, group_size, bits_name: str = "bits") -> int:
+    """Validate ``bits`` (2, 4 or 8) and ``group_size`` (dividing ``v``'s last dim); return the group size."""
+    check_int(bits_name, bits)
+    check_choice(bits_name, bits, VALUE_BITS)
+    n = v.shape[-1]
+    if group_size is None:
+        return n
+    check_int("group_size", group_size, low=1, high=n)
+    if n % group_size:
+        raise ValueError(f"group_size must divide the last dim of v ({n}), got {group_size}")
+    return group_size
 
 
 def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from h1bkv_lite._validation import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_tensor
-from h1bkv_lite.quant import VALUE_BITS, QuantizedTensor, quantize_values
+from h1bkv_lite._validation import FLOAT_DTYPES, check_same_device, check_tensor
+from h1bkv_lite.quant import QuantizedTensor, check_value_format, quantize_values
 from h1bkv_lite.sketch import pack_bits
 
 from ._common import cdiv, next_pow2, pack_sign_bytes, tl, triton, use_triton
@@ -229,13 +229,8 @@ def sketch_pack_quantize(
     check_same_device(k=k, v=v, projection=projection)
     if k.shape[:-1] != v.shape[:-1]:
         raise ValueError(f"k and v must share leading dims, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    check_choice("value_bits", value_bits, VALUE_BITS)
+    group_size = check_value_format(v, value_bits, group_size, bits_name="value_bits")
     n = v.shape[-1]
-    if group_size is None:
-        group_size = n
-    check_int("group_size", group_size, low=1, high=n)
-    if n % group_size:
-        raise ValueError(f"group_size must divide v's last dim ({n}), got {group_size}")
     if not use_triton(backend, k.device, _sketch_pack_quantize_kernel):
         return sketch_pack_quantize_reference(k, v, projection, value_bits, group_size)
     if (group_size * value_bits) % 8:
