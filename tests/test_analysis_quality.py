@@ -1,9 +1,5 @@
 """h1bkv_lite.analysis.quality: sweep construction, byte accounting, Pareto front vs brute force, verdict logic
 on synthetic tables, and bad inputs. No model needed (fast)."""
-import dataclasses
-import itertools
-import math
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -280,7 +276,8 @@ def test_matched_settings_picks_paper_form_best_and_nearest_bytes():
 # ------------------------------------------------------------------------------------------------ passkey, agreement
 def test_passkey_summary_and_usable_lengths():
     rows = []
-    for method, acc in [("fp16", {128: [1, 1, 0, 1], 512: [0, 1, 0, 0]}), ("H1B", {128: [0, 1, 0, 0], 512: [0, 0, 0, 0]})]:
+    results = [("fp16", {128: [1, 1, 0, 1], 512: [0, 1, 0, 0]}), ("H1B", {128: [0, 1, 0, 0], 512: [0, 0, 0, 0]})]
+    for method, acc in results:
         for n, res in acc.items():
             rows += [{"method": method, "length": n, "correct": bool(c)} for c in res]
     df = pd.DataFrame(rows)
