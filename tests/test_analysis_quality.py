@@ -132,6 +132,24 @@ def test_sweep_table_columns_and_values():
     assert t.set_index("name").loc["Loki r8 k64"].bytes_per_token > 23040
 
 
+def test_exact_fraction():
+    assert Q.exact_fraction(Q.Setting("fp16"), 256) == 1.0
+    assert Q.exact_fraction(Q.Setting("loki", rank=8, top_k=64), 256) == 1.0
+    assert Q.exact_fraction(Q.Setting("h1b", bits=64, score="asym", value_bits=4, window=64, sink=4), 272) == 0.25
+    assert Q.exact_fraction(Q.Setting("h1b", bits=64, score="asym", value_bits=4), 100) == 0.0
+    assert Q.exact_fraction(Q.Setting("h1b", bits=64, score="asym", value_bits=4, window=64, sink=4), 50) == 1.0
+    kivi = Q.Setting("kivi", bits=2, group_size=32, residual=128)
+    assert Q.exact_fraction(kivi, 128) == 1.0
+    assert Q.exact_fraction(kivi, 256) == 128 / 256  # 128 quantized (4 whole groups), 128 residual
+    assert Q.exact_fraction(kivi, 250) == 154 / 250  # 96 quantized, 154 exact
+    assert Q.exact_fraction(Q.Setting("streaming", budget=256, sink=4), 256) == 1.0
+    assert Q.exact_fraction(Q.Setting("h2o", budget=128, sink=4), 512) == 0.25
+    with pytest.raises(ValueError):
+        Q.exact_fraction(kivi, 0)
+    with pytest.raises(TypeError):
+        Q.exact_fraction("KIVI-2", 10)
+
+
 # ------------------------------------------------------------------------------------------------ Pareto
 def brute_front(x, y):
     n = len(x)

@@ -45,6 +45,7 @@ __all__ = [
     "build_sweep",
     "bytes_per_token",
     "compare_families",
+    "exact_fraction",
     "h1b_effects",
     "matched_settings",
     "measure_cache_bytes",
@@ -216,6 +217,27 @@ def _unique(name: str, values, check) -> list:
     if len(set(values)) != len(values):
         raise ValueError(f"{name} has duplicates: {values}")
     return values
+
+
+def exact_fraction(setting: Setting, n: int) -> float:
+    """Share of ``n`` context tokens that ``setting`` keeps exactly (fp16 K and V) at rest.
+
+    FP16 and Loki (which stores everything; each query reads its top-k): 1. H1B: ``window + sink`` tokens.
+    KIVI: the residual plus any incomplete token group. Eviction: the ``budget`` kept tokens (the rest are gone).
+    """
+    if not isinstance(setting, Setting):
+        raise TypeError(f"setting must be a Setting, got {type(setting).__name__}")
+    check_int("n", n, low=1)
+    f = setting.family
+    if f in ("fp16", "loki"):
+        return 1.0
+    if f == "h1b":
+        return min(setting.window + setting.sink, n) / n
+    if f == "kivi":
+        g = setting.group_size
+        q = (n - setting.residual) // g * g if n > setting.residual else 0
+        return (n - q) / n
+    return min(setting.budget, n) / n
 
 
 def build_sweep(*, h1b_bits: Iterable[int] = (32, 64, 128, 256), h1b_scores: Iterable[str] = H1B_SCORES,
