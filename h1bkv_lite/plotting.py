@@ -6,6 +6,8 @@
     ...
     save_figure(fig, FIG_DIR, "error_vs_bits")   # writes FIG_DIR/error_vs_bits.png and .svg
     label_bits_axis(ax, [16, 64, 256], head_dim=64)  # log2 x axis: "64\n1 b/elt"
+    draw(bits=64); plt.show()                          # the default view, as a plain figure
+    display(control_panel(draw, bits=widgets.SelectionSlider(options=[16, 64, 256], value=64)))
 """
 from __future__ import annotations
 
@@ -59,3 +61,35 @@ def label_bits_axis(ax, bits, head_dim: int, axis: str = "x") -> None:
     if axis == "x":
         ax.minorticks_off()
     set_label(f"sketch width b (bits per key; head_dim {head_dim})")
+
+
+def control_panel(draw, **controls):
+    """ipywidgets controls above an output area that ``draw(**values)`` fills whenever a control changes.
+
+    ``controls`` maps each keyword argument of ``draw`` to an ipywidgets control (anything with a
+    ``value`` trait). Nothing is drawn into the panel until a control moves: show the default view as a
+    plain figure first. That keeps figures in headless runs (papermill, ``make figures``) and avoids a
+    known hang: output captured by a widget while a notebook executes headless makes nbclient send on
+    the kernel's shell channel while it waits on it, and the cell's reply can be missed
+    (jupyter/nbclient#312). Returns an ``ipywidgets.VBox`` to ``display``.
+    """
+    import ipywidgets as widgets
+
+    if not callable(draw):
+        raise TypeError(f"draw must be callable, got {type(draw).__name__}")
+    if not controls:
+        raise ValueError("control_panel needs at least one control (name=widget)")
+    for name, control in controls.items():
+        if not isinstance(control, widgets.ValueWidget):
+            raise TypeError(f"control {name!r} must be an ipywidgets value widget, got {type(control).__name__}")
+    view = widgets.Output()
+
+    def redraw(_change=None):
+        with view:
+            view.clear_output(wait=True)
+            draw(**{name: control.value for name, control in controls.items()})
+
+    for control in controls.values():
+        control.observe(redraw, names="value")
+    row = widgets.HBox(list(controls.values()), layout=widgets.Layout(flex_flow="row wrap"))
+    return widgets.VBox([row, view])

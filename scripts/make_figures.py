@@ -7,7 +7,6 @@ too, so the outputs can be read on a code host. ``python scripts/make_figures.py
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,10 +14,9 @@ from pathlib import Path
 import papermill as pm
 from tqdm.auto import tqdm
 
+from h1bkv_lite.runtime import configure_offline, configure_threads
+
 ROOT = Path(__file__).resolve().parents[1]
-# Kernels inherit this: idle OpenMP threads sleep instead of spinning (on a busy 2-core machine spinning
-# threads made small torch ops 100x slower).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("only", nargs="*", help="notebook name prefixes to run (default: all)")
     parser.add_argument("--smoke", action="store_true", help="quick test-sized runs (SMOKE=True)")
     args = parser.parse_args(argv)
+    # Notebook kernels inherit these: no model hub at run time, and thread pools sized to the CPUs this
+    # process may use (a container's CPU quota included) with idle OpenMP threads sleeping, not spinning.
+    configure_offline()
+    threads = configure_threads()
+    tqdm.write(f"CPU threads per notebook kernel: {threads}")
 
     notebooks = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     if args.only:

@@ -24,5 +24,6 @@ def run_notebook(name: str, out_dir: Path, **parameters) -> dict:
         cwd=str(ROOT / "notebooks"),
         progress_bar=False,
         kernel_name="python3",
+        execution_timeout=600,  # seconds per cell: a stuck cell fails the test with its traceback
     )
     return json.loads((out_dir / "metrics.json").read_text())

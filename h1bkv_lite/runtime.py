@@ -1,0 +1,102 @@
+"""Process settings for headless runs: CPU thread pools that match the CPUs a process may really use,
+and no model-hub access.
+
+PyTorch (and OpenMP, MKL, the tokenizers' thread pool) size their thread pools from the host's core
+count. In a container limited by a CFS quota (``docker --cpus=2`` on a 64-core host) that is far too
+many: the threads of one parallel region are throttled in turn and small torch ops become orders of
+magnitude slower. :func:`available_cpus` reads the limit (affinity mask and cgroup v1/v2 quota) and
+:func:`configure_threads` sizes every pool to it. The test suite and ``scripts/make_figures.py`` call
+it; call it yourself at the top of a script when running in such a container.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["available_cpus", "configure_offline", "configure_threads"]
+
+# Environment variables read by the thread pools of torch/OpenMP, MKL, OpenBLAS and HF tokenizers (Rayon).
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS")
+
+
+def _cgroup_quota(cgroup_root: Path, proc_cgroup: Path) -> float | None:
+    """CPUs allowed by a CFS quota (cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``), None if unlimited."""
+    limits = []
+    rel_paths = {""}
+    try:
+        for line in proc_cgroup.read_text().splitlines():
+            parts = line.split(":", 2)
+            if len(parts) == 3 and (parts[0] == "0" or "cpu" in parts[1].split(",")):
+                rel_paths.add(parts[2].lstrip("/"))
+    except OSError:
+        pass
+    for rel in rel_paths:
+        v2 = cgroup_root / rel / "cpu.max"
+        for v1_dir in (cgroup_root / "cpu" / rel, cgroup_root / "cpu,cpuacct" / rel):
+            quota, period = v1_dir / "cpu.cfs_quota_us", v1_dir / "cpu.cfs_period_us"
+            try:
+                q, p = int(quota.read_text()), int(period.read_text())
+            except (OSError, ValueError):
+                continue
+            if q > 0 and p > 0:
+                limits.append(q / p)
+        try:
+            q, p = v2.read_text().split()[:2]
+        except (OSError, ValueError):
+            continue
+        if q != "max" and int(p) > 0:
+            limits.append(int(q) / int(p))
+    return min(limits) if limits else None
+
+
+def available_cpus(cgroup_root: str | os.PathLike = "/sys/fs/cgroup",
+                   proc_cgroup: str | os.PathLike = "/proc/self/cgroup") -> int:
+    """How many CPUs this process can keep busy: min(affinity mask, cgroup CPU quota rounded up), >= 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota(Path(cgroup_root), Path(proc_cgroup))
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
+
+
+def configure_threads(n: int | None = None) -> int:
+    """Size the CPU thread pools to ``n`` threads; returns the count used.
+
+    ``n=None`` keeps a positive ``OMP_NUM_THREADS`` the user set, else uses :func:`available_cpus`.
+    Sets the pools' environment variables (so subprocesses such as notebook kernels inherit them; with
+    ``n=None`` only those not already set), asks idle OpenMP threads to sleep rather than spin
+    (``OMP_WAIT_POLICY=PASSIVE`` unless set), and sets torch's intra-op thread count if torch is imported.
+    """
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ValueError(f"n must be a positive int or None, got {n!r}")
+    if n is None:
+        user = os.environ.get("OMP_NUM_THREADS", "").strip()
+        n = int(user) if user.isdigit() and int(user) > 0 else available_cpus()
+        for var in THREAD_ENV_VARS:
+            os.environ.setdefault(var, str(n))
+    else:
+        os.environ.update({var: str(n) for var in THREAD_ENV_VARS})
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
+    return n
+
+
+# Environment variables that keep huggingface_hub / transformers / datasets off the network.
+OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY")
+
+
+def configure_offline() -> None:
+    """Keep the Hugging Face libraries off the network (subprocesses inherit it); values the user set win.
+
+    Everything h1bkv's tests and figures need ships with the package (bundled model, committed corpus):
+    a hub lookup could only stall a run on a machine whose network drops packets instead of refusing.
+    """
+    for var in OFFLINE_ENV_VARS:
+        os.environ.setdefault(var, "1")
