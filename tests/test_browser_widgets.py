@@ -150,7 +150,9 @@ def test_every_notebook_is_driven():
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_slider_redraws_figure(lab, page, name):
-    page.goto(f"{lab}/lab/tree/notebooks/{name}.ipynb?token={TOKEN}")
+    # A workspace of its own: JupyterLab would otherwise reopen the notebooks of earlier tests (whose
+    # kernels were shut down) beside this one.
+    page.goto(f"{lab}/lab/workspaces/{name}/tree/notebooks/{name}.ipynb?token={TOKEN}")
     page.wait_for_function("() => window.jupyterapp && document.querySelector('.jp-Notebook .jp-Cell')",
                            timeout=120_000)
     page.wait_for_function("() => document.querySelector('.jp-Notebook-ExecutionIndicator, .jp-Toolbar')",
