@@ -21,9 +21,16 @@ __all__ = ["available_cpus", "configure_offline", "configure_threads"]
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS")
 
 
+def _read_ints(*paths: Path) -> list[int] | None:
+    """The integers in these files (whitespace-separated, in order), or None if one is unreadable."""
+    try:
+        return [int(word) for path in paths for word in path.read_text().split()]
+    except (OSError, ValueError):
+        return None
+
+
 def _cgroup_quota(cgroup_root: Path, proc_cgroup: Path) -> float | None:
     """CPUs allowed by a CFS quota (cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``), None if unlimited."""
-    limits = []
     rel_paths = {""}
     try:
         for line in proc_cgroup.read_text().splitlines():
@@ -32,22 +39,13 @@ def _cgroup_quota(cgroup_root: Path, proc_cgroup: Path) -> float | None:
                 rel_paths.add(parts[2].lstrip("/"))
     except OSError:
         pass
+    limits = []
     for rel in rel_paths:
-        v2 = cgroup_root / rel / "cpu.max"
-        for v1_dir in (cgroup_root / "cpu" / rel, cgroup_root / "cpu,cpuacct" / rel):
-            quota, period = v1_dir / "cpu.cfs_quota_us", v1_dir / "cpu.cfs_period_us"
-            try:
-                q, p = int(quota.read_text()), int(period.read_text())
-            except (OSError, ValueError):
-                continue
-            if q > 0 and p > 0:
-                limits.append(q / p)
-        try:
-            q, p = v2.read_text().split()[:2]
-        except (OSError, ValueError):
-            continue
-        if q != "max" and int(p) > 0:
-            limits.append(int(q) / int(p))
+        # v2: "max 100000" (no limit; int() fails and it is skipped) or "<quota> <period>"
+        candidates = [_read_ints(cgroup_root / rel / "cpu.max")]
+        for v1_dir in (cgroup_root / "cpu" / rel, cgroup_root / "cpu,cpuacct" / rel):  # v1: quota -1 = none
+            candidates.append(_read_ints(v1_dir / "cpu.cfs_quota_us", v1_dir / "cpu.cfs_period_us"))
+        limits += [q / p for q, p in (c[:2] for c in candidates if c and len(c) >= 2) if q > 0 and p > 0]
     return min(limits) if limits else None
 
 

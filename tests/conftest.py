@@ -9,11 +9,13 @@ import torch
 
 from h1bkv_lite.runtime import available_cpus, configure_offline, configure_threads
 
-# Inherited by notebook kernels too: no model hub at run time (everything is bundled), and thread pools sized to the CPUs this process may use (a CFS quota in a container included), with
-# idle OpenMP threads sleeping instead of spinning: oversubscribed pools make small torch ops 100x slower.
+# Inherited by notebook kernels too: no model hub at run time (everything is bundled), and thread pools
+# sized to the CPUs this process may use (a container's CFS quota included), with idle OpenMP threads
+# sleeping instead of spinning: oversubscribed pools make small torch ops 100x slower.
 configure_offline()
 _THREADS = configure_threads()
 _START = time.monotonic()
+_reporter = {}  # the terminal reporter, set in pytest_configure
 
 _CUDA = torch.cuda.is_available()
 
@@ -43,9 +45,6 @@ def pytest_runtest_logreport(report):
         if reporter is not None:
             reporter.write_line(f"[{time.monotonic() - _START:6.0f} s] {report.when} {report.nodeid}: "
                                 f"{report.duration:.0f} s")
-
-
-_reporter = {}
 
 
 @pytest.hookimpl(trylast=True)

@@ -107,13 +107,6 @@ _ERRORS_JS = ("() => [...document.querySelectorAll('.jp-OutputArea-output[data-m
 # checkbox. The figure that must change is the image in the cell output holding that control.
 _CONTROLS = (".jp-OutputArea .noUi-handle, .jp-OutputArea .widget-toggle-button:not(.mod-active), "
              ".jp-OutputArea .widget-checkbox input")
-_SLIDER_IMG_JS = """() => {
-  const slider = document.querySelector('.jp-OutputArea .noUi-handle, .jp-OutputArea .widget-toggle-button, .jp-OutputArea .widget-checkbox');
-  if (!slider) return null;
-  const box = slider.closest('.jp-OutputArea-output');
-  const img = box && box.querySelector('img');
-  return img ? img.getAttribute('src') : null;
-}"""
 
 
 def _wait_idle(page, timeout_s: float) -> None:
@@ -164,10 +157,15 @@ def test_slider_redraws_figure(lab, page, name):
     assert not errors, f"{name}: a cell failed in JupyterLab:\n" + "\n".join(errors)
 
     page.wait_for_selector(_CONTROLS, timeout=60_000)
-    before = page.evaluate(_SLIDER_IMG_JS)  # None where the widget draws only once a control moves
     control = page.locator(_CONTROLS).first
     control.scroll_into_view_if_needed()
     output = control.locator("xpath=ancestor::div[contains(@class,'jp-OutputArea-output')]")
+    images = output.locator("img")
+
+    def figure_src():
+        return images.first.get_attribute("src") if images.count() else None
+
+    before = figure_src()  # None where the widget draws only once a control moves
     shot_before = output.screenshot()
     if "noUi-handle" in (control.get_attribute("class") or ""):
         control.focus()
@@ -177,7 +175,7 @@ def test_slider_redraws_figure(lab, page, name):
     else:
         control.click()  # a toggle button not yet selected, or a checkbox
     deadline = time.time() + 180
-    while page.evaluate(_SLIDER_IMG_JS) in (before, None):
+    while figure_src() in (before, None):
         assert time.time() < deadline, f"{name}: the figure did not change after moving the control"
         time.sleep(1)
     _wait_idle(page, 180)

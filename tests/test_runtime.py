@@ -44,6 +44,8 @@ def test_no_quota_means_the_affinity_mask(tmp_path, files):
 def test_unreadable_cgroup_files_are_ignored(tmp_path):
     paths = _tree(tmp_path, {"cpu.max": "garbage"})
     assert available_cpus(**paths) == AFFINITY
+    paths = _tree(tmp_path / "words", {"cpu.max": "abc 100000"})
+    assert available_cpus(**paths) == AFFINITY
     assert available_cpus(cgroup_root=tmp_path / "missing", proc_cgroup=tmp_path / "missing") == AFFINITY
 
 
