@@ -43,6 +43,7 @@ import math
 import threading
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -50,11 +51,13 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from . import memory
 from ._validation import check_bool, check_choice, check_int, check_sketch_bits
-from .attention import calibrate_temperature, sketched_logits
-from .quant import VALUE_BITS, QuantizedTensor, quantize_values
-from .sketch import SimHashSketcher
+from .attention import sampled_temperature, sketched_logits
+from .quant import VALUE_BITS, QuantizedTensor, quantize_values_unchecked
+from .sketch import SimHashSketcher, pack_bits
+from .storage import TokenStore
 
-__all__ = ["ATTENTION_NAME", "H1BCache", "HookedCache", "HookedLayer", "cache_attention", "fit_temperature"]
+__all__ = ["ATTENTION_NAME", "H1BCache", "HookedCache", "HookedLayer", "cache_attention", "fit_temperature",
+           "prompt_attention"]
 
 ATTENTION_NAME = "h1bkv"
 """Name of :func:`cache_attention` in transformers' ``AttentionInterface`` (and of its mask function)."""
@@ -167,6 +170,40 @@ def weighted_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return probs @ v.float().repeat_interleave(group, dim=1)
 
 
+def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask, scaling: float) -> torch.Tensor:
+    """Exact causal attention of a prompt over itself (``Tq == Tk``) through torch SDPA: no ``T x T`` matrix
+    is built when ``attention_mask`` is None (flash / memory-efficient kernels on CUDA).
+
+    q ``[B, Hq, T, D]``, k and v ``[B, Hkv, T, D]`` (GQA: ``Hq`` a multiple of ``Hkv``); ``attention_mask``:
+    None (causal), transformers' 4D mask (bool, True = attend, or additive) or a 2D padding mask.
+    Returns ``[B, Hq, T, D]`` in q's dtype. Query rows that may attend to nothing (left padding) give 0.
+    """
+    B, Hq, T, _ = q.shape
+    group = Hq // k.shape[1]
+    if attention_mask is None:
+        if group > 1 and not _SDPA_HAS_GQA:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        gqa = {"enable_gqa": True} if group > 1 and _SDPA_HAS_GQA else {}
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, **gqa)
+    allowed = allowed_mask(attention_mask, B, T, T, q.device)  # [B, 1, T, T]: the mask is that size already
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling)
+    return out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+
+
+def valid_tokens(attention_mask, batch: int, n: int, device) -> torch.Tensor | None:
+    """bool ``[B, n]``, False for padding among the last ``n`` tokens (from the mask's last query row,
+    which sees every non-padding token), or None when there is no mask."""
+    if attention_mask is None:
+        return None
+    return allowed_mask(attention_mask[..., -1:, :] if attention_mask.dim() == 4 else attention_mask,
+                        batch, 1, n, device)[:, 0, 0, -n:]
+
+
+_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 # ------------------------------------------------------------------------------------------------ layers
 class HookedLayer(CacheLayerMixin):
     """A cache layer that stores tokens its own way and attends over them itself (through the hook).
@@ -188,6 +225,7 @@ class HookedLayer(CacheLayerMixin):
         self.compressed_prefill = compressed_prefill
         self.n_seen = 0  # tokens written so far = columns of the attention mask
         self.exact_call = False  # the current forward attends exactly (a prompt, compressed_prefill=False)
+        self._call_kv = None  # (k, v) of the current call until it has attended
 
     def __repr__(self):
         return f"{type(self).__name__}(layer={self.layer_idx}, tokens={self.n_seen})"
@@ -209,8 +247,10 @@ class HookedLayer(CacheLayerMixin):
                 f"keys of shape {tuple(key_states.shape)} and dtype {key_states.dtype}"
             )
         q_len = key_states.shape[2]
-        self.exact_call = q_len > 1 and not self.compressed_prefill
+        # the prompt (the first call, whatever its length) and later multi-token calls attend exactly
+        self.exact_call = not self.compressed_prefill and (q_len > 1 or self.n_seen == 0)
         self.n_seen += q_len
+        self._call_kv = (key_states, value_states)
         self._append(key_states, value_states)
         _hand_over(self, key_states)
         return key_states, value_states
@@ -219,14 +259,33 @@ class HookedLayer(CacheLayerMixin):
         """Attention of ``query [B, Hq, Tq, D]`` (the newest ``Tq`` tokens) over everything stored.
 
         ``attention_mask``: transformers' mask for this call (None = causal). Returns ``[B, Hq, Tq, D]``
-        in the query's dtype.
+        in the query's dtype. Three paths: the prompt of an empty layer (``_attend_prompt``: exact, no
+        ``T x T`` matrix), a fast path a subclass may offer (``_attend_fast``, e.g. a decode kernel), and the
+        general one (``_attend`` with a bool mask ``[B, 1, Tq, N]``).
         """
         if _HANDOFF.layer is self:
             _release()
         B, _, q_len, D = query.shape
         scaling = D**-0.5 if scaling is None else scaling
-        allowed = allowed_mask(attention_mask, B, q_len, self.n_seen, query.device)
-        return self._attend(query, allowed, scaling).to(query.dtype)
+        try:
+            if self.exact_call and self.n_seen == q_len and self._call_kv is not None:
+                return self._attend_prompt(query, *self._call_kv, attention_mask, scaling).to(query.dtype)
+            out = self._attend_fast(query, attention_mask, scaling)
+            if out is None:
+                allowed = allowed_mask(attention_mask, B, q_len, self.n_seen, query.device)
+                out = self._attend(query, allowed, scaling)
+            return out.to(query.dtype)
+        finally:
+            self._call_kv = None  # the call's full-precision k/v are not kept
+
+    def _attend_prompt(self, q, k, v, attention_mask, scaling: float) -> torch.Tensor:
+        """The first call of an empty layer, exact (``k, v``: the call's tokens). Default: the general path."""
+        allowed = allowed_mask(attention_mask, q.shape[0], q.shape[2], self.n_seen, q.device)
+        return self._attend(q, allowed, scaling)
+
+    def _attend_fast(self, q, attention_mask, scaling: float) -> torch.Tensor | None:
+        """A subclass's fast path for this call, or None (then the general path runs)."""
+        return None
 
     def get_seq_length(self) -> int:
         return self.n_seen
@@ -240,6 +299,7 @@ class HookedLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.is_initialized = False
         self.n_seen = 0
+        self._call_kv = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot roll back: compressed tokens cannot be restored")
@@ -259,7 +319,9 @@ class HookedLayer(CacheLayerMixin):
             return
         for name in self._batch_fields:
             field = getattr(self, name)
-            if isinstance(field, dict):
+            if isinstance(field, TokenStore):
+                field.map_batch(fn)
+            elif isinstance(field, dict):
                 setattr(self, name, {k: fn(t) for k, t in field.items()})
             elif field is not None:
                 setattr(self, name, fn(field))
@@ -293,7 +355,7 @@ class CompressingLayer(HookedLayer):
     exact, and after attention down to what the rule keeps at rest.
     """
 
-    _batch_fields = ("sink_k", "sink_v", "recent_k", "recent_v", "stored")
+    _batch_fields = ("sink_k", "sink_v", "recent_k", "recent_v", "store")
 
     def __init__(self, config, layer_idx: int, *, sink: int = 0, compressed_prefill: bool = False):
         super().__init__(config, layer_idx, compressed_prefill=compressed_prefill)
@@ -302,8 +364,13 @@ class CompressingLayer(HookedLayer):
     def _init_storage(self, key_states: torch.Tensor) -> None:
         empty = key_states[:, :, :0].clone()
         self.sink_k = self.sink_v = self.recent_k = self.recent_v = empty
-        self.stored: dict[str, torch.Tensor] = {}
+        self.store = TokenStore()  # compressed tokens, preallocated and grown geometrically
         self.n_compressed = 0
+
+    @property
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The compressed tokens' tensors (views of the filled part of :attr:`store`)."""
+        return self.store.view() if self.is_initialized else {}
 
     def _n_compressed(self, n: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -327,8 +394,11 @@ class CompressingLayer(HookedLayer):
             self.sink_k = torch.cat([self.sink_k, k[:, :, :room]], dim=2)
             self.sink_v = torch.cat([self.sink_v, v[:, :, :room]], dim=2)
             k, v = k[:, :, room:], v[:, :, room:]
-        self.recent_k = torch.cat([self.recent_k, k], dim=2)
-        self.recent_v = torch.cat([self.recent_v, v], dim=2)
+        if self.recent_k.shape[2] == 0:  # the prompt: referenced, not copied (compressed after attention)
+            self.recent_k, self.recent_v = k, v
+        else:  # O(window) per decode step
+            self.recent_k = torch.cat([self.recent_k, k], dim=2)
+            self.recent_v = torch.cat([self.recent_v, v], dim=2)
         if not self.exact_call:  # what even the oldest query of this call sees compressed
             self._compress_until(self._compressed_at(self.n_seen - q_len + 1))
 
@@ -336,10 +406,25 @@ class CompressingLayer(HookedLayer):
         m = min(n_compressed - self.n_compressed, self.recent_k.shape[2])
         if m <= 0:
             return
-        chunk = self._compress(self.recent_k[:, :, :m], self.recent_v[:, :, :m])
-        self.stored = {k: torch.cat([self.stored[k], t], dim=2) if k in self.stored else t for k, t in chunk.items()}
-        self.recent_k, self.recent_v = self.recent_k[:, :, m:], self.recent_v[:, :, m:]
+        self._store_compressed(self.recent_k[:, :, :m], self.recent_v[:, :, :m])
+        # copies, so that no view keeps a prompt's full-precision K/V alive
+        self.recent_k, self.recent_v = self.recent_k[:, :, m:].clone(), self.recent_v[:, :, m:].clone()
         self.n_compressed += m
+
+    def _store_compressed(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Compress ``k, v [B, Hkv, m, D]`` and append them to :attr:`store`."""
+        self.store.append(self._compress(k, v))
+
+    def _attend_prompt(self, q, k, v, attention_mask, scaling: float) -> torch.Tensor:
+        """Exact attention of an empty layer's prompt over itself (SDPA), then compression down to what is
+        kept exact at rest. ``k, v``: the prompt's tokens as the model passed them."""
+        out = prompt_attention(q, k, v, attention_mask, scaling)
+        self._after_prompt(q, k, attention_mask)
+        self._compress_until(self._compressed_at(self.n_seen))
+        return out
+
+    def _after_prompt(self, q, k, attention_mask) -> None:
+        """Hook: what a subclass learns from the exact prompt before it is compressed."""
 
     def _attend(self, q: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
         q_len = q.shape[2]
@@ -375,7 +460,17 @@ class CompressingLayer(HookedLayer):
 
 
 class H1BLayer(CompressingLayer):
-    """One layer of :class:`H1BCache` (see there for the arguments)."""
+    """One layer of :class:`H1BCache` (see there for the arguments).
+
+    Hot paths. The prompt attends through SDPA (:func:`prompt_attention`) and is compressed right after, in
+    one launch on CUDA (:func:`~h1bkv_lite.kernels.sketch_pack_quantize_into`, written in place into the
+    preallocated :class:`~h1bkv_lite.storage.TokenStore`); "hamming" calibrates its temperature on a bounded
+    sample of query rows (:func:`~h1bkv_lite.attention.sampled_temperature`). A decode step appends the new
+    token the same way and attends through the Triton kernel: no host synchronisation, no copy of the
+    store. Nothing is checked for NaN on these paths (that would be a device sync per layer and step);
+    values beyond +-32752 and key norms beyond the fp16 maximum are clamped, the same rule on the kernel
+    and the torch paths.
+    """
 
     _batch_fields = CompressingLayer._batch_fields + ("calibrated",)
 
@@ -386,22 +481,58 @@ class H1BLayer(CompressingLayer):
         self.sketcher, self.score, self.temperature = sketcher, score, temperature
         self.value_bits, self.group_size, self.window, self.backend = value_bits, group_size, window, backend
         self.calibrated: torch.Tensor | None = None  # [B, Hq] per-sequence T from the prefill
-        self._call_keys: torch.Tensor | None = None
 
     def _init_storage(self, key_states: torch.Tensor) -> None:
         super()._init_storage(key_states)
         self.calibrated = None
+        self._padded = False  # some sequence of the batch has padding (then decode takes the torch path)
+        self._temperature_dev = None  # the given temperature on the cache's device
+        self._kernel_checked = False  # the first kernel call goes through the checked entry point
+        dev = key_states.device
+        self._use_triton = _triton_serves(self.backend, dev, self.sketcher.bits, self.head_dim, self.value_bits,
+                                          self.group_size)
+
+    def _compressed_at(self, n: int) -> int:
+        return max(0, n - self.sink - self.window)
 
     def _n_compressed(self, n: torch.Tensor) -> torch.Tensor:
         return (n - self.sink - self.window).clamp(min=0)
 
+    # ---- compression
     def _compress(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
-        chunk = {"key_codes": self.sketcher.sketch(k)}
+        """Torch path: codes, (norms), quantized values of ``k, v [B, Hkv, m, D]``; no checks, no syncs."""
+        chunk = {"key_codes": pack_bits(k.float() @ self.sketcher.projection_on(k.device) >= 0)}
         if self.score != "hamming":
-            chunk["key_norms"] = k.float().norm(dim=-1).to(torch.float16)
-        qv = quantize_values(v, self.value_bits, self.group_size)
+            chunk["key_norms"] = _key_norms(k)
+        qv = quantize_values_unchecked(v, self.value_bits, self.group_size or self.head_dim)
         chunk.update(values=qv.data, value_scales=qv.scale, value_zeros=qv.zero)
         return chunk
+
+    def _store_compressed(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not self._use_triton:
+            return super()._store_compressed(k, v)
+        from .kernels.sketch_pack import sketch_pack_quantize_into  # noqa: PLC0415 -- optional (Triton)
+
+        m = k.shape[2]
+        slots = self.store.slots(m, self._slot_shapes(k))
+        sketch_pack_quantize_into(
+            k, v, self.sketcher.projection_on(k.device), codes=slots["key_codes"], data=slots["values"],
+            scale=slots["value_scales"], zero=slots["value_zeros"], value_bits=self.value_bits,
+            group_size=self.group_size or self.head_dim)
+        if self.score != "hamming":
+            slots["key_norms"].copy_(_key_norms(k))
+        self.store.commit(m)
+
+    def _slot_shapes(self, k: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Zero-token tensors with the stored fields' shapes and dtypes (to size the store's buffers)."""
+        B, H, _, D = k.shape
+        groups = D // (self.group_size or D)
+        meta = {"key_codes": ((self.sketcher.bits // 8,), torch.uint8),
+                "values": ((D * self.value_bits // 8,), torch.uint8),
+                "value_scales": ((groups,), torch.float16), "value_zeros": ((groups,), torch.float16)}
+        if self.score != "hamming":
+            meta["key_norms"] = ((), torch.float16)
+        return {name: k.new_empty((B, H, 0, *tail), dtype=dtype) for name, (tail, dtype) in meta.items()}
 
     def _compressed_values(self, chunk: dict) -> torch.Tensor:
         data, scale = chunk["values"], chunk["value_scales"]
@@ -413,70 +544,85 @@ class H1BLayer(CompressingLayer):
     def _compressed_logits(self, q: torch.Tensor, chunk: dict, scaling: float) -> torch.Tensor:
         if self.score == "hamming":
             a = sketched_logits(q, chunk["key_codes"], sketcher=self.sketcher, score="hamming", temperature=1.0)
-            return a / self._temperature().to(q.device).view(-1, q.shape[1], 1, 1)
+            return a / self._temperature(q.device).view(-1, q.shape[1], 1, 1)
         logits = sketched_logits(q, chunk["key_codes"], sketcher=self.sketcher, score=self.score,
                                  key_norms=chunk["key_norms"])
         rescale = scaling * math.sqrt(q.shape[-1])  # sketched_logits assumes scaling = 1/sqrt(D)
         return logits if rescale == 1.0 else logits * rescale
 
-    def _temperature(self) -> torch.Tensor:
-        """``[Hq]`` given, or ``[B, Hq]`` calibrated; float32."""
-        return self.temperature if self.temperature is not None else self.calibrated
+    def _temperature(self, device=None) -> torch.Tensor:
+        """``[Hq]`` given, or ``[B, Hq]`` calibrated; float32 (on ``device`` when given)."""
+        if self.temperature is None:
+            return self.calibrated
+        if device is None:
+            return self.temperature
+        if self._temperature_dev is None or self._temperature_dev.device != torch.device(device):
+            self._temperature_dev = self.temperature.to(device)
+        return self._temperature_dev
 
-    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self._call_keys = k
-        super()._append(k, v)
+    # ---- attention
+    def _after_prompt(self, q, k, attention_mask) -> None:
+        """Padding is noted (one sync, only when a mask is given) and "hamming" calibrates on the prompt."""
+        valid = valid_tokens(attention_mask, q.shape[0], k.shape[2], q.device)
+        self._note_padding(valid)
+        if self.score == "hamming" and self.temperature is None and self.calibrated is None:
+            self.calibrated = self._calibrate(q, k, valid)
+
+    def _note_padding(self, valid: torch.Tensor | None) -> None:
+        if valid is None:
+            return
+        counts = valid.sum(-1).tolist()  # validation at the prompt: one sync, only for masked batches
+        self._padded = self._padded or min(counts) < valid.shape[-1]
+        if self.score == "hamming" and self.temperature is None and self.calibrated is None and min(counts) < 2:
+            raise ValueError(
+                "temperature=None calibrates the 'hamming' temperature on the prefill, which needs >= 2 "
+                f"(non-padding) tokens per sequence; sequence {counts.index(min(counts))} has {min(counts)}. "
+                "Pass temperature=..."
+            )
+
+    def _calibrate(self, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """Per-sequence ``T [B, Hq]`` on this call's exact q/k, padded tokens excluded (bounded sample)."""
+        if k.shape[2] < 2:
+            raise ValueError(
+                "temperature=None calibrates the 'hamming' temperature on the prefill, which needs >= 2 "
+                f"(non-padding) tokens per sequence; the prompt has {k.shape[2]}. Pass temperature=..."
+            )
+        return sampled_temperature(q, k, sketcher=self.sketcher, valid=valid)
 
     def _attend(self, q: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
-        keys, self._call_keys = self._call_keys, None
-        if self.score == "hamming" and self.temperature is None and self.calibrated is None:
-            self.calibrated = self._calibrate(q, keys, allowed)
-        if self._use_kernel(q, allowed, scaling):
-            return self._kernel_decode(q)
+        if self.n_seen == q.shape[2]:  # the first call (compressed_prefill): note padding, calibrate
+            valid = allowed[:, 0, -1, -q.shape[2]:]
+            self._note_padding(valid)
+            if self.score == "hamming" and self.temperature is None and self.calibrated is None:
+                self.calibrated = self._calibrate(q, self._call_kv[0], valid)
         return super()._attend(q, allowed, scaling)
 
-    def _calibrate(self, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """Per-sequence ``T [B, Hq]`` on this call's exact q/k, padded tokens excluded."""
-        q_len = q.shape[2]
-        valid = allowed[:, 0, -1, -q_len:]  # [B, Tq]: the last query sees every non-padding token of the call
-        temps = []
-        for b in range(q.shape[0]):
-            idx = valid[b].nonzero().squeeze(-1)
-            if idx.numel() < 2:
-                raise ValueError(
-                    "temperature=None calibrates the 'hamming' temperature on the prefill, which needs >= 2 "
-                    f"(non-padding) tokens per sequence; sequence {b} has {idx.numel()}. Pass temperature=..."
-                )
-            temps.append(calibrate_temperature(q[b : b + 1, :, idx], k[b : b + 1, :, idx], sketcher=self.sketcher))
-        return torch.stack(temps)
-
-    # ---- the single dispatch point to the Triton decode kernel
-    def _use_kernel(self, q: torch.Tensor, allowed: torch.Tensor, scaling: float) -> bool:
-        """Whether this call goes to the Triton decode kernel: "auto" on CUDA, "triton" anywhere (CPU under
-        ``TRITON_INTERPRET=1``), and only for what the kernel serves -- one query, some compressed tokens, no
-        padding, scaling 1/sqrt(D), one temperature per head. Everything else takes the torch path."""
-        if self.backend == "torch" or (self.backend == "auto" and q.device.type != "cuda"):
-            return False
-        return (
-            q.shape[2] == 1
-            and self.n_compressed > 0
-            and bool(allowed.all())
-            and scaling == q.shape[-1] ** -0.5
-            and (self.score != "hamming" or self.temperature is not None or self.calibrated.shape[0] == 1)
-        )
+    def _attend_fast(self, q, attention_mask, scaling: float) -> torch.Tensor | None:
+        """The Triton decode kernel, for what it serves: one query, some compressed tokens, a batch without
+        padding, scaling 1/sqrt(D), and a temperature known (given or calibrated). Decided from host state
+        only: no sync."""
+        if not (self._use_triton and q.shape[2] == 1 and self.n_compressed > 0 and not self._padded
+                and scaling == q.shape[-1] ** -0.5
+                and (self.score != "hamming" or self.temperature is not None or self.calibrated is not None)):
+            return None
+        return self._kernel_decode(q)
 
     def _kernel_decode(self, q: torch.Tensor) -> torch.Tensor:
-        from .kernels import h1b_decode_attention  # noqa: PLC0415 -- optional (Triton)
+        from .kernels import decode_attention as kernel  # noqa: PLC0415 -- optional (Triton)
 
         stored = self.stored
-        temperature = self._temperature().to(q.device).reshape(-1) if self.score == "hamming" else None
-        out = h1b_decode_attention(
-            q[:, :, 0], stored["key_codes"], stored["values"], stored["value_scales"], stored["value_zeros"],
-            projection=self.sketcher.projection_on(q.device), score=self.score, temperature=temperature,
-            key_norms=stored.get("key_norms"), window_k=torch.cat([self.sink_k, self.recent_k], dim=2),
-            window_v=torch.cat([self.sink_v, self.recent_v], dim=2), value_bits=self.value_bits,
-            backend=self.backend,
-        )
+        window_k = self.recent_k if self.sink_k.shape[2] == 0 else torch.cat([self.sink_k, self.recent_k], dim=2)
+        window_v = self.recent_v if self.sink_v.shape[2] == 0 else torch.cat([self.sink_v, self.recent_v], dim=2)
+        args = (q[:, :, 0], stored["key_codes"], stored["values"], stored["value_scales"], stored["value_zeros"])
+        kwargs = dict(projection=self.sketcher.projection_on(q.device), score=self.score,
+                      temperature=self._temperature(q.device) if self.score == "hamming" else None,
+                      key_norms=stored.get("key_norms"), window_k=window_k, window_v=window_v,
+                      value_bits=self.value_bits)
+        if self._kernel_checked:
+            out = kernel.h1b_decode_attention_unchecked(*args, **kwargs)
+        else:
+            out = kernel.h1b_decode_attention(*args, **kwargs, backend="triton")
+            self._kernel_checked = True
         self._compress_until(self._compressed_at(self.n_seen))
         return out.unsqueeze(2)
 
@@ -494,6 +640,28 @@ class H1BLayer(CompressingLayer):
             "projection": 0,  # R is regenerated from its seed
         }
         return parts
+
+
+_FP16_MAX = torch.finfo(torch.float16).max
+
+
+def _key_norms(k: torch.Tensor) -> torch.Tensor:
+    """fp16 ``[B, H, m]`` key norms, clamped to the fp16 maximum (the rule of every path)."""
+    return k.float().norm(dim=-1).clamp_(max=_FP16_MAX).to(torch.float16)
+
+
+def _triton_serves(backend: str, device: torch.device, bits: int, head_dim: int, value_bits: int,
+                   group_size: int | None) -> bool:
+    """Whether this layer's appends and decode steps run the Triton kernels: "auto" on CUDA, "triton"
+    anywhere (CPU under ``TRITON_INTERPRET=1``), and only for formats both kernels serve (the kernels' own
+    predicates). :class:`H1BCache` refuses unserved formats for ``backend="triton"`` at construction."""
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return False
+    from .kernels import HAS_TRITON  # noqa: PLC0415
+    from .kernels.decode_attention import decode_kernel_serves  # noqa: PLC0415
+    from .kernels.sketch_pack import append_kernel_serves  # noqa: PLC0415
+
+    return HAS_TRITON and decode_kernel_serves(bits) and append_kernel_serves(head_dim, value_bits, group_size)
 
 
 # ------------------------------------------------------------------------------------------------ caches
@@ -542,8 +710,10 @@ class H1BCache(HookedCache):
         are the first columns, so a padded row's sinks are padding).
     compressed_prefill : multi-token forwards attend as if decoded token by token (default: exactly).
     seed : layer ``i`` sketches with ``SimHashSketcher(head_dim, bits, seed + i)``.
-    backend : "auto" (the Triton decode kernel for CUDA decode steps it serves, torch otherwise), "torch", or
-        "triton" (the kernel wherever it serves, also on CPU under ``TRITON_INTERPRET=1``; for tests).
+    backend : "auto" (the Triton append and decode kernels on CUDA for the formats they serve: bits a
+        multiple of 32, value groups of whole bytes; torch otherwise), "torch", or "triton" (the kernels
+        also on CPU under ``TRITON_INTERPRET=1``, for tests; a format they do not serve raises ValueError
+        here, at construction).
     """
 
     def __init__(self, config, *, bits: int = 256, score: str = "hamming", temperature=None, value_bits: int = 4,
@@ -565,6 +735,8 @@ class H1BCache(HookedCache):
         check_bool("compressed_prefill", compressed_prefill)
         check_int("seed", seed, low=0)
         check_choice("backend", backend, BACKENDS)
+        if backend == "triton":
+            _check_triton_serves(bits, shape.head_dim, value_bits, group_size)
         temps = _layer_temperatures(temperature, score, shape.num_layers, shape.num_heads)
         self.bits, self.score, self.value_bits, self.group_size = bits, score, value_bits, group_size
         self.window, self.sink, self.seed = window, sink, seed
@@ -586,6 +758,22 @@ class H1BCache(HookedCache):
         if self.score != "hamming" or not all(layer.is_initialized for layer in self.layers):
             return None
         return torch.stack([layer._temperature().expand(layer.batch, -1) for layer in self.layers])
+
+
+def _check_triton_serves(bits: int, head_dim: int, value_bits: int, group_size: int | None) -> None:
+    """backend="triton" promises the kernels: refuse, at construction, a format they do not serve."""
+    from .kernels import HAS_TRITON  # noqa: PLC0415
+    from .kernels.decode_attention import decode_kernel_serves  # noqa: PLC0415
+    from .kernels.sketch_pack import append_kernel_serves  # noqa: PLC0415
+
+    if not HAS_TRITON:
+        raise RuntimeError("backend='triton' needs the triton package (pip install 'h1bkv-lite[kernels]')")
+    if not decode_kernel_serves(bits):
+        raise ValueError(f"backend='triton' needs bits a multiple of 32 (the decode kernel's words), got {bits}; "
+                         "use backend='auto' (the torch path serves it) or bits in {32, 64, ...}")
+    if not append_kernel_serves(head_dim, value_bits, group_size):
+        raise ValueError(f"backend='triton' needs value groups of whole bytes, got group_size={group_size} at "
+                         f"value_bits={value_bits}; use backend='auto'")
 
 
 def _layer_temperatures(temperature, score: str, num_layers: int, num_heads: int) -> list:

@@ -72,9 +72,20 @@ def quantize_values(v: torch.Tensor, bits: int = 4, group_size: int | None = Non
         raise ValueError(f"last dim * bits must fill whole bytes; got last dim {n} with bits={bits}")
     if v.abs().max() > _FP16_MAX / 2:
         raise ValueError(f"v has magnitudes above {_FP16_MAX / 2:g}; fp16 scales/zeros cannot represent it")
+    return quantize_values_unchecked(v, bits, group_size)
 
+
+def quantize_values_unchecked(v: torch.Tensor, bits: int, group_size: int) -> QuantizedTensor:
+    """:func:`quantize_values` without argument checks or device syncs, for a cache's hot path.
+
+    ``bits`` in (2, 4, 8) and ``group_size`` dividing ``v.shape[-1]`` are the caller's contract. Values
+    beyond +-32752 (half the fp16 maximum) are clamped to it instead of raising, the same rule as the
+    fused Triton append (:func:`h1bkv_lite.kernels.sketch_pack_quantize_into`).
+    """
+    n = v.shape[-1]
     levels = (1 << bits) - 1
-    groups = v.float().reshape(*v.shape[:-1], n // group_size, group_size)
+    limit = _FP16_MAX / 2
+    groups = v.float().clamp(-limit, limit).reshape(*v.shape[:-1], n // group_size, group_size)
     lo, hi = groups.amin(-1), groups.amax(-1)
     zero = _round_fp16(lo, down=True)
     scale = _round_fp16((hi - zero.float()) / levels, down=False)

@@ -188,7 +188,7 @@ def _asym_dots(kw, qp_ptr, qrow, gmask, w, wmask, BITS: tl.constexpr, GR: tl.con
 @triton.jit
 def _decode_split_kernel(
     q_ptr, stride_qb, stride_qh,
-    qw_ptr, qn_ptr, qp_ptr, t_ptr, inv_t, cos_ptr,
+    qw_ptr, qn_ptr, qp_ptr, t_ptr, stride_tb, inv_t, cos_ptr,
     kc_ptr, stride_kcb, stride_kch, stride_kcn,
     kn_ptr, stride_knb, stride_knh, stride_knn,
     vd_ptr, stride_vdb, stride_vdh, stride_vdn,
@@ -223,7 +223,7 @@ def _decode_split_kernel(
         if SCORE == 0:
             qw = tl.load(qw_ptr + qrow[:, None] * NW + w[None, :], mask=gmask[:, None] & wmask[None, :], other=0)
             if PER_HEAD_T:
-                t_log2 = 1.4426950408889634 / tl.load(t_ptr + heads, mask=gmask, other=1.0)
+                t_log2 = 1.4426950408889634 / tl.load(t_ptr + b * stride_tb + heads, mask=gmask, other=1.0)
             else:
                 t_log2 = tl.full((GR,), inv_t * 1.4426950408889634, tl.float32)
         elif SCORE == 1:
@@ -455,7 +455,7 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     acc = torch.empty(B * Hq * total, block_d, **f32)
     _decode_split_kernel[(B * Hkv, total)](
         q, q.stride(0), q.stride(1),
-        q_words, q_norm, q_proj, t_tensor, inv_t, cos_table,
+        q_words, q_norm, q_proj, t_tensor, t_tensor.stride(0) if t_tensor.dim() == 2 else 0, inv_t, cos_table,
         kw, *kw.stride()[:3],
         norms, *norms.stride()[:3],
         values_packed, *values_packed.stride()[:3],
@@ -504,8 +504,9 @@ def h1b_decode_attention_reference(
     else:
         h = hamming_scores_reference(pack_bits(proj >= 0), key_codes).float()  # [B, Hkv, group, N]
         if score == "hamming":
-            t = torch.as_tensor(temperature, dtype=torch.float32, device=q.device).expand(Hq)
-            logits = (1 - 2 * h / bits) / t.reshape(1, Hkv, group, 1)
+            t = torch.as_tensor(temperature, dtype=torch.float32, device=q.device)
+            t = t.reshape(B, Hq) if t.dim() == 2 else t.expand(Hq).reshape(1, Hq)
+            logits = (1 - 2 * h / bits) / t.reshape(-1, Hkv, group, 1)
         else:
             cos = torch.cos(math.pi * h / bits)
             logits = qf.norm(dim=-1, keepdim=True) * key_norms.float().unsqueeze(-2) * cos / math.sqrt(D)
@@ -551,8 +552,8 @@ def h1b_decode_attention(
         of :class:`h1bkv_lite.QuantizedTensor`.
     projection : float32 ``[D, bits]``, the sketcher's R (``SimHashSketcher.projection_on(device)``).
     score : ``"hamming"``, ``"cos"`` or ``"asym"`` (module docstring).
-    temperature : float, one-element tensor, or tensor ``[Hq]`` (> 0); required by ``"hamming"``, not
-        accepted by the others.
+    temperature : float, one-element tensor, tensor ``[Hq]`` or ``[B, Hq]`` (per sequence, as the cache
+        calibrates it; > 0); required by ``"hamming"``, not accepted by the others.
     key_norms : ``[B, Hkv, N]`` fp16 (or any float) key norms; required by ``"cos"`` and ``"asym"``.
     window_k, window_v : ``[B, Hkv, W, D]`` fp16 / bf16 / fp32 exact newest tokens, both or neither
         (``W`` may be 0).
@@ -570,7 +571,7 @@ def h1b_decode_attention(
     _check_decode_inputs(q, key_codes, values_packed, value_scale, value_zero, projection, score, key_norms,
                          window_k, window_v, value_bits)
     B, Hq, D = q.shape
-    temperature = _check_temperature(temperature, score, Hq, q.device)
+    temperature = _check_temperature(temperature, score, Hq, q.device, B)
     if split_k is not None:
         check_int("split_k", split_k, low=1)
     if not use_triton(backend, q.device, _decode_split_kernel):
@@ -579,7 +580,7 @@ def h1b_decode_attention(
             temperature=temperature, key_norms=key_norms, window_k=window_k, window_v=window_v,
             value_bits=value_bits,
         )
-    if projection.shape[1] % 32:
+    if not decode_kernel_serves(projection.shape[1]):
         raise ValueError(
             f"the Triton kernel needs bits (projection.shape[1]) a multiple of 32, got {projection.shape[1]} "
             "(use backend='torch')"
@@ -592,8 +593,25 @@ def h1b_decode_attention(
                    projection.contiguous(), score, temperature, value_bits, split_k, config)
 
 
-def _check_temperature(temperature, score: str, heads: int, device):
-    """None (not "hamming"), a positive float, or a float32 ``[heads]`` tensor on ``device``."""
+def h1b_decode_attention_unchecked(q, key_codes, values_packed, value_scale, value_zero, *, projection, score,
+                                   temperature, key_norms, window_k, window_v, value_bits) -> torch.Tensor:
+    """:func:`h1b_decode_attention` on the Triton path without its argument checks (the cache's decode hot
+    path, after its first step went through the checked entry point with the same layout). ``temperature``
+    as :func:`h1b_decode_attention` returns it from its checks: None, a float or a float32 CUDA tensor
+    ``[Hq]`` / ``[B, Hq]``; ``projection`` contiguous float32 ``[D, bits]``."""
+    return _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
+                   projection, score, temperature, value_bits, None, None)
+
+
+def decode_kernel_serves(bits: int) -> bool:
+    """Whether the Triton decode kernel serves sketches of ``bits`` bits (whole 32-bit words). Every other
+    precondition is a shape or dtype the cache always meets; callers fall back to the reference when False."""
+    return bits % 32 == 0
+
+
+def _check_temperature(temperature, score: str, heads: int, device, batch: int = 1):
+    """None (not "hamming"), a positive float, or a float32 ``[heads]`` / ``[batch, heads]`` tensor on
+    ``device``."""
     if score != "hamming":
         if temperature is not None:
             raise ValueError(f"temperature applies to score='hamming' only, got one with score={score!r}")
@@ -609,8 +627,9 @@ def _check_temperature(temperature, score: str, heads: int, device):
             raise ValueError(f"temperature must be finite and > 0, got {temperature}")
         return float(temperature)
     t = temperature.reshape(()).expand(heads) if temperature.numel() == 1 else temperature
-    if t.shape != (heads,):
-        raise ValueError(f"temperature must be a scalar or have shape [{heads}] (one per query head), got {tuple(t.shape)}")
+    if t.shape != (heads,) and t.shape != (batch, heads):
+        raise ValueError(f"temperature must be a scalar or have shape [{heads}] (one per query head) or "
+                         f"[{batch}, {heads}] (per sequence and head), got {tuple(t.shape)}")
     if t.device.type == "cpu" and not bool((torch.isfinite(t) & (t > 0)).all()):
         raise ValueError("temperature must be finite and > 0")
     return t.to(device=device, dtype=torch.float32).contiguous()

@@ -85,22 +85,33 @@ def _round_half_even(t):
 @triton.jit
 def _sketch_pack_quantize_kernel(
     k_ptr, r_ptr, codes_ptr, v_ptr, data_ptr, scale_ptr, zero_ptr,
-    M, D, NBYTES, stride_km, stride_vm,
-    GROUPS, GROUP_SIZE, DATA_BYTES,
+    M, D, NBYTES, SEQ, HEADS,
+    stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_cbh, stride_dbh, stride_sbh, stride_zbh,
+    GROUPS, GROUP_SIZE, DATA_BYTES, V_LIMIT,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_BYTES: tl.constexpr,
     GROUPS_P: tl.constexpr, GROUP_P: tl.constexpr, VALUE_BITS: tl.constexpr,
 ):
+    """Row ``r`` of the ``M = B * HEADS * SEQ`` new tokens is token ``t = r % SEQ`` of head ``h`` and
+    sequence ``b`` (``r // SEQ = b * HEADS + h``); inputs are read through their strides and outputs
+    written at ``out + (r // SEQ) * stride_?bh + t * row_width``, so the outputs may be slots of a larger
+    preallocated store (the cache's in-place append). Values are clamped to +-``V_LIMIT`` (the fp16
+    scale/zero range; the checked entry point rejects larger ones before launching)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
+    bh = rows // SEQ
+    tok = rows % SEQ
+    k_off = (bh // HEADS) * stride_kb + (bh % HEADS) * stride_kh + tok * stride_kt
+    v_off = (bh // HEADS) * stride_vb + (bh % HEADS) * stride_vh + tok * stride_vt
 
     # keys -> sign bits, BLOCK_BYTES bytes of the code at a time
     for b0 in range(0, NBYTES, BLOCK_BYTES):
-        proj = _project_tile(k_ptr, r_ptr, rows, row_mask, stride_km, D, NBYTES * 8, b0 * 8,
+        proj = _project_tile(k_ptr, r_ptr, k_off, row_mask, 1, D, NBYTES * 8, b0 * 8,
                              BLOCK_M, BLOCK_K, BLOCK_BYTES * 8)
         packed = pack_sign_bytes(proj, BLOCK_M, BLOCK_BYTES)
         nbytes = b0 + tl.arange(0, BLOCK_BYTES)
-        tl.store(codes_ptr + rows[:, None] * NBYTES + nbytes[None, :], packed.to(tl.uint8),
+        tl.store(codes_ptr + (bh * stride_cbh + tok * NBYTES)[:, None] + nbytes[None, :], packed.to(tl.uint8),
                  mask=row_mask[:, None] & (nbytes < NBYTES)[None, :])
 
     # values -> per-group affine codes; tile [BLOCK_M, GROUPS_P, GROUP_P], element (g, j) = column g*gs + j
@@ -111,7 +122,8 @@ def _sketch_pack_quantize_kernel(
     valid = (g < GROUPS)[:, None] & (j < GROUP_SIZE)[None, :]
     mask3 = row_mask[:, None, None] & valid[None, :, :]
     col = g[:, None] * GROUP_SIZE + j[None, :]
-    v = tl.load(v_ptr + rows[:, None, None] * stride_vm + col[None, :, :], mask=mask3, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + v_off[:, None, None] + col[None, :, :], mask=mask3, other=0.0).to(tl.float32)
+    v = tl.minimum(tl.maximum(v, -V_LIMIT), V_LIMIT)
     real_group = (g < GROUPS)[None, :]
     lo = tl.where(real_group, tl.min(tl.where(mask3, v, float("inf")), axis=2), 0.0)  # [BLOCK_M, GROUPS_P]
     hi = tl.where(real_group, tl.max(tl.where(mask3, v, -float("inf")), axis=2), 0.0)
@@ -132,11 +144,11 @@ def _sketch_pack_quantize_kernel(
     jb = tl.arange(0, GROUP_P // PER_BYTE)
     byte_col = g[:, None] * (GROUP_SIZE // PER_BYTE) + jb[None, :]
     byte_ok = (g < GROUPS)[:, None] & (jb < GROUP_SIZE // PER_BYTE)[None, :]
-    tl.store(data_ptr + rows[:, None, None] * DATA_BYTES + byte_col[None, :, :], packed_v.to(tl.uint8),
+    tl.store(data_ptr + (bh * stride_dbh + tok * DATA_BYTES)[:, None, None] + byte_col[None, :, :], packed_v.to(tl.uint8),
              mask=row_mask[:, None, None] & byte_ok[None, :, :])
     gmask = row_mask[:, None] & (g < GROUPS)[None, :]
-    tl.store(scale_ptr + rows[:, None] * GROUPS + g[None, :], scale, mask=gmask)
-    tl.store(zero_ptr + rows[:, None] * GROUPS + g[None, :], zero, mask=gmask)
+    tl.store(scale_ptr + (bh * stride_sbh + tok * GROUPS)[:, None] + g[None, :], scale, mask=gmask)
+    tl.store(zero_ptr + (bh * stride_zbh + tok * GROUPS)[:, None] + g[None, :], zero, mask=gmask)
 
 
 def _check_projection(x: torch.Tensor, projection: torch.Tensor) -> int:
@@ -222,6 +234,9 @@ def sketch_pack_quantize(
     ``(codes, qt)``: uint8 codes ``[..., bits // 8]`` as :func:`sketch_pack`, and a
     :class:`~h1bkv_lite.QuantizedTensor` whose ``data [..., n * value_bits // 8]``, fp16
     ``scale / zero [..., n // group_size]`` equal ``quantize_values(v, value_bits, group_size)``'s.
+
+    Raises ValueError (like :func:`~h1bkv_lite.quantize_values`) for values beyond the fp16 scale range
+    (one device sync for that check: the cache's decode path uses :func:`sketch_pack_quantize_into`).
     """
     check_tensor("k", k, min_ndim=1, dtypes=FLOAT_DTYPES)
     check_tensor("v", v, min_ndim=1, dtypes=FLOAT_DTYPES)
@@ -233,36 +248,81 @@ def sketch_pack_quantize(
     n = v.shape[-1]
     if not use_triton(backend, k.device, _sketch_pack_quantize_kernel):
         return sketch_pack_quantize_reference(k, v, projection, value_bits, group_size)
-    if (group_size * value_bits) % 8:
+    if not append_kernel_serves(n, value_bits, group_size):
         raise ValueError(
             f"group_size * value_bits must fill whole bytes for the Triton kernel, got group_size={group_size} "
             f"with value_bits={value_bits} (use backend='torch')"
         )
     if v.abs().max() > _FP16_MAX / 2:
         raise ValueError(f"v has magnitudes above {_FP16_MAX / 2:g}; fp16 scales/zeros cannot represent it")
+    lead = k.shape[:-1]
+    k4, v4 = k.reshape(1, 1, -1, k.shape[-1]), v.reshape(1, 1, -1, n)
+    M = k4.shape[2]
+    codes = torch.empty(1, 1, M, bits // 8, dtype=torch.uint8, device=k.device)
+    data = torch.empty(1, 1, M, n * value_bits // 8, dtype=torch.uint8, device=k.device)
+    scale = torch.empty(1, 1, M, n // group_size, dtype=torch.float16, device=k.device)
+    zero = torch.empty_like(scale)
+    _launch_append(k4, v4, projection, codes, data, scale, zero, value_bits, group_size)
+    qt = QuantizedTensor(data.reshape(*lead, -1), scale.reshape(*lead, -1), zero.reshape(*lead, -1),
+                         value_bits, group_size, v.shape, v.dtype)
+    return codes.reshape(*lead, bits // 8), qt
 
-    k2, v2 = _rows(k), _rows(v)
-    M, d = k2.shape
-    nbytes, groups = bits // 8, n // group_size
+
+def append_kernel_serves(n: int, value_bits: int, group_size: int | None) -> bool:
+    """Whether the fused append kernel handles values of ``n`` channels at ``value_bits`` per group of
+    ``group_size`` (None: per token): each group must fill whole bytes."""
+    return ((n if group_size is None else group_size) * value_bits) % 8 == 0
+
+
+def sketch_pack_quantize_into(k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, *, codes: torch.Tensor,
+                              data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, value_bits: int,
+                              group_size: int) -> None:
+    """The cache's in-place append (one launch, no device sync): sketch ``k`` and quantize ``v`` into
+    given slots of a preallocated store.
+
+    k, v : ``[B, H, m, d]`` / ``[B, H, m, n]`` on CUDA (or CPU under ``TRITON_INTERPRET=1``), any strides
+    with a contiguous last dim. codes ``uint8 [B, H, m, bits // 8]``, data ``uint8 [B, H, m, n * value_bits
+    // 8]``, scale / zero ``fp16 [B, H, m, n // group_size]``: views (e.g. ``store[:, :, L:L + m]``) whose
+    last two dims are contiguous; written in place. Values beyond +-32752 (half the fp16 maximum) are
+    clamped instead of checked, as :func:`h1bkv_lite.quant.quantize_values_unchecked` does.
+    Shapes are the caller's contract (not checked: this is the decode hot path).
+    """
+    _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group_size)
+
+
+def _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group_size) -> None:
+    B, H, m, d = k.shape
+    n = v.shape[-1]
+    M = B * H * m
+    if M == 0:
+        return
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    nbytes, groups = projection.shape[1] // 8, n // group_size
     data_bytes = n * value_bits // 8
-    dev = k.device
-    codes = torch.empty(M, nbytes, dtype=torch.uint8, device=dev)
-    data = torch.empty(M, data_bytes, dtype=torch.uint8, device=dev)
-    scale = torch.empty(M, groups, dtype=torch.float16, device=dev)
-    zero = torch.empty(M, groups, dtype=torch.float16, device=dev)
     groups_p, group_p = next_pow2(groups), max(next_pow2(group_size), 8 // value_bits)
     BLOCK_M = max(16, min(32, 4096 // (groups_p * group_p)))
     BLOCK_K = max(16, min(64, next_pow2(d)))
     BLOCK_BYTES = max(2, min(16, next_pow2(nbytes)))
     _sketch_pack_quantize_kernel[(cdiv(M, BLOCK_M),)](
-        k2, projection.contiguous(), codes, v2, data, scale, zero,
-        M, d, nbytes, k2.stride(0), v2.stride(0), groups, group_size, data_bytes,
+        k, projection, codes, v, data, scale, zero,
+        M, d, nbytes, m, H,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        _bh_stride(codes, m), _bh_stride(data, m), _bh_stride(scale, m), _bh_stride(zero, m),
+        groups, group_size, data_bytes, _FP16_MAX / 2,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_BYTES=BLOCK_BYTES,
         GROUPS_P=groups_p, GROUP_P=group_p, VALUE_BITS=value_bits,
     )
-    lead = k.shape[:-1]
-    qt = QuantizedTensor(
-        data.reshape(*lead, data_bytes), scale.reshape(*lead, groups), zero.reshape(*lead, groups),
-        value_bits, group_size, v.shape, v.dtype,
-    )
-    return codes.reshape(*lead, nbytes), qt
+
+
+def _bh_stride(out: torch.Tensor, m: int) -> int:
+    """Elements between consecutive (sequence, head) rows of an output ``[B, H, m, w]`` whose last two
+    dims are contiguous and whose (B, H) dims are uniformly strided (a slot view of a store)."""
+    B, H, _, w = out.shape
+    if out.stride(3) != 1 or (m > 1 and out.stride(2) != w):
+        raise ValueError(f"append outputs need contiguous token rows, got strides {out.stride()}")
+    if B > 1 and H > 1 and out.stride(0) != H * out.stride(1):
+        raise ValueError(f"append outputs need uniformly strided (batch, head) rows, got strides {out.stride()}")
+    return out.stride(1) if H > 1 else out.stride(0)
