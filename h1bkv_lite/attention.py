@@ -106,7 +106,7 @@ def calibrate_temperature(
     return t.clamp_min(1e-6)
 
 
-CALIBRATION_QUERIES = 256
+CALIBRATION_QUERIES = 128
 """Query rows :func:`sampled_temperature` uses by default (evenly spaced over the prompt)."""
 
 
@@ -118,7 +118,7 @@ def sampled_temperature(
     sketcher: SimHashSketcher,
     valid: torch.Tensor | None = None,
     max_queries: int = CALIBRATION_QUERIES,
-    block_elements: int = 1 << 25,
+    block_elements: int = 1 << 23,
 ) -> torch.Tensor:
     """:func:`calibrate_temperature` per sequence, on a bounded sample of query rows, in bounded memory.
 
@@ -132,7 +132,7 @@ def sampled_temperature(
     score matrices hold about ``block_elements`` entries, so memory is O(``max_queries * Tk``) at most
     one block at a time, never ``Tq x Tk``. Moments are summed in float64. The sample's effect on the
     result is measured on the bundled model in ``tests/test_cache.py`` (within 2% of the full calibration
-    at 256 of 2048 rows).
+    at 128 of 2048 rows).
     """
     _check_qk(q, k, sketcher)
     check_int("max_queries", max_queries, low=1)
@@ -148,7 +148,7 @@ def sampled_temperature(
     q_signs = torch.where(qg @ projection >= 0, 1.0, -1.0)
     q_ok = None if valid is None else valid[:, qpos][:, None, None, :, None]  # [B, 1, 1, Q, 1]
     sums = torch.zeros(5, B, Hkv, group, dtype=torch.float64, device=dev)  # count, sum a, a^2, e, e^2
-    kb = max(64, block_elements // max(1, B * Hq * Q))
+    kb = max(256, block_elements // max(1, B * Hq * Q))
     for k0 in range(0, Tk, kb):
         kblk = k[:, :, k0:k0 + kb].float()
         k_signs = torch.where(kblk @ projection >= 0, 1.0, -1.0)
@@ -158,10 +158,12 @@ def sampled_temperature(
         mask = torch.arange(k0, k0 + kblk.shape[2], device=dev) <= qpos[:, None]  # [Q, n] causal
         if valid is not None:
             mask = mask & q_ok & valid[:, None, None, None, k0:k0 + kblk.shape[2]]
-        m = mask.expand(shape).double()
-        a, e = a.double() * m, e.double() * m
-        sums += torch.stack([m.sum((-1, -2)), a.sum((-1, -2)), (a * a).sum((-1, -2)), e.sum((-1, -2)),
-                             (e * e).sum((-1, -2))])
+        a, e = torch.where(mask, a, 0.0), torch.where(mask, e, 0.0)
+        count = mask.sum((-1, -2), dtype=torch.float64).expand(B, Hkv, group) if mask.dim() == 5 else \
+            mask.sum(dtype=torch.float64).expand(B, Hkv, group)
+        # block sums in float32 (pairwise reductions), accumulated in float64
+        sums += torch.stack([count, a.sum((-1, -2)).double(), a.square_().sum((-1, -2)).double(),
+                             e.sum((-1, -2)).double(), e.square_().sum((-1, -2)).double()])
     count = sums[0].clamp_min(1)
     var_a = (sums[2] / count - (sums[1] / count) ** 2).clamp_min(0)
     var_e = (sums[4] / count - (sums[3] / count) ** 2).clamp_min(0)

@@ -7,8 +7,9 @@ geometrically (amortised O(1) per token, like ``std::vector``) when full. Reader
 filled part, so nothing is copied on the decode path and no host synchronisation is needed: the length
 is a Python int, known from the shapes of what was appended.
 
-Every field is batch-major with tokens on dim 2 (``[B, H, N, ...]``), the layout of the caches' stored
-parts. ``nbytes()`` counts the filled part only (what :mod:`h1bkv_lite.memory` predicts);
+Every field is batch-major and grows along dim 2 (``[B, H, N, ...]``), the layout of the caches' stored
+parts; fields may advance by different amounts per append (KIVI stores keys per group of tokens and
+values per token), so each keeps its own filled length. ``nbytes()`` counts the filled part only (what :mod:`h1bkv_lite.memory` predicts);
 ``reserved_nbytes()`` counts the buffers.
 """
 from __future__ import annotations
@@ -39,7 +40,12 @@ class TokenStore:
             raise ValueError(f"growth must be a number > 1, got {growth!r}")
         self.growth = float(growth)
         self._buffers: dict[str, torch.Tensor] = {}
-        self.length = 0
+        self._filled: dict[str, int] = {}
+
+    @property
+    def length(self) -> int:
+        """Filled entries along dim 2 of the first field (all fields, when they advance together)."""
+        return next(iter(self._filled.values()), 0)
 
     def __len__(self) -> int:
         return self.length
@@ -49,47 +55,45 @@ class TokenStore:
 
     @property
     def capacity(self) -> int:
-        """Tokens the buffers hold before the next growth (0 when empty)."""
+        """Entries the first field's buffer holds before it grows (0 when empty)."""
         return next(iter(self._buffers.values())).shape[2] if self._buffers else 0
 
-    def reserve(self, chunk: dict[str, torch.Tensor], total: int) -> None:
-        """Make room for ``total`` tokens of fields shaped like ``chunk``'s (``[B, H, n, ...]``)."""
-        if not self._buffers:
-            self._buffers = {name: t.new_empty((*t.shape[:2], _round_up(total), *t.shape[3:]))
-                             for name, t in chunk.items()}
-        elif total > self.capacity:
-            self._grow(max(total, math.ceil(self.capacity * self.growth)))
-
     def slots(self, n: int, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Views of the next ``n`` free slots (room is made first), to be written in place, then
-        :meth:`commit` ted. ``like``: a chunk with the fields' shapes (its token count is ignored)."""
-        self.reserve(like, self.length + n)
-        return {name: buf[:, :, self.length:self.length + n] for name, buf in self._buffers.items()}
+        """Views of the next ``n`` free entries of every field (room is made first), to be written in place
+        and then :meth:`commit` ted. ``like``: tensors with the fields' shapes and dtypes (their dim 2 is
+        ignored)."""
+        return {name: self._reserve(name, t, n) for name, t in like.items()}
 
     def commit(self, n: int) -> None:
-        """Count ``n`` slots returned by :meth:`slots` as filled."""
-        self.length += n
+        """Count ``n`` entries of every field returned by :meth:`slots` as filled."""
+        self._filled = {name: filled + n for name, filled in self._filled.items()}
 
     def append(self, chunk: dict[str, torch.Tensor]) -> None:
-        """Copy ``chunk`` (every field ``[B, H, n, ...]``, the same ``n``) after the filled part."""
-        n = next(iter(chunk.values())).shape[2]
+        """Copy every field of ``chunk`` (``[B, H, n_field, ...]``) after that field's filled part."""
         if self._buffers and set(chunk) != set(self._buffers):
             raise ValueError(f"chunk fields {sorted(chunk)} differ from the store's {sorted(self._buffers)}")
-        for name, view in self.slots(n, chunk).items():
-            view.copy_(chunk[name])
-        self.commit(n)
+        for name, t in chunk.items():
+            self._reserve(name, t, t.shape[2]).copy_(t)
+            self._filled[name] += t.shape[2]
 
     def view(self) -> dict[str, torch.Tensor]:
         """The filled part of every field, as views (no copy)."""
-        return {name: buf[:, :, :self.length] for name, buf in self._buffers.items()}
+        return {name: buf[:, :, :self._filled[name]] for name, buf in self._buffers.items()}
 
     def map_batch(self, fn) -> None:
         """Apply ``fn`` (a batch-dim op: index_select, repeat_interleave, ...) to every buffer."""
         self._buffers = {name: fn(buf) for name, buf in self._buffers.items()}
 
-    def truncate(self, n: int) -> None:
-        """Keep the first ``n`` tokens (capacity unchanged)."""
-        self.length = min(self.length, max(0, n))
+    def _reserve(self, name: str, like: torch.Tensor, n: int) -> torch.Tensor:
+        """Room for ``n`` more entries of field ``name`` (created like ``like``); returns their view."""
+        if name not in self._buffers:
+            self._buffers[name] = like.new_empty((*like.shape[:2], _round_up(n), *like.shape[3:]))
+            self._filled[name] = 0
+        buf, filled = self._buffers[name], self._filled[name]
+        if filled + n > buf.shape[2]:
+            buf = self._grown(buf, filled, max(filled + n, math.ceil(buf.shape[2] * self.growth)))
+            self._buffers[name] = buf
+        return buf[:, :, filled:filled + n]
 
     def nbytes(self) -> dict[str, int]:
         """Bytes of the filled part, per field."""
@@ -99,11 +103,8 @@ class TokenStore:
         """Bytes of the buffers (filled part and spare capacity)."""
         return sum(t.numel() * t.element_size() for t in self._buffers.values())
 
-    def _grow(self, total: int) -> None:
-        new_cap = _round_up(total)
-        grown = {}
-        for name, buf in self._buffers.items():
-            bigger = buf.new_empty((*buf.shape[:2], new_cap, *buf.shape[3:]))
-            bigger[:, :, :self.length].copy_(buf[:, :, :self.length])
-            grown[name] = bigger
-        self._buffers = grown
+    @staticmethod
+    def _grown(buf: torch.Tensor, filled: int, total: int) -> torch.Tensor:
+        bigger = buf.new_empty((*buf.shape[:2], _round_up(total), *buf.shape[3:]))
+        bigger[:, :, :filled].copy_(buf[:, :, :filled])
+        return bigger

@@ -1,7 +1,8 @@
 """Triton kernels for H1B-KV, each beside its plain-torch reference (``backend="torch"``).
 
-- :func:`sketch_pack` / :func:`sketch_pack_quantize` -- keys to packed SimHash codes; the fused append
-  path that also quantizes the values (``kernels/sketch_pack.py``).
+- :func:`sketch_pack` / :func:`sketch_pack_quantize` / :func:`sketch_pack_quantize_into` -- keys to packed
+  SimHash codes; the fused append path that also quantizes the values, and its in-place form that writes
+  into a cache's preallocated store (``kernels/sketch_pack.py``).
 - :func:`hamming_scores` -- pairwise Hamming distances by XOR + popcount (``kernels/hamming.py``).
 - :func:`h1b_decode_attention` -- split-K decode attention over sketched keys and 4-bit values
   (``kernels/decode_attention.py``).
@@ -16,6 +17,7 @@ from .hamming import hamming_scores, hamming_scores_reference
 from .sketch_pack import (
     sketch_pack,
     sketch_pack_quantize,
+    sketch_pack_quantize_into,
     sketch_pack_quantize_reference,
     sketch_pack_reference,
 )
@@ -29,6 +31,7 @@ __all__ = [
     "hamming_scores_reference",
     "sketch_pack",
     "sketch_pack_quantize",
+    "sketch_pack_quantize_into",
     "sketch_pack_quantize_reference",
     "sketch_pack_reference",
 ]

@@ -299,3 +299,66 @@ def test_cuda_decode_kernel_matches_torch_path(score, dtype, monkeypatch):
             outs.append(cache.layers[0].attend(q[:1, :, t:t + 1]).float())
         torch.testing.assert_close(outs[1], outs[0], atol=2e-3, rtol=2e-3)
     assert len(calls) == T - P
+
+
+def _cuda_model(layers=4, heads=4, kv_heads=4, head_dim=64, dtype=torch.float16):
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=heads * head_dim, intermediate_size=2 * heads * head_dim,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=16384, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).to("cuda", dtype).eval()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kwargs", [dict(bits=128), dict(bits=256, score="asym", window=8, sink=4),
+                                    dict(bits=64, score="cos", window=3)])
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_cuda_decode_step_has_no_host_sync(kwargs, kv_heads):
+    """After the first decode step, a decode forward through H1BCache makes no host synchronisation
+    (torch.cuda.set_sync_debug_mode('error') raises on any), and runs the Triton kernel."""
+    from h1bkv_lite.cache import H1BLayer
+
+    model = _cuda_model(kv_heads=kv_heads)
+    cache = H1BCache(model.config, **kwargs)
+    ids = torch.randint(0, VOCAB, (2, 300), device="cuda")
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        model(ids[:, -1:], past_key_values=cache)  # the first decode step
+        calls = []
+        kernel = H1BLayer._kernel_decode
+        H1BLayer._kernel_decode = lambda self, q: calls.append(1) or kernel(self, q)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                logits = model(ids[:, -1:], past_key_values=cache).logits
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            H1BLayer._kernel_decode = kernel
+    assert len(calls) == 3 * model.config.num_hidden_layers
+    assert bool(logits.isfinite().all())
+    assert cache.nbytes_by_part() == memory.kv_cache_bytes(model.config, 304, 2, cache.scheme).parts
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_prefill_peak_memory_is_a_fraction_of_dynamic_cache():
+    """An 8k prompt through 8 layers: the peak above the weights is under 0.4x DynamicCache's (whose K/V
+    alone is 128 MiB here), and after the prefill only the compressed cache stays allocated."""
+    model = _cuda_model(layers=8, heads=4, kv_heads=4, head_dim=128)
+    ids = torch.randint(0, VOCAB, (1, 8192), device="cuda")
+    peaks, held = {}, {}
+    for name, cache in (("dynamic", DynamicCache(config=model.config)), ("h1b", H1BCache(model.config, bits=128))):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            model(ids, past_key_values=cache, logits_to_keep=1)
+        torch.cuda.synchronize()
+        peaks[name] = torch.cuda.max_memory_allocated() - base
+        held[name] = torch.cuda.memory_allocated() - base
+        if name == "h1b":
+            # held: the stored cache (its spare capacity included) and the one-token logits
+            assert held[name] <= cache.nbytes() * 1.1 + 2**20, (held, cache.nbytes())
+        del cache
+    assert peaks["h1b"] < 0.4 * peaks["dynamic"], peaks

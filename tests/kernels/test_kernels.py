@@ -27,6 +27,7 @@ from h1bkv_lite.kernels import (
     hamming_scores_reference,
     sketch_pack,
     sketch_pack_quantize,
+    sketch_pack_quantize_into,
 )
 from h1bkv_lite.kernels._common import is_interpreted, use_triton
 from h1bkv_lite.kernels.decode_attention import _decode_split_kernel
@@ -167,6 +168,57 @@ def test_sketch_pack_quantize_rounding_edges(device):
     assert qt.codes()[0, 2:8].tolist() == [0, 2, 2, 4, 8, 14]
 
 
+@pytest.mark.parametrize("value_bits,group_size", [(4, None), (2, 16), (8, 32)])
+def test_sketch_pack_quantize_into_writes_store_slots(device, value_bits, group_size):
+    """The cache's in-place append: strided inputs (k transposed as the model makes it), outputs written
+    into slots [L, L + m) of larger buffers; everything else in the buffers is left untouched."""
+    seed = fresh_seed()
+    gen = _gen(seed)
+    B, H, m, D, bits, cap, L = 2, 3, 5, 64, 96, 17, 7
+    sk = SimHashSketcher(D, bits, seed=seed % 1000)
+    k = _randn(B, m, H, D, gen=gen, device=device, dtype=torch.float16).transpose(1, 2)  # non-contiguous
+    v = _randn(B, m, H, D, gen=gen, device=device, scale=2.0).transpose(1, 2)
+    gs = group_size or D
+    bufs = {"codes": torch.full((B, H, cap, bits // 8), 7, dtype=torch.uint8, device=device),
+            "data": torch.full((B, H, cap, D * value_bits // 8), 7, dtype=torch.uint8, device=device),
+            "scale": torch.full((B, H, cap, D // gs), 7.0, dtype=torch.float16, device=device),
+            "zero": torch.full((B, H, cap, D // gs), 7.0, dtype=torch.float16, device=device)}
+    before = {name: t.clone() for name, t in bufs.items()}
+    sketch_pack_quantize_into(k, v, sk.projection_on(device), value_bits=value_bits, group_size=gs,
+                              **{name: t[:, :, L:L + m] for name, t in bufs.items()})
+    ref = _quantize_on_cpu(v, value_bits, group_size)
+    msg = f"seed={seed}"
+    assert torch.equal(bufs["data"][:, :, L:L + m], ref.data), msg
+    assert torch.equal(bufs["scale"][:, :, L:L + m].view(torch.int16), ref.scale.view(torch.int16)), msg
+    assert torch.equal(bufs["zero"][:, :, L:L + m].view(torch.int16), ref.zero.view(torch.int16)), msg
+    _assert_codes_match(bufs["codes"][:, :, L:L + m], k, sk.projection, msg)
+    for name, t in bufs.items():
+        outside = torch.ones(cap, dtype=torch.bool)
+        outside[L:L + m] = False
+        assert torch.equal(t[:, :, outside.to(device)], before[name][:, :, outside.to(device)]), f"{msg}: {name}"
+
+
+def test_sketch_pack_quantize_into_clamps_like_the_torch_path(device):
+    """Values beyond the fp16 scale range are clamped by both paths (the checked entry point raises)."""
+    from h1bkv_lite.quant import quantize_values_unchecked
+
+    D = 32
+    k = torch.randn(1, 1, 2, D, device=device)
+    v = torch.randn(1, 1, 2, D, device=device)
+    v[0, 0, 0, 3] = 1e6
+    v[0, 0, 1, 5] = -1e6
+    out = {"codes": torch.empty(1, 1, 2, 4, dtype=torch.uint8, device=device),
+           "data": torch.empty(1, 1, 2, D // 2, dtype=torch.uint8, device=device),
+           "scale": torch.empty(1, 1, 2, 1, dtype=torch.float16, device=device),
+           "zero": torch.empty(1, 1, 2, 1, dtype=torch.float16, device=device)}
+    sketch_pack_quantize_into(k, v, torch.randn(D, 32, device=device), value_bits=4, group_size=D, **out)
+    ref = quantize_values_unchecked(v.cpu(), 4, D)
+    assert torch.equal(out["data"].cpu(), ref.data) and torch.equal(out["scale"].cpu(), ref.scale)
+    assert bool(torch.isfinite(out["scale"]).all() & torch.isfinite(out["zero"]).all())
+    with pytest.raises(ValueError, match="magnitudes"):
+        sketch_pack_quantize(k, v, torch.randn(D, 32, device=device), backend="triton")
+
+
 # ---------------------------------------------------------------------------------------------------
 # hamming_scores
 
@@ -267,6 +319,22 @@ def test_decode_matches_reference(device, score, gqa, N, W):
     args, kwargs, _ = make_cache(seed=seed, device=device, B=B, Hq=Hkv * gqa, Hkv=Hkv, N=N, W=W, D=D,
                                  bits=bits, score=score, dtype=dtype)
     _check_decode(args, kwargs, f"{seed} (D={D}, bits={bits}, B={B}, dtype={dtype})")
+
+
+@pytest.mark.parametrize("gqa", [1, 4])
+def test_decode_per_sequence_temperature(device, gqa):
+    """A ``[B, Hq]`` temperature (the cache's per-sequence calibration) scales each sequence's logits."""
+    seed = fresh_seed()
+    B, Hkv = 3, 2
+    args, kwargs, _ = make_cache(seed=seed, device=device, B=B, Hq=Hkv * gqa, Hkv=Hkv, N=45, W=3, D=64, bits=128)
+    kwargs["temperature"] = (torch.rand(B, Hkv * gqa, generator=_gen(seed + 1)) * 0.3 + 0.05).to(device)
+    _check_decode(args, kwargs, seed)
+    for b in range(B):  # each sequence alone with its own row of temperatures
+        one = h1b_decode_attention(*(a[b:b + 1] for a in args), backend="triton",
+                                   **{**kwargs, "temperature": kwargs["temperature"][b],
+                                      "window_k": kwargs["window_k"][b:b + 1], "window_v": kwargs["window_v"][b:b + 1]})
+        both = h1b_decode_attention(*args, backend="triton", **kwargs)[b:b + 1]
+        torch.testing.assert_close(one, both, **OUT_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("value_bits,groups", [(2, 1), (8, 1), (4, 4), (2, 2), (8, 8)])

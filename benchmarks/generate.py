@@ -1,0 +1,268 @@
+"""End-to-end ``model.generate()`` benchmark: H1BCache against DynamicCache (and StaticCache) on one GPU.
+
+    python benchmarks/generate.py --out benchmarks/results                 # the full grid -> generate_<device>.json
+    python benchmarks/generate.py --quick --out /tmp/results               # a small model and grid (smoke run)
+    python benchmarks/generate.py --model meta-llama/Llama-3.1-8B --prompts 8192 --batches 1 --out /tmp/r
+
+Models are random-init fp16 transformers built from a config (``--model``: a preset below, or any HF config
+name or local path, read offline when ``HF_HUB_OFFLINE=1``): timings and memory do not depend on the weights.
+Each row runs ``model.generate(input_ids, past_key_values=cache, max_new_tokens=N, do_sample=False)`` on a
+random prompt and records:
+
+- ``prefill_s``: wall time from the call to the first logits (a LogitsProcessor synchronises once there);
+- ``decode_tok_s``: the other ``N - 1`` tokens over the rest of the call's wall time (eager generate, as a
+  user runs it: Python and launch overheads included);
+- ``peak_over_weights_bytes``: ``torch.cuda.max_memory_allocated()`` during the call minus what was
+  allocated before it (weights, inputs); ``held_after_bytes``: allocated after the call with the cache alive;
+- ``cache_bytes``: ``cache.nbytes()`` (the stored tensors), or the K/V bytes of a transformers cache;
+- ``syncs_per_decode_step``: host synchronisations during one plain decode ``forward`` (after the first),
+  counted with ``torch.cuda.set_sync_debug_mode("warn")``: the model's and the cache's, not generate()'s loop;
+- ``oom``: the call ran out of GPU memory (recorded, the benchmark goes on).
+
+``max_batch_32k`` maps each model and cache to the largest batch (of 1, 2, 4, 8, 12, 16, 24, 32, 48, 64) whose
+32k-token prompt and two decode steps fit. Attention of the fp16 caches: SDPA with cuDNN off (flash and
+memory-efficient enabled); the kernels that ran are listed under ``sdpa_kernels``.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import re
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaConfig, LogitsProcessor, StaticCache
+
+from h1bkv_lite import H1BCache
+
+PRESETS = {
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=131072),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+                       rope_theta=500000.0),
+    "tiny": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=2, vocab_size=1024, max_position_embeddings=16384),
+}
+BATCH_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+
+
+def load_config(name: str):
+    if name in PRESETS:
+        return LlamaConfig(**PRESETS[name], attn_implementation="sdpa")
+    config = AutoConfig.from_pretrained(name)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def build_model(name: str, device):
+    config = load_config(name)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+    return model.eval()
+
+
+def make_cache(spec: dict, model):
+    """A fresh cache for one generate() call, from a row spec."""
+    if spec["cache"] == "dynamic":
+        return DynamicCache(config=model.config)
+    if spec["cache"] == "StaticCache":
+        return StaticCache(config=model.config, max_cache_len=spec["prompt_len"] + spec["new_tokens"])
+    return H1BCache(model.config, bits=spec["bits"], score=spec["score"])
+
+
+def cache_nbytes(cache) -> int:
+    if hasattr(cache, "nbytes") and callable(cache.nbytes):
+        return cache.nbytes()
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+class _FirstLogits(LogitsProcessor):
+    """Synchronises once, when generate() has the prompt's logits, and notes the time."""
+
+    def __init__(self):
+        self.t_first = None
+
+    def __call__(self, input_ids, scores):
+        if self.t_first is None:
+            torch.cuda.synchronize()
+            self.t_first = time.perf_counter()
+        return scores
+
+
+def free_memory():
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def run_generate(model, spec: dict, *, count_syncs: bool = True) -> dict:
+    """One row: generate() with a fresh cache; OOM recorded, not raised."""
+    B, T, N = spec["batch"], spec["prompt_len"], spec["new_tokens"]
+    dev = model.device
+    gen = torch.Generator(device="cpu").manual_seed(T + B)
+    ids = torch.randint(3, model.config.vocab_size, (B, T), generator=gen).to(dev)
+    mask = torch.ones_like(ids)
+    row = {**spec, "oom": False}
+    free_memory()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    cache = out = None
+    try:
+        cache = make_cache(spec, model)
+        first = _FirstLogits()
+        t0 = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=N, min_new_tokens=N,
+                             do_sample=False, logits_processor=[first], pad_token_id=0)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        row.update(prefill_s=first.t_first - t0, decode_tok_s=(N - 1) / (t1 - first.t_first),
+                   peak_over_weights_bytes=torch.cuda.max_memory_allocated() - base,
+                   held_after_bytes=torch.cuda.memory_allocated() - base, cache_bytes=cache_nbytes(cache))
+        if count_syncs:
+            row["syncs_per_decode_step"] = count_decode_syncs(model, cache, out, mask)
+    except torch.OutOfMemoryError as err:
+        row.update(oom=True, error=str(err).splitlines()[0][:300])
+    finally:
+        del cache, out
+        free_memory()
+    return row
+
+
+@torch.no_grad()
+def count_decode_syncs(model, cache, sequences, mask) -> int:
+    """Host synchronisations in one plain decode forward (after the first decode step)."""
+    token = sequences[:, -1:]
+    full_mask = torch.ones(sequences.shape, dtype=mask.dtype, device=mask.device)
+    model(input_ids=token, attention_mask=full_mask, past_key_values=cache, use_cache=True)  # a warm step
+    full_mask = torch.ones((sequences.shape[0], sequences.shape[1] + 1), dtype=mask.dtype, device=mask.device)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model(input_ids=token, attention_mask=full_mask, past_key_values=cache, use_cache=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@torch.no_grad()
+def sdpa_kernels(model) -> list[str]:
+    """Names of the attention kernels one DynamicCache prefill + decode step launches (profiler)."""
+    ids = torch.randint(3, model.config.vocab_size, (1, 1024), device=model.device)
+    cache = DynamicCache(config=model.config)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events() if re.search(r"flash|fmha|attention|cudnn", e.name, re.I)}
+    return sorted(n[:120] for n in names)
+
+
+def max_batch(model, spec: dict, start_fits: int | None = None) -> int:
+    """Largest batch of BATCH_CANDIDATES whose prompt and 2 decode steps fit (stops at the first OOM)."""
+    best = 0
+    for b in BATCH_CANDIDATES:
+        if start_fits is not None and b <= start_fits:
+            best = b
+            continue
+        row = run_generate(model, {**spec, "batch": b, "new_tokens": 2}, count_syncs=False)
+        print(f"  max batch probe {spec['cache']} {spec.get('bits')} B={b}: {'OOM' if row['oom'] else 'fits'}",
+              flush=True)
+        if row["oom"]:
+            break
+        best = b
+    return best
+
+
+def cache_specs(static: bool, bits=(128, 256), scores=("hamming", "asym")) -> list[dict]:
+    specs = [dict(cache="dynamic", bits=None, score=None)]
+    if static:
+        specs.append(dict(cache="StaticCache", bits=None, score=None))
+    specs += [dict(cache="h1b", bits=b, score=s) for s in scores for b in bits]
+    return specs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", default=["llama-2-7b", "llama-3-8b"],
+                        help="presets (%s) or HF config names/paths" % ", ".join(PRESETS))
+    parser.add_argument("--prompts", nargs="+", type=int, default=[8192, 32768, 131072])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--bits", nargs="+", type=int, default=[128, 256])
+    parser.add_argument("--scores", nargs="+", default=["hamming", "asym"])
+    parser.add_argument("--static", action="store_true", help="add transformers' StaticCache (compiled decode step)")
+    parser.add_argument("--max-batch-len", type=int, default=32768, help="prompt length of the max-batch search "
+                        "(0: skip)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, short prompts (a smoke run)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if args.quick:
+        args.model, args.prompts, args.batches, args.new_tokens, args.max_batch_len = ["tiny"], [1024, 4096], [1, 2], 16, 0
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/generate.py needs CUDA")
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(dev)
+    result = {"device": name, "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+              "triton": __import__("triton").__version__, "python": platform.python_version(),
+              "new_tokens": args.new_tokens, "rows": [], "max_batch_32k": {}, "sdpa_kernels": {}}
+    tag = re.sub(r"[^a-z0-9]+", "_", name.lower().replace("nvidia", "")).strip("_")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"generate_{tag}_{'_'.join(args.model)}.json"
+    specs = cache_specs(args.static, args.bits, args.scores)
+    for model_name in args.model:
+        model = build_model(model_name, dev)
+        result["sdpa_kernels"][model_name] = sdpa_kernels(model)
+        for spec in specs:  # warm-up at every batch size: Triton compiles (and specialisations), cuBLAS handles
+            for B in args.batches:
+                run_generate(model, {**spec, "model": model_name, "batch": B, "prompt_len": 600, "new_tokens": 40},
+                             count_syncs=False)
+        fits = {}
+        for T in args.prompts:
+            for B in args.batches:
+                for spec in specs:
+                    key = (spec["cache"], spec["bits"], spec["score"])
+                    if fits.get(key) is False and B >= fits.get(key + ("B",), 0):
+                        continue  # a smaller problem already ran out of memory
+                    row = run_generate(model, {**spec, "model": model_name, "batch": B, "prompt_len": T,
+                                               "new_tokens": args.new_tokens})
+                    if row["oom"]:
+                        fits[key], fits[key + ("B",)] = False, B
+                    result["rows"].append(row)
+                    print(json.dumps({k: row.get(k) for k in ("model", "cache", "bits", "score", "batch", "prompt_len",
+                                                                "prefill_s", "decode_tok_s", "peak_over_weights_bytes",
+                                                                "syncs_per_decode_step", "oom")}), flush=True)
+                    path.write_text(json.dumps(result, indent=1))
+        if args.max_batch_len:
+            result["max_batch_32k"][model_name] = {}
+            for spec in (s for s in specs if s["cache"] != "StaticCache" and s["bits"] in (None, 128)
+                         and s["score"] in (None, "hamming")):
+                ran = [r for r in result["rows"] if r["model"] == model_name and r["cache"] == spec["cache"]
+                       and r["bits"] == spec["bits"] and r["score"] == spec["score"]
+                       and r["prompt_len"] == args.max_batch_len and not r["oom"]]
+                known = max((r["batch"] for r in ran), default=None)
+                label = spec["cache"] if spec["bits"] is None else f"h1b-{spec['bits']}-{spec['score']}"
+                result["max_batch_32k"][model_name][label] = max_batch(
+                    model, {**spec, "model": model_name, "prompt_len": args.max_batch_len}, start_fits=known)
+                path.write_text(json.dumps(result, indent=1))
+        del model
+        free_memory()
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""TokenStore: in-place appends equal torch.cat, across geometric growth, per-field lengths and batch ops."""
+import pytest
+import torch
+
+from h1bkv_lite.storage import TokenStore
+
+
+def test_appends_equal_concatenation_across_growth():
+    gen = torch.Generator().manual_seed(0)
+    store, chunks = TokenStore(), []
+    for n in (300, 1, 1, 57, 1, 400, 3):  # the first chunk sizes the buffers; later ones make them grow
+        chunk = {"codes": torch.randint(0, 255, (2, 3, n, 16), generator=gen, dtype=torch.uint8),
+                 "scales": torch.randn(2, 3, n, generator=gen).half()}
+        store.append(chunk)
+        chunks.append(chunk)
+        for name in chunk:
+            assert torch.equal(store.view()[name], torch.cat([c[name] for c in chunks], dim=2))
+    assert len(store) == 763 and store.capacity >= 763 and store.capacity % 256 == 0
+    assert store.nbytes() == {"codes": 2 * 3 * 763 * 16, "scales": 2 * 3 * 763 * 2}
+    assert store.reserved_nbytes() >= sum(store.nbytes().values())
+
+
+def test_slots_are_written_in_place_and_views_share_the_buffer():
+    store = TokenStore()
+    like = {"x": torch.zeros(1, 2, 0, 4)}
+    store.slots(5, like)["x"].fill_(1.0)
+    store.commit(5)
+    slot = store.slots(1, like)["x"]
+    slot.fill_(2.0)
+    store.commit(1)
+    view = store.view()["x"]
+    assert view.shape == (1, 2, 6, 4) and view[:, :, :5].eq(1).all() and view[:, :, 5].eq(2).all()
+    assert view.data_ptr() == slot.data_ptr() - 5 * 4 * slot.element_size()
+
+
+def test_fields_advance_by_their_own_amounts_and_batch_ops():
+    store = TokenStore()
+    store.append({"groups": torch.ones(2, 1, 1, 8), "tokens": torch.arange(8.0).view(1, 1, 8, 1).expand(2, 1, 8, 1)})
+    store.append({"groups": torch.zeros(2, 1, 1, 8), "tokens": torch.ones(2, 1, 8, 1)})
+    assert store.view()["groups"].shape[2] == 2 and store.view()["tokens"].shape[2] == 16
+    store.map_batch(lambda t: t.index_select(0, torch.tensor([1, 1, 0])))
+    assert store.view()["tokens"].shape == (3, 1, 16, 1)
+    with pytest.raises(ValueError, match="fields"):
+        store.append({"other": torch.ones(3, 1, 1, 1)})
+
+
+def test_growth_must_exceed_one():
+    with pytest.raises(ValueError, match="growth"):
+        TokenStore(growth=1.0)
