@@ -121,7 +121,7 @@ def sampled_temperature(
     valid: torch.Tensor | None = None,
     max_queries: int = CALIBRATION_QUERIES,
     max_keys: int = CALIBRATION_KEYS,
-    block_elements: int = 1 << 23,
+    block_elements: int = 1 << 21,
 ) -> torch.Tensor:
     """:func:`calibrate_temperature` per sequence, on a bounded sample of query rows, in bounded memory.
 
@@ -156,7 +156,7 @@ def sampled_temperature(
     sums = torch.zeros(5, B, Hkv, group, dtype=torch.float64, device=dev)  # count, sum a, a^2, e, e^2
     stride = -(-Tk // max_keys)
     kpos_all = torch.arange(0, Tk, stride, device=dev)  # the keys read
-    kb = max(256, block_elements // max(1, B * Hq * Q))
+    kb = max(64, block_elements // max(1, B * Hq * Q))
     for k0 in range(0, kpos_all.numel(), kb):
         kpos = kpos_all[k0:k0 + kb]
         kblk = (k[:, :, k0 * stride:(k0 + kb) * stride:stride] if stride > 1 else k[:, :, k0:k0 + kb]).float()
