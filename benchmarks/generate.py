@@ -228,7 +228,7 @@ def main():
         result["sdpa_kernels"][model_name] = sdpa_kernels(model)
         for spec in specs:  # warm-up at every batch size: Triton compiles (and specialisations), cuBLAS handles
             for B in args.batches:
-                run_generate(model, {**spec, "model": model_name, "batch": B, "prompt_len": 600, "new_tokens": 40},
+                run_generate(model, {**spec, "model": model_name, "batch": B, "prompt_len": 1024, "new_tokens": 40},
                              count_syncs=False)
         fits = {}
         for T in args.prompts:

@@ -119,3 +119,72 @@ def plot_at_context(df, context: int):
     g.set(yscale="log", xlabel="", ylabel="time per decode step (us)")
     g.figure.suptitle(f"Decode step at {context // 1024}k tokens on {df['device'].iloc[0]}", y=1.03)
     return g.figure
+
+
+# ---------------------------------------------------------------------------------------------------
+# end to end: benchmarks/generate.py
+
+GENERATE_METRICS = {"peak_over_weights_bytes": "peak memory above the weights", "prefill_s": "prefill time",
+                    "decode_tok_s": "decode tokens/s"}
+
+
+def load_generate_results(paths) -> "pandas.DataFrame":
+    """Rows of ``benchmarks/generate.py`` JSON files (one or several), each with ``label`` (the cache and its
+    settings) and, for every metric of ``GENERATE_METRICS``, ``<metric>_vs_dynamic``: its ratio to the
+    DynamicCache row of the same model, batch and prompt length in the same file (NaN where that row ran
+    out of memory)."""
+    import pandas as pd
+
+    frames = []
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        result = json.loads(Path(path).read_text())
+        df = pd.DataFrame(result["rows"])
+        df["device"] = result.get("device")
+        frames.append(df)
+    df = pd.concat(frames, ignore_index=True)
+    df["label"] = df.apply(lambda r: r["cache"] if r["cache"] != "h1b" else f"h1b b={int(r['bits'])} {r['score']}",
+                           axis=1)
+    key = ["model", "batch", "prompt_len"]
+    dynamic = df[(df["cache"] == "dynamic") & ~df["oom"]].set_index(key)
+    for metric in GENERATE_METRICS:
+        ref = df.set_index(key).index.map(dynamic[metric].to_dict().get)
+        df[f"{metric}_vs_dynamic"] = df[metric] / pd.Series(ref, index=df.index, dtype="float64")
+    return df
+
+
+def generate_table(df) -> "pandas.DataFrame":
+    """The end-to-end table: per model, batch, prompt and cache, times, memory (GiB) and ratios to
+    DynamicCache; out-of-memory rows say so."""
+    out = df[["model", "batch", "prompt_len", "label", "oom", "prefill_s", "decode_tok_s", "syncs_per_decode_step",
+              "prefill_s_vs_dynamic", "decode_tok_s_vs_dynamic", "peak_over_weights_bytes_vs_dynamic"]].copy()
+    out["peak_GiB"] = df["peak_over_weights_bytes"] / 2**30
+    out["cache_GiB"] = df["cache_bytes"] / 2**30
+    return out.sort_values(["model", "batch", "prompt_len", "label"]).reset_index(drop=True)
+
+
+def plot_generate_ratios(df):
+    """H1BCache against DynamicCache in the same run, per metric (columns) and model (rows): ratio vs prompt
+    length, one line per cache setting and batch. Above 1 is better for decode tokens/s, below 1 for
+    memory and prefill time; DynamicCache rows that ran out of memory have no ratio."""
+    import pandas as pd
+    import seaborn as sns
+
+    h1b = df[(df["cache"] != "dynamic") & ~df["oom"]]
+    long = pd.concat([h1b.assign(metric=name, ratio=h1b[f"{metric}_vs_dynamic"])
+                      for metric, name in GENERATE_METRICS.items()], ignore_index=True).dropna(subset=["ratio"])
+    long["setting"] = long["label"] + ", B=" + long["batch"].astype(str)
+    g = sns.relplot(data=long, x="prompt_len", y="ratio", hue="setting", row="model", col="metric", kind="line",
+                    marker="o", height=3.0, aspect=1.15, facet_kws={"sharey": False})
+    for ax in g.axes.flat:
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+    g.set(xlabel="prompt (tokens)", ylabel="H1BCache / DynamicCache")
+    g.set_titles("{row_name}: {col_name}")
+    import matplotlib.ticker as mticker
+
+    for ax in g.axes.flat:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(mticker.FixedLocator(sorted(df["prompt_len"].unique())))
+        ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda x, _: f"{x / 1024:.0f}k"))
+        ax.xaxis.set_minor_locator(mticker.NullLocator())
+    g.figure.suptitle(f"generate() end to end on {df['device'].iloc[0]}: H1BCache / DynamicCache, same run", y=1.02)
+    return g.figure

@@ -35,5 +35,16 @@ def test_notebook_07_reads_results(tmp_path, results_path):
     assert metrics["speedup_hamming_b128_max"] == pytest.approx(max(r["speedup"] for r in rows))
     assert 0 < metrics["h1b_frac_of_copy_hamming_b128_max"] <= 1.0
     assert metrics["max_rel_err_vs_reference"] < 5e-3  # fp16 output against the fp32 reference
-    for name in ("decode_time_vs_context", "decode_speedup", "decode_bandwidth"):
+    for name in ("decode_time_vs_context", "decode_speedup", "decode_bandwidth", "generate_vs_dynamic"):
         assert (tmp_path / f"{name}.png").exists()
+    generate = [json.loads(p.read_text()) for p in sorted((ROOT / "benchmarks" / "results").glob("generate_*.json"))]
+    rows = [r for g in generate for r in g["rows"] if r["cache"] == "h1b" and r["bits"] == 128
+            and r["score"] == "hamming" and r["batch"] == 1 and not r["oom"]]
+    assert rows and metrics["generate_h1b_syncs_per_decode_step_max"] <= 1  # transformers' mask, not the cache
+    assert 0 < metrics["generate_peak_vs_dynamic_max"] < 1
+
+
+def test_notebook_07_without_generate_results(tmp_path, results_path):
+    metrics = _run_notebook()("07_kernel_performance", tmp_path, RESULTS=str(results_path), GENERATE_RESULTS="")
+    assert "generate_peak_vs_dynamic_max" not in metrics
+    assert not (tmp_path / "generate_vs_dynamic.png").exists()
