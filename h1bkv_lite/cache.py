@@ -21,16 +21,21 @@ over its own stored data. So the user's implementation is restored after every l
 enabling, and other caches keep using sdpa/eager. Requirement: the cache must get the model's own config
 object (``model.config``); if the model attends without the hook, the next ``update`` raises.
 
-Prefill. By default (``compressed_prefill=False``) a multi-token forward (the prompt) attends exactly,
-like a deployment that compresses while writing the cache: the prompt costs no more than usual, and only
-then are tokens older than the window compressed. Decode steps always see compressed keys. With
+Prefill. By default (``compressed_prefill=False``) the prompt (the first forward, whatever its length, and
+any later multi-token forward) attends exactly, like a deployment that compresses while writing the cache:
+the first forward of a layer goes through torch SDPA over its own k/v (:func:`prompt_attention`, no ``T x T``
+matrix without padding), and only then are tokens older than the window compressed, in place, into the
+layer's preallocated :class:`~h1bkv_lite.storage.TokenStore` (nothing of the prompt's full-precision K/V
+survives beyond the window and sinks). Decode steps always see compressed keys. With
 ``compressed_prefill=True`` every query of a multi-token forward already sees what it would see had the
 tokens been decoded one by one (``h1b_attention`` semantics, window relative to each query) -- the mode
 :mod:`h1bkv_lite.eval` uses for perplexity.
 
 Temperature ("hamming"). ``temperature=None`` calibrates ``T`` per layer, query head and sequence on the
-first (prefill) forward's exact q/k with :func:`~h1bkv_lite.attention.calibrate_temperature` (padding
-excluded), so a padded batch behaves like its sequences run alone. A float, a ``[Hq]`` tensor (per head)
+first (prefill) forward's exact q/k with :func:`~h1bkv_lite.attention.sampled_temperature` (padding
+excluded; a bounded sample of query rows and keys, equal to
+:func:`~h1bkv_lite.attention.calibrate_temperature` on prompts of up to 512 tokens), so a padded batch
+behaves like its sequences run alone. A float, a ``[Hq]`` tensor (per head)
 or a ``[L, Hq]`` / ``[L, 1]`` tensor (per layer) fixes it instead, e.g. from :func:`fit_temperature`.
 
 Sketch seeds: one :class:`~h1bkv_lite.sketch.SimHashSketcher` per layer, ``seed + layer_idx``, shared by
@@ -290,10 +295,18 @@ class HookedLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.n_seen
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    # The cache-layer API across the supported transformers range (see README, "Supported versions"): 5.0-5.4
+    # pass ``cache_position`` (a tensor of the new positions) to get_mask_sizes and 5.5+ the query length;
+    # up to 5.13 the unbounded-length query is get_max_cache_shape, from 5.14 get_max_length.
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # cache_position (transformers < 5.5)
+            query_length = query_length.shape[0]
         return self.n_seen + query_length, 0
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # transformers < 5.14
         return -1
 
     def reset(self) -> None:

@@ -199,9 +199,20 @@ def _save_bundled(model, tokenizer, directory: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _dequantized_gguf() -> dict:
+    """``from_pretrained`` arguments that load a GGUF file as a plain dense model: transformers >= 5.17 keeps
+    GGUF weights packed unless ``GgufConfig(dequantize=True)`` is passed; older releases always dequantize
+    (and have no ``GgufConfig``)."""
+    try:
+        from transformers import GgufConfig  # noqa: PLC0415
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def _load_bundled(dtype: torch.dtype):
     directory = _bundled_dir()  # fails fast, before the slow transformers import, if the package is missing
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     cached = _cached_bundled(directory)
     if cached is not None:
@@ -213,12 +224,8 @@ def _load_bundled(dtype: torch.dtype):
             warnings.warn(f"h1bkv: ignoring the broken model cache {cached}: {err!r}")
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=_BUNDLED_GGUF)
     # dequantize=True: a plain dense model (never the packed GgufLinear path, which needs `kernels`)
-    model = AutoModelForCausalLM.from_pretrained(
-        directory,
-        gguf_file=_BUNDLED_GGUF,
-        dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True),
-    )
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=_BUNDLED_GGUF, dtype=torch.float32,
+                                                 **_dequantized_gguf())
     _save_bundled(model, tokenizer, directory)
     return model.to(dtype), tokenizer
 
@@ -243,14 +250,13 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, devi
         model, tokenizer = _load_bundled(dtype)
         return _ready(model, device), tokenizer
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
     if str(name).endswith(".gguf") and Path(name).is_file():
         path = Path(name)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
-        )
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype,
+                                                     **_dequantized_gguf())
     else:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name)

@@ -457,3 +457,14 @@ def test_triton_backend_refuses_formats_the_kernels_do_not_serve():
     with pytest.raises(ValueError, match="whole bytes"):
         H1BCache(config, bits=64, value_bits=4, group_size=1, backend="triton")
     H1BCache(config, bits=40, backend="auto")  # served by the torch path
+
+
+def test_layer_api_of_every_supported_transformers():
+    """The cache-layer methods transformers 5.0-5.4 (cache_position tensors, get_max_cache_shape) and 5.5+
+    (query lengths, get_max_length) call; CI runs the whole cache suite under 5.0 too (make test-floor)."""
+    model = tiny_model()
+    cache = H1BCache(model.config, bits=64)
+    model(torch.randint(0, VOCAB, (1, 7)), past_key_values=cache)
+    layer = cache.layers[0]
+    assert layer.get_mask_sizes(3) == layer.get_mask_sizes(torch.arange(7, 10)) == (10, 0)
+    assert layer.get_max_length() == layer.get_max_cache_shape() == -1
