@@ -82,10 +82,16 @@ class _Handoff(threading.local):
 _HANDOFF = _Handoff()
 
 
-def _check_nothing_pending() -> None:
-    if _HANDOFF.layer is not None:
-        stale = _HANDOFF.layer
-        _release()
+def _check_nothing_pending(layer: "HookedLayer") -> None:
+    """Before ``layer`` stores new tokens: a layer still waiting for its attention call means either that the
+    model attended without the hook (a later layer of the same cache is updating: raise), or that an earlier
+    forward stopped between ``update`` and attention (an exception, an interrupted compile...): then the
+    switched implementation is restored and nothing is raised, so one failure does not poison later calls."""
+    stale = _HANDOFF.layer
+    if stale is None:
+        return
+    _release()
+    if stale.owner is layer.owner and stale.layer_idx < layer.layer_idx:
         raise RuntimeError(
             f"the attention of cache layer {stale.layer_idx} did not go through h1bkv_lite's attention hook, so "
             "the model attended to uncompressed inputs; build the cache with the model's own config object "
@@ -110,6 +116,7 @@ def _release() -> None:
     _HANDOFF.layer = _HANDOFF.key = _HANDOFF.restore = None
 
 
+@torch.compiler.disable
 def cache_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The ``"h1bkv"`` attention function: the pending :class:`HookedLayer` attends, else plain sdpa.
 
@@ -119,9 +126,11 @@ def cache_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     layer = _HANDOFF.layer
-    if kwargs.get("softcap") is not None:
+    refused = _refused_feature(dropout, kwargs)
+    if refused:
         _release()
-        raise NotImplementedError("h1bkv_lite caches do not support attention softcapping")
+        raise NotImplementedError(f"h1bkv_lite caches do not support {refused}; they would silently change the "
+                                  "model's attention. Use a model without it, or DynamicCache")
     window = kwargs.get("sliding_window")
     if window is not None and layer.get_seq_length() > window:
         _release()
@@ -131,6 +140,17 @@ def cache_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         )
     out = layer.attend(query, attention_mask, scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _refused_feature(dropout, kwargs) -> str | None:
+    """The attention feature a model passed that the caches' attention does not implement, or None."""
+    if kwargs.get("s_aux") is not None:
+        return "per-head attention sinks (s_aux, e.g. gpt-oss)"
+    if kwargs.get("softcap") is not None:
+        return "attention logit softcapping (softcap, e.g. Gemma 2)"
+    if dropout:
+        return f"attention dropout (dropout={dropout}; the model is in training mode)"
+    return None
 
 
 AttentionInterface.register(ATTENTION_NAME, cache_attention)
@@ -231,6 +251,7 @@ class HookedLayer(CacheLayerMixin):
         self.n_seen = 0  # tokens written so far = columns of the attention mask
         self.exact_call = False  # the current forward attends exactly (a prompt, compressed_prefill=False)
         self._call_kv = None  # (k, v) of the current call until it has attended
+        self.owner = None  # the HookedCache holding this layer (set by it)
 
     def __repr__(self):
         return f"{type(self).__name__}(layer={self.layer_idx}, tokens={self.n_seen})"
@@ -241,9 +262,10 @@ class HookedLayer(CacheLayerMixin):
         self._init_storage(key_states)
         self.is_initialized = True
 
+    @torch.compiler.disable
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store the new tokens ``[B, Hkv, Tq, D]``; returns them unchanged (they identify the attention call)."""
-        _check_nothing_pending()
+        _check_nothing_pending(self)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         elif key_states.shape[:2] != (self.batch, self.kv_heads) or key_states.dtype != self.dtype:
@@ -686,6 +708,8 @@ class HookedCache(Cache):
 
     def __init__(self, layers: list[HookedLayer]):
         super().__init__(layers=layers)
+        for layer in layers:
+            layer.owner = self
 
     def nbytes_by_part(self) -> dict[str, int]:
         """True bytes of the stored tensors, summed over layers, by part."""

@@ -473,3 +473,51 @@ def test_layer_api_of_every_supported_transformers():
     layer = cache.layers[0]
     assert layer.get_mask_sizes(3) == layer.get_mask_sizes(torch.arange(7, 10)) == (10, 0)
     assert layer.get_max_length() == layer.get_max_cache_shape() == -1
+
+
+def test_torch_compile_gives_the_eager_logits():
+    """The hook points run eagerly under torch.compile (graph breaks), so a compiled forward through
+    H1BCache equals the eager one, prefill and decode steps, and the user's implementation is back."""
+    model = tiny_model()
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(5))
+    compiled = torch.compile(model.forward, backend="eager")
+    caches = [H1BCache(model.config, bits=64, window=2), H1BCache(model.config, bits=64, window=2)]
+    for forward, cache in zip((model.forward, compiled), caches):
+        logits = [forward(input_ids=ids[:, :6], past_key_values=cache).logits]
+        logits += [forward(input_ids=ids[:, t:t + 1], past_key_values=cache).logits for t in range(6, 9)]
+        cache.logits = torch.cat(logits, dim=1)
+    torch.testing.assert_close(caches[1].logits, caches[0].logits, atol=1e-5, rtol=1e-5)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_forward_stopped_between_update_and_attention_does_not_poison_later_calls():
+    """An exception after a layer's update (here: none of the model's attention runs) leaves the
+    implementation switched only until the next cache call, which restores it and carries on."""
+    model = tiny_model(attn="eager")
+    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(6))
+    ref = model(ids, past_key_values=H1BCache(model.config, bits=64, window=2)).logits
+    aborted = H1BCache(model.config, bits=64, window=2)
+    aborted.update(torch.randn(1, 2, 6, 32), torch.randn(1, 2, 6, 32), 0)  # the attention call never comes
+    assert model.config._attn_implementation == ATTENTION_NAME
+    got = model(ids, past_key_values=H1BCache(model.config, bits=64, window=2)).logits
+    torch.testing.assert_close(got, ref)
+    assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("feature, kwargs, match", [
+    ("sinks", dict(s_aux=torch.zeros(4)), "attention sinks"),
+    ("softcap", dict(softcap=30.0), "softcapping"),
+    ("dropout", dict(dropout=0.1), "dropout"),
+])
+def test_attention_features_the_cache_does_not_implement_are_refused(feature, kwargs, match):
+    """Arguments that change a model's attention (sinks, softcap, dropout) are refused by name, not
+    ignored, and the user's implementation is restored."""
+    from h1bkv_lite.cache import cache_attention
+
+    config = tiny_model().config
+    cache = H1BCache(config, bits=64, window=100)
+    k, v = torch.randn(1, 2, 5, 32), torch.randn(1, 2, 5, 32)
+    key, value = cache.update(k, v, 0)
+    with pytest.raises(NotImplementedError, match=match):
+        cache_attention(None, torch.randn(1, 4, 5, 32), key, value, None, **kwargs)
+    assert config._attn_implementation == "sdpa"
