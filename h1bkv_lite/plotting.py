@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib
@@ -34,6 +35,22 @@ def set_style(context: str = "notebook") -> None:
             "svg.fonttype": "none",
         }
     )
+
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+"""The checkout's notebooks/ folder, against which the notebooks' relative path parameters are written."""
+
+
+def notebook_path(path) -> Path:
+    """A notebook's path parameter as an absolute path, whatever the working directory: absolute paths are
+    kept; relative ones (the defaults, like ``"../figures/01_lsh_cosine_error"``) are resolved against the
+    checkout's ``notebooks/`` folder, or against the working directory when the package is installed without
+    one (a wheel). Glob characters pass through unchanged."""
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    base = NOTEBOOKS_DIR if NOTEBOOKS_DIR.is_dir() else Path.cwd()
+    return Path(os.path.normpath(base / path))
 
 
 def save_figure(fig, fig_dir, name: str) -> list[Path]:

@@ -51,3 +51,12 @@ def test_label_bits_axis_ticks_read_bits_per_element():
     with pytest.raises(ValueError):
         label_bits_axis(ax, [], head_dim=64)
     plt.close(fig)
+
+
+def test_notebook_path_resolves_relative_parameters_from_the_notebooks_folder(tmp_path, monkeypatch):
+    from h1bkv_lite.plotting import NOTEBOOKS_DIR, notebook_path
+
+    monkeypatch.chdir(tmp_path)
+    assert notebook_path("../figures/07_kernel_performance") == NOTEBOOKS_DIR.parent / "figures" / "07_kernel_performance"
+    assert notebook_path(tmp_path / "x") == tmp_path / "x"
+    assert str(notebook_path("../benchmarks/results/generate_*.json")).endswith("benchmarks/results/generate_*.json")

@@ -48,3 +48,18 @@ def test_notebook_07_without_generate_results(tmp_path, results_path):
     metrics = _run_notebook()("07_kernel_performance", tmp_path, RESULTS=str(results_path), GENERATE_RESULTS="")
     assert "generate_peak_vs_dynamic_max" not in metrics
     assert not (tmp_path / "generate_vs_dynamic.png").exists()
+
+
+@pytest.mark.parametrize("where", ["repo root", "elsewhere"])
+def test_notebook_07_runs_from_any_working_directory(tmp_path, where):
+    """The default (relative) RESULTS path resolves from notebooks/, whatever the working directory."""
+    import papermill as pm
+
+    cwd = ROOT if where == "repo root" else tmp_path
+    out = tmp_path / "out"
+    pm.execute_notebook(str(ROOT / "notebooks" / "07_kernel_performance.ipynb"), str(tmp_path / "run.ipynb"),
+                        parameters={"SMOKE": True, "FIG_DIR": str(out)}, cwd=str(cwd), progress_bar=False,
+                        kernel_name="python3", execution_timeout=600)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["device"] == json.loads((ROOT / "benchmarks/results/decode_h200.json").read_text())["device"]
+    assert (out / "generate_vs_dynamic.png").exists()
