@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 FLOOR_VENV := .venv-floor
 FLOOR_STAMP := $(FLOOR_VENV)/.installed
 # What test-floor runs: the library's API against the lowest supported transformers (not the notebooks).
-FLOOR_TESTS := tests/test_cache.py tests/test_baselines.py tests/test_eval.py tests/test_finetune.py tests/test_storage.py
+FLOOR_TESTS := tests/test_cache.py tests/test_baselines.py tests/test_eval.py tests/test_finetune.py tests/test_storage.py \
+               tests/test_families.py
 
 .PHONY: venv figures test test-fast test-floor clean-venv
 

@@ -1,0 +1,76 @@
+"""Drop-in across model families: tiny random configs of ten families through generate() with every cache.
+
+With settings that keep everything exact, each cache must give DynamicCache's logits; compressing, it must
+run and bill exactly what :func:`memory.kv_cache_bytes` predicts. A family whose attention needs a feature
+the caches do not implement (gpt-oss's attention sinks, Gemma 2's logit softcapping) is refused by name.
+"""
+import functools
+
+import pytest
+import torch
+import transformers as tf
+
+from h1bkv_lite import H1BCache, memory
+from h1bkv_lite.baselines import EvictionCache, FP16Cache, KIVICache, LokiCache, calibrate_loki
+
+VOCAB, PROMPT, NEW = 128, 10, 6
+SUPPORTED = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
+             "gemma3": tf.Gemma3TextConfig, "phi3": tf.Phi3Config, "granite": tf.GraniteConfig,
+             "olmo2": tf.Olmo2Config}
+REFUSED = {"gpt_oss": (tf.GptOssConfig, "attention sinks"), "gemma2": (tf.Gemma2Config, "softcapping")}
+
+
+def family_model(config_class, attn="sdpa", **extra):
+    config = config_class(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+def scores(model, cache):
+    ids = torch.randint(3, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=NEW,
+                         min_new_tokens=NEW, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                         pad_token_id=0)
+    return torch.stack(out.scores, dim=1)
+
+
+def caches(model):
+    """name -> (exact-everywhere factory, compressing factory)."""
+    P = functools.partial
+    basis = calibrate_loki(model, torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0)))
+    return {
+        "h1b": (P(H1BCache, bits=32, window=100), P(H1BCache, bits=32, window=2, sink=1)),
+        "kivi": (P(KIVICache, bits=2, group_size=4, residual=100), P(KIVICache, bits=2, group_size=4, residual=4)),
+        "h2o": (P(EvictionCache, budget=100), P(EvictionCache, budget=8, sink=2)),
+        "loki": (P(LokiCache, rank=4, top_k=100, basis=basis), P(LokiCache, rank=4, top_k=4, basis=basis)),
+        "fp16": (FP16Cache, FP16Cache),
+    }
+
+
+@pytest.mark.parametrize("family", list(SUPPORTED))
+def test_every_cache_is_drop_in_for_the_family(family):
+    model = family_model(SUPPORTED[family])
+    ref = scores(model, tf.DynamicCache(config=model.config))
+    for name, (exact, compressing) in caches(model).items():
+        torch.testing.assert_close(scores(model, exact(model.config)), ref, atol=1e-4, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{family}/{name}: {m}")
+        cache = compressing(model.config)
+        got = scores(model, cache)
+        assert got.shape == ref.shape and not bool(got.isnan().any()), f"{family}/{name}"  # EOS is -inf (min_new_tokens)
+        predicted = memory.kv_cache_bytes(model.config, cache.get_seq_length(), 1, cache.scheme, exact_bytes=4)
+        assert cache.nbytes() == predicted.total, f"{family}/{name}"
+        assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("family", list(REFUSED))
+def test_families_needing_unimplemented_attention_features_are_refused_by_name(family):
+    config_class, feature = REFUSED[family]
+    extra = dict(num_local_experts=2, num_experts_per_tok=1) if family == "gpt_oss" else {}
+    model = family_model(config_class, attn="eager", **extra)
+    scores(model, tf.DynamicCache(config=model.config))  # the family itself runs
+    with pytest.raises(NotImplementedError, match=feature):
+        scores(model, H1BCache(model.config, bits=32, window=100))
+    assert model.config._attn_implementation == "eager"
