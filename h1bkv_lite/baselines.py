@@ -77,6 +77,17 @@ class KIVILayer(CompressingLayer):
         return {"key_codes": qk.data, "key_scales": qk.scale, "key_zeros": qk.zero,
                 "values": qv.data, "value_scales": qv.scale, "value_zeros": qv.zero}
 
+    def _drop_compressed(self, keep: int) -> None:
+        """Keys are quantized per group of ``group_size`` tokens: only whole groups can be dropped."""
+        if keep % self.group_size:
+            raise NotImplementedError(
+                f"KIVICache cannot roll back into a quantized key group (group_size={self.group_size}): "
+                f"{self.n_compressed - keep} compressed tokens would be removed; use a residual at least as large "
+                "as the tokens a speculative step may reject"
+            )
+        g = keep // self.group_size
+        self.store.truncate({name: (g if name.startswith("key") else keep) for name in self.stored})
+
     def _compressed_keys(self, chunk: dict) -> torch.Tensor:
         codes = chunk["key_codes"]
         B, H, G, D, _ = codes.shape
@@ -209,6 +220,16 @@ class EvictionLayer(HookedLayer):
         self.k, self.v = gather(self.k), gather(self.v)
         self.pos, self.score, self.valid = gather(self.pos), gather(self.score), gather(self.valid)
 
+    def _crop(self, remove: int) -> None:
+        """The newest tokens are kept in every head (the recent window is protected from eviction), so they
+        can be dropped; older ones may already be evicted in some heads and not in others."""
+        if remove > min(self.recent, self.pos.shape[2]):
+            raise NotImplementedError(
+                f"EvictionCache can roll back at most its protected recent window ({self.recent} tokens), got {remove}"
+            )
+        self.k, self.v, self.pos = self.k[:, :, :-remove], self.v[:, :, :-remove], self.pos[:, :, :-remove]
+        self.score, self.valid = self.score[:, :, :-remove], self.valid[:, :, :-remove]
+
     def nbytes_by_part(self) -> dict[str, int]:
         if not self.is_initialized:
             return {"keys": 0, "values": 0}
@@ -265,6 +286,9 @@ class LokiLayer(HookedLayer):
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k, self.v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+
+    def _crop(self, remove: int) -> None:
+        self.k, self.v = self.k[:, :, :-remove], self.v[:, :, :-remove]
 
     def _attend(self, q: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
         logits = exact_logits(q, self.k, scaling)

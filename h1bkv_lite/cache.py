@@ -239,7 +239,7 @@ class HookedLayer(CacheLayerMixin):
     """
 
     is_compileable = False
-    is_croppable = False
+    is_croppable = True
     is_sliding = False
     _batch_fields: tuple[str, ...] = ()
 
@@ -336,8 +336,22 @@ class HookedLayer(CacheLayerMixin):
         self.n_seen = 0
         self._call_kv = None
 
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError(f"{type(self).__name__} cannot roll back: compressed tokens cannot be restored")
+    def crop(self, length: int) -> None:
+        """Roll back the newest tokens (assisted / speculative decoding): ``length < 0`` removes ``-length``
+        tokens (transformers >= 5.14), ``length > 0`` keeps the first ``length`` (the older API), 0 removes
+        nothing. Tokens are dropped from wherever they are stored (exact window, compressed store, sinks);
+        compressed tokens cannot come back exact, so after a rollback into the compressed part the window
+        refills with new tokens only. Raises NotImplementedError where the format cannot drop them (see
+        ``_crop`` of each layer)."""
+        remove = -length if length < 0 else (max(0, self.n_seen - length) if length > 0 else 0)
+        remove = min(remove, self.n_seen)
+        if remove == 0 or not self.is_initialized:
+            return
+        self._crop(remove)
+        self.n_seen -= remove
+
+    def _crop(self, remove: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot roll back tokens")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -449,6 +463,24 @@ class CompressingLayer(HookedLayer):
     def _store_compressed(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Compress ``k, v [B, Hkv, m, D]`` and append them to :attr:`store`."""
         self.store.append(self._compress(k, v))
+
+    def _crop(self, remove: int) -> None:
+        """Newest first: the exact window, then compressed tokens, then sinks."""
+        R = self.recent_k.shape[2]
+        r = min(remove, R)
+        self.recent_k, self.recent_v = self.recent_k[:, :, :R - r], self.recent_v[:, :, :R - r]
+        c = min(remove - r, self.n_compressed)
+        if c:
+            self._drop_compressed(self.n_compressed - c)
+            self.n_compressed -= c
+        s = remove - r - c
+        if s:
+            S = self.sink_k.shape[2]
+            self.sink_k, self.sink_v = self.sink_k[:, :, :S - s], self.sink_v[:, :, :S - s]
+
+    def _drop_compressed(self, keep: int) -> None:
+        """Keep the first ``keep`` compressed tokens (a store with one entry per token, every field)."""
+        self.store.truncate(keep)
 
     def _attend_prompt(self, q, k, v, attention_mask, scaling: float) -> torch.Tensor:
         """Exact attention of an empty layer's prompt over itself (SDPA), then compression down to what is

@@ -84,6 +84,12 @@ class TokenStore:
         """Apply ``fn`` (a batch-dim op: index_select, repeat_interleave, ...) to every buffer."""
         self._buffers = {name: fn(buf) for name, buf in self._buffers.items()}
 
+    def truncate(self, keep) -> None:
+        """Keep the first ``keep`` entries of every field (an int, or a dict per field); capacity is kept."""
+        for name in self._filled:
+            n = keep[name] if isinstance(keep, dict) else keep
+            self._filled[name] = min(self._filled[name], max(0, n))
+
     def _reserve(self, name: str, like: torch.Tensor, n: int) -> torch.Tensor:
         """Room for ``n`` more entries of field ``name`` (created like ``like``); returns their view."""
         if name not in self._buffers:

@@ -74,3 +74,56 @@ def test_families_needing_unimplemented_attention_features_are_refused_by_name(f
     with pytest.raises(NotImplementedError, match=feature):
         scores(model, H1BCache(model.config, bits=32, window=100))
     assert model.config._attn_implementation == "eager"
+
+
+def test_crop_of_exact_tokens_is_an_exact_rollback_and_compressed_ones_are_dropped():
+    """Dropping exact tokens leaves the cache as if they had never come; rolling back into the compressed
+    part drops those tokens from the store (they cannot come back exact, so the window refills later)."""
+    model = family_model(tf.LlamaConfig)
+    ids = torch.randint(3, VOCAB, (1, 14), generator=torch.Generator().manual_seed(2))
+    rolled, straight = (H1BCache(model.config, bits=32, window=100, sink=1) for _ in range(2))
+    model(ids[:, :10], past_key_values=rolled)
+    model(ids[:, 10:13], past_key_values=rolled)  # three tokens, two of them rejected
+    rolled.crop(-2)
+    model(ids[:, :11], past_key_values=straight)
+    assert rolled.get_seq_length() == straight.get_seq_length() == 11
+    torch.testing.assert_close(model(ids[:, 13:14], past_key_values=rolled).logits,
+                               model(ids[:, 13:14], past_key_values=straight).logits)
+    compressed = H1BCache(model.config, bits=32, window=2, sink=1)
+    model(ids[:, :12], past_key_values=compressed)
+    assert compressed.layers[0].n_compressed == 9
+    compressed.crop(-4)  # the 2-token window, then 2 compressed tokens
+    layer = compressed.layers[0]
+    assert (layer.n_compressed, layer.recent_k.shape[2], compressed.get_seq_length()) == (7, 0, 8)
+    assert layer.stored["key_codes"].shape[2] == 7 and layer.stored["values"].shape[2] == 7
+    logits = model(ids[:, 12:13], past_key_values=compressed).logits
+    assert bool(logits.isfinite().all()) and compressed.get_seq_length() == 9
+
+
+@pytest.mark.parametrize("name", ["h1b", "kivi", "h2o", "loki", "fp16"])
+def test_assisted_decoding_runs_and_is_exact_with_exact_settings(name):
+    """Prompt-lookup (speculative) decoding rolls rejected tokens back with crop(): with settings that keep
+    everything exact, the tokens equal DynamicCache's greedy ones; compressing, it runs."""
+    model = family_model(tf.LlamaConfig)
+    ids = torch.randint(3, 20, (1, 24), generator=torch.Generator().manual_seed(3))  # repetitive: lookups hit
+    settings = dict(do_sample=False, max_new_tokens=12, min_new_tokens=12, prompt_lookup_num_tokens=3, pad_token_id=0)
+    ref = model.generate(ids, past_key_values=tf.DynamicCache(config=model.config), **settings)
+    exact, compressing = caches(model)[name]
+    assert torch.equal(model.generate(ids, past_key_values=exact(model.config), **settings), ref)
+    if name == "kivi":  # keys quantized per group: a rollback into a group is refused by name
+        compressing = functools.partial(KIVICache, bits=2, group_size=4, residual=8)
+    out = model.generate(ids, past_key_values=compressing(model.config), **settings)
+    assert out.shape == ref.shape
+
+
+def test_rollbacks_a_format_cannot_make_are_refused():
+    model = family_model(tf.LlamaConfig)
+    ids = torch.randint(3, VOCAB, (1, 12))
+    kivi = KIVICache(model.config, bits=2, group_size=4, residual=2)
+    model(ids, past_key_values=kivi)
+    with pytest.raises(NotImplementedError, match="group"):
+        kivi.crop(-6)  # the 4 exact residual tokens, then 2 of a 4-token key group
+    h2o = EvictionCache(model.config, budget=8, sink=2)
+    model(ids, past_key_values=h2o)
+    with pytest.raises(NotImplementedError, match="recent window"):
+        h2o.crop(-5)
