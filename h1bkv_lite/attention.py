@@ -121,13 +121,16 @@ def sampled_temperature(
     valid: torch.Tensor | None = None,
     max_queries: int = CALIBRATION_QUERIES,
     max_keys: int = CALIBRATION_KEYS,
+    scaling: float | None = None,
     block_elements: int = 1 << 21,
 ) -> torch.Tensor:
     """:func:`calibrate_temperature` per sequence, on a bounded sample of query rows, in bounded memory.
 
     q ``[B, Hq, Tq, D]`` (the last ``Tq`` of the ``Tk`` positions), k ``[B, Hkv, Tk, D]``; ``valid``: bool
     ``[B, Tk]``, False for padding (excluded as queries and as keys). Returns float32 ``[B, Hq]``:
-    ``std(1 - 2h/b) / std(q.k / sqrt(D))`` over the causal pairs of each sequence and query head.
+    ``std(1 - 2h/b) / std(q.k * scaling)`` over the causal pairs of each sequence and query head, ``scaling``
+    the model's logit scale (default ``1/sqrt(D)``; models such as Granite or Gemma 3 use another, and the
+    sketched logits ``(1 - 2h/b) / T`` replace ``q.k * scaling``).
 
     Which pairs: at most ``max_queries`` query rows, evenly spaced over the ``Tq`` rows and always including
     the last, against the visible keys among every ``s``-th key, ``s = ceil(Tk / max_keys)`` (each row keeps
@@ -163,7 +166,7 @@ def sampled_temperature(
         k_signs = torch.where(kblk @ projection >= 0, 1.0, -1.0)
         shape = (B, Hkv, group, Q, kblk.shape[2])
         a = (q_signs @ k_signs.transpose(-1, -2)).div_(sketcher.bits).reshape(shape)  # 1 - 2h/b
-        e = (qg @ kblk.transpose(-1, -2)).mul_(D**-0.5).reshape(shape)
+        e = (qg @ kblk.transpose(-1, -2)).mul_(D**-0.5 if scaling is None else scaling).reshape(shape)
         mask = kpos <= qpos[:, None]  # [Q, n] causal
         if valid is not None:
             mask = mask & q_ok & valid[:, None, None, None, kpos]

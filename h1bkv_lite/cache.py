@@ -486,11 +486,11 @@ class CompressingLayer(HookedLayer):
         """Exact attention of an empty layer's prompt over itself (SDPA), then compression down to what is
         kept exact at rest. ``k, v``: the prompt's tokens as the model passed them."""
         out = prompt_attention(q, k, v, attention_mask, scaling)
-        self._after_prompt(q, k, attention_mask)
+        self._after_prompt(q, k, attention_mask, scaling)
         self._compress_until(self._compressed_at(self.n_seen))
         return out
 
-    def _after_prompt(self, q, k, attention_mask) -> None:
+    def _after_prompt(self, q, k, attention_mask, scaling: float) -> None:
         """Hook: what a subclass learns from the exact prompt before it is compressed."""
 
     def _attend(self, q: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -628,12 +628,12 @@ class H1BLayer(CompressingLayer):
         return self._temperature_dev
 
     # ---- attention
-    def _after_prompt(self, q, k, attention_mask) -> None:
+    def _after_prompt(self, q, k, attention_mask, scaling: float) -> None:
         """Padding is noted (one sync, only when a mask is given) and "hamming" calibrates on the prompt."""
         valid = valid_tokens(attention_mask, q.shape[0], k.shape[2], q.device)
         self._note_padding(valid)
         if self.score == "hamming" and self.temperature is None and self.calibrated is None:
-            self.calibrated = self._calibrate(q, k, valid)
+            self.calibrated = self._calibrate(q, k, valid, scaling)
 
     def _note_padding(self, valid: torch.Tensor | None) -> None:
         if valid is None:
@@ -647,21 +647,22 @@ class H1BLayer(CompressingLayer):
                 "Pass temperature=..."
             )
 
-    def _calibrate(self, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        """Per-sequence ``T [B, Hq]`` on this call's exact q/k, padded tokens excluded (bounded sample)."""
+    def _calibrate(self, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """Per-sequence ``T [B, Hq]`` on this call's exact q/k at the model's logit ``scaling``, padded tokens
+        excluded (bounded sample)."""
         if k.shape[2] < 2:
             raise ValueError(
                 "temperature=None calibrates the 'hamming' temperature on the prefill, which needs >= 2 "
                 f"(non-padding) tokens per sequence; the prompt has {k.shape[2]}. Pass temperature=..."
             )
-        return sampled_temperature(q, k, sketcher=self.sketcher, valid=valid)
+        return sampled_temperature(q, k, sketcher=self.sketcher, valid=valid, scaling=scaling)
 
     def _attend(self, q: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
         if self.n_seen == q.shape[2]:  # the first call (compressed_prefill): note padding, calibrate
             valid = allowed[:, 0, -1, -q.shape[2]:]
             self._note_padding(valid)
             if self.score == "hamming" and self.temperature is None and self.calibrated is None:
-                self.calibrated = self._calibrate(q, self._call_kv[0], valid)
+                self.calibrated = self._calibrate(q, self._call_kv[0], valid, scaling)
         return super()._attend(q, allowed, scaling)
 
     def _attend_fast(self, q, attention_mask, scaling: float) -> torch.Tensor | None:

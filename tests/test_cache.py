@@ -521,3 +521,20 @@ def test_attention_features_the_cache_does_not_implement_are_refused(feature, kw
     with pytest.raises(NotImplementedError, match=match):
         cache_attention(None, torch.randn(1, 4, 5, 32), key, value, None, **kwargs)
     assert config._attn_implementation == "sdpa"
+
+
+def test_calibration_matches_the_models_logit_scale():
+    """T matches the spread of q.k * scaling: a model scaling logits by s != 1/sqrt(D) (Granite, Gemma 3)
+    gets T scaled by (1/sqrt(D)) / s, and the cache passes the model's scaling."""
+    from h1bkv_lite import SimHashSketcher
+    from h1bkv_lite.attention import sampled_temperature
+
+    gen = torch.Generator().manual_seed(7)
+    q, k = torch.randn(1, 4, 40, 32, generator=gen), torch.randn(1, 2, 40, 32, generator=gen)
+    sk = SimHashSketcher(32, 64, seed=0)
+    base = sampled_temperature(q, k, sketcher=sk)
+    torch.testing.assert_close(sampled_temperature(q, k, sketcher=sk, scaling=0.5), base * (32**-0.5 / 0.5))
+    cache = H1BCache(tiny_model().config, bits=64)
+    cache.update(k, torch.randn(1, 2, 40, 32, generator=gen), 0)
+    cache.layers[0].attend(q, None, scaling=0.5)
+    torch.testing.assert_close(cache.layers[0].calibrated, base * (32**-0.5 / 0.5))
