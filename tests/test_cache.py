@@ -262,6 +262,37 @@ torch.testing.assert_close(scores[finite], ref_scores[finite], atol=1e-4, rtol=1
 """
 
 
+_OUT_OF_RANGE_CHECK = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_cache import tiny_model
+from h1bkv_lite.cache import H1BCache
+model = tiny_model()
+with torch.no_grad():
+    for layer in model.model.layers:
+        layer.self_attn.k_proj.weight.mul_(1e5)  # key norms far beyond the fp16 range
+ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(1))
+for score in ("cos", "asym"):
+    logits = []
+    for backend in ("torch", "triton"):
+        cache = H1BCache(model.config, bits=64, score=score, window=2, backend=backend)
+        model(ids, past_key_values=cache)
+        logits.append(torch.cat([model(ids[:, t:t + 1], past_key_values=cache).logits for t in (3, 5)], dim=1))
+    assert bool(logits[0].isfinite().all()) and bool(logits[1].isfinite().all()), score
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-3, rtol=1e-3)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA test below covers the kernel")
+def test_kernel_and_torch_paths_clamp_out_of_range_keys_alike(tmp_path):
+    """Key norms beyond fp16 (an fp32 model): both decode paths clamp them the same way; no NaN."""
+    pytest.importorskip("triton")
+    code = _OUT_OF_RANGE_CHECK.format(tests=str(Path(__file__).parent))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "TRITON_INTERPRET": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA test below covers the kernel")
 def test_triton_backend_dispatches_decode_steps_to_the_kernel(tmp_path):
     """backend="triton" sends decode steps to kernels.h1b_decode_attention (Triton's CPU interpreter here)."""
