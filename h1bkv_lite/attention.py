@@ -145,6 +145,19 @@ def sampled_temperature(
     _check_qk(q, k, sketcher)
     check_int("max_queries", max_queries, low=1)
     check_int("max_keys", max_keys, low=1)
+    if valid is not None:
+        check_tensor("valid", valid, ndim=2, dtypes=(torch.bool,), finite=False)
+        if tuple(valid.shape) != (q.shape[0], k.shape[2]):
+            raise ValueError(f"valid must have shape [B, Tk] = [{q.shape[0]}, {k.shape[2]}], got {tuple(valid.shape)}")
+    return sampled_temperature_unchecked(q, k, sketcher, valid, max_queries, max_keys, scaling, block_elements)
+
+
+@torch.no_grad()
+def sampled_temperature_unchecked(q, k, sketcher, valid=None, max_queries: int = CALIBRATION_QUERIES,
+                                  max_keys: int = CALIBRATION_KEYS, scaling: float | None = None,
+                                  block_elements: int = 1 << 21) -> torch.Tensor:
+    """:func:`sampled_temperature` without its argument checks (which scan q and k for NaN: a device sync),
+    for the cache's prefill, whose inputs come from the model."""
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     group, dev = Hq // Hkv, q.device
@@ -171,8 +184,7 @@ def sampled_temperature(
         if valid is not None:
             mask = mask & q_ok & valid[:, None, None, None, kpos]
         a, e = torch.where(mask, a, 0.0), torch.where(mask, e, 0.0)
-        count = mask.sum((-1, -2), dtype=torch.float64).expand(B, Hkv, group) if mask.dim() == 5 else \
-            mask.sum(dtype=torch.float64).expand(B, Hkv, group)
+        count = mask.sum((-1, -2), dtype=torch.float64).expand(B, Hkv, group)  # [Q, n] or [B, 1, 1, Q, n] masks
         # block sums in float32 (pairwise reductions), accumulated in float64
         sums += torch.stack([count, a.sum((-1, -2)).double(), a.square_().sum((-1, -2)).double(),
                              e.sum((-1, -2)).double(), e.square_().sum((-1, -2)).double()])

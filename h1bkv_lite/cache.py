@@ -56,13 +56,12 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from . import memory
 from ._validation import check_bool, check_choice, check_int, check_sketch_bits
-from .attention import sampled_temperature, sketched_logits
+from .attention import sampled_temperature_unchecked, sketched_logits
 from .quant import VALUE_BITS, QuantizedTensor, quantize_values_unchecked
 from .sketch import SimHashSketcher, pack_bits
 from .storage import TokenStore
 
-__all__ = ["ATTENTION_NAME", "H1BCache", "HookedCache", "HookedLayer", "cache_attention", "fit_temperature",
-           "prompt_attention"]
+__all__ = ["ATTENTION_NAME", "H1BCache", "HookedCache", "HookedLayer", "cache_attention", "fit_temperature"]
 
 ATTENTION_NAME = "h1bkv"
 """Name of :func:`cache_attention` in transformers' ``AttentionInterface`` (and of its mask function)."""
@@ -581,7 +580,7 @@ class H1BLayer(CompressingLayer):
         from .kernels.sketch_pack import sketch_pack_quantize_into  # noqa: PLC0415 -- optional (Triton)
 
         m = k.shape[2]
-        slots = self.store.slots(m, self._slot_shapes(k))
+        slots = self.store.slots(m, None if self.store.capacity else self._slot_shapes(k))
         sketch_pack_quantize_into(
             k, v, self.sketcher.projection_on(k.device), codes=slots["key_codes"], data=slots["values"],
             scale=slots["value_scales"], zero=slots["value_zeros"], value_bits=self.value_bits,
@@ -629,41 +628,28 @@ class H1BLayer(CompressingLayer):
 
     # ---- attention
     def _after_prompt(self, q, k, attention_mask, scaling: float) -> None:
-        """Padding is noted (one sync, only when a mask is given) and "hamming" calibrates on the prompt."""
-        valid = valid_tokens(attention_mask, q.shape[0], k.shape[2], q.device)
-        self._note_padding(valid)
-        if self.score == "hamming" and self.temperature is None and self.calibrated is None:
-            self.calibrated = self._calibrate(q, k, valid, scaling)
+        self._learn_from_first_call(q, k, valid_tokens(attention_mask, q.shape[0], k.shape[2], q.device), scaling)
 
-    def _note_padding(self, valid: torch.Tensor | None) -> None:
-        if valid is None:
+    def _attend(self, q: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+        if self.n_seen == q.shape[2]:  # the first call of compressed_prefill
+            self._learn_from_first_call(q, self._call_kv[0], allowed[:, 0, -1, -q.shape[2]:], scaling)
+        return super()._attend(q, allowed, scaling)
+
+    def _learn_from_first_call(self, q, k, valid: torch.Tensor | None, scaling: float) -> None:
+        """On the first call's exact q/k: note padding (``valid`` bool ``[B, T]``, None = none; one sync, only
+        for masked batches: decode then takes the torch path) and, for "hamming" without a given temperature,
+        calibrate a per-sequence ``T [B, Hq]`` at the model's logit ``scaling`` (bounded sample)."""
+        counts = [k.shape[2]] * q.shape[0] if valid is None else valid.sum(-1).tolist()
+        self._padded = self._padded or min(counts) < k.shape[2]
+        if self.score != "hamming" or self.temperature is not None or self.calibrated is not None:
             return
-        counts = valid.sum(-1).tolist()  # validation at the prompt: one sync, only for masked batches
-        self._padded = self._padded or min(counts) < valid.shape[-1]
-        if self.score == "hamming" and self.temperature is None and self.calibrated is None and min(counts) < 2:
+        if min(counts) < 2:
             raise ValueError(
                 "temperature=None calibrates the 'hamming' temperature on the prefill, which needs >= 2 "
                 f"(non-padding) tokens per sequence; sequence {counts.index(min(counts))} has {min(counts)}. "
                 "Pass temperature=..."
             )
-
-    def _calibrate(self, q: torch.Tensor, k: torch.Tensor, valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
-        """Per-sequence ``T [B, Hq]`` on this call's exact q/k at the model's logit ``scaling``, padded tokens
-        excluded (bounded sample)."""
-        if k.shape[2] < 2:
-            raise ValueError(
-                "temperature=None calibrates the 'hamming' temperature on the prefill, which needs >= 2 "
-                f"(non-padding) tokens per sequence; the prompt has {k.shape[2]}. Pass temperature=..."
-            )
-        return sampled_temperature(q, k, sketcher=self.sketcher, valid=valid, scaling=scaling)
-
-    def _attend(self, q: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
-        if self.n_seen == q.shape[2]:  # the first call (compressed_prefill): note padding, calibrate
-            valid = allowed[:, 0, -1, -q.shape[2]:]
-            self._note_padding(valid)
-            if self.score == "hamming" and self.temperature is None and self.calibrated is None:
-                self.calibrated = self._calibrate(q, self._call_kv[0], valid, scaling)
-        return super()._attend(q, allowed, scaling)
+        self.calibrated = sampled_temperature_unchecked(q, k, self.sketcher, valid, scaling=scaling)
 
     def _attend_fast(self, q, attention_mask, scaling: float) -> torch.Tensor | None:
         """The Triton decode kernel, for what it serves: one query, some compressed tokens, a batch without
@@ -721,15 +707,26 @@ def _key_norms(k: torch.Tensor) -> torch.Tensor:
 def _triton_serves(backend: str, device: torch.device, bits: int, head_dim: int, value_bits: int,
                    group_size: int | None) -> bool:
     """Whether this layer's appends and decode steps run the Triton kernels: "auto" on CUDA, "triton"
-    anywhere (CPU under ``TRITON_INTERPRET=1``), and only for formats both kernels serve (the kernels' own
-    predicates). :class:`H1BCache` refuses unserved formats for ``backend="triton"`` at construction."""
+    anywhere (CPU under ``TRITON_INTERPRET=1``), and only for formats both kernels serve
+    (:func:`_triton_unserved`; :class:`H1BCache` refuses unserved formats for ``backend="triton"`` at
+    construction)."""
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return False
     from .kernels import HAS_TRITON  # noqa: PLC0415
+
+    return HAS_TRITON and _triton_unserved(bits, head_dim, value_bits, group_size) is None
+
+
+def _triton_unserved(bits: int, head_dim: int, value_bits: int, group_size: int | None) -> str | None:
+    """Why the Triton kernels cannot serve this format (the kernels' own predicates), or None."""
     from .kernels.decode_attention import decode_kernel_serves  # noqa: PLC0415
     from .kernels.sketch_pack import append_kernel_serves  # noqa: PLC0415
 
-    return HAS_TRITON and decode_kernel_serves(bits) and append_kernel_serves(head_dim, value_bits, group_size)
+    if not decode_kernel_serves(bits):
+        return f"bits a multiple of 32 (the decode kernel's words), got {bits}"
+    if not append_kernel_serves(head_dim, value_bits, group_size):
+        return f"value groups of whole bytes, got group_size={group_size} at value_bits={value_bits}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ caches
@@ -806,7 +803,7 @@ class H1BCache(HookedCache):
         check_int("seed", seed, low=0)
         check_choice("backend", backend, BACKENDS)
         if backend == "triton":
-            _check_triton_serves(bits, shape.head_dim, value_bits, group_size)
+            _refuse_unserved_triton(bits, shape.head_dim, value_bits, group_size)
         temps = _layer_temperatures(temperature, score, shape.num_layers, shape.num_heads)
         self.bits, self.score, self.value_bits, self.group_size = bits, score, value_bits, group_size
         self.window, self.sink, self.seed = window, sink, seed
@@ -830,20 +827,15 @@ class H1BCache(HookedCache):
         return torch.stack([layer._temperature().expand(layer.batch, -1) for layer in self.layers])
 
 
-def _check_triton_serves(bits: int, head_dim: int, value_bits: int, group_size: int | None) -> None:
-    """backend="triton" promises the kernels: refuse, at construction, a format they do not serve."""
+def _refuse_unserved_triton(bits: int, head_dim: int, value_bits: int, group_size: int | None) -> None:
+    """backend="triton" promises the kernels: refuse, at construction, what they cannot serve."""
     from .kernels import HAS_TRITON  # noqa: PLC0415
-    from .kernels.decode_attention import decode_kernel_serves  # noqa: PLC0415
-    from .kernels.sketch_pack import append_kernel_serves  # noqa: PLC0415
 
     if not HAS_TRITON:
         raise RuntimeError("backend='triton' needs the triton package (pip install 'h1bkv-lite[kernels]')")
-    if not decode_kernel_serves(bits):
-        raise ValueError(f"backend='triton' needs bits a multiple of 32 (the decode kernel's words), got {bits}; "
-                         "use backend='auto' (the torch path serves it) or bits in {32, 64, ...}")
-    if not append_kernel_serves(head_dim, value_bits, group_size):
-        raise ValueError(f"backend='triton' needs value groups of whole bytes, got group_size={group_size} at "
-                         f"value_bits={value_bits}; use backend='auto'")
+    unserved = _triton_unserved(bits, head_dim, value_bits, group_size)
+    if unserved is not None:
+        raise ValueError(f"backend='triton' needs {unserved}; use backend='auto' (the torch path serves it)")
 
 
 def _layer_temperatures(temperature, score: str, num_layers: int, num_heads: int) -> list:

@@ -58,10 +58,14 @@ class TokenStore:
         """Entries the first field's buffer holds before it grows (0 when empty)."""
         return next(iter(self._buffers.values())).shape[2] if self._buffers else 0
 
-    def slots(self, n: int, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def slots(self, n: int, like: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Views of the next ``n`` free entries of every field (room is made first), to be written in place
         and then :meth:`commit` ted. ``like``: tensors with the fields' shapes and dtypes (their dim 2 is
-        ignored)."""
+        ignored), needed only while the store has no buffers yet."""
+        if like is None:
+            if not self._buffers:
+                raise ValueError("slots() of an empty store needs like= (the fields' shapes and dtypes)")
+            like = self._buffers
         return {name: self._reserve(name, t, n) for name, t in like.items()}
 
     def commit(self, n: int) -> None:

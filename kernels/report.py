@@ -33,10 +33,10 @@ def decode_table(df) -> "pandas.DataFrame":
     return out.sort_values(["B", "heads", "context", "variant"]).reset_index(drop=True)
 
 
-def _context_ticks(g, df) -> None:
+def _context_ticks(g, df, column: str = "context") -> None:
     import matplotlib.ticker as mticker
 
-    contexts = sorted(df["context"].unique())
+    contexts = sorted(df[column].unique())
     for ax in g.axes.flat:
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_locator(mticker.FixedLocator(contexts))
@@ -179,12 +179,6 @@ def plot_generate_ratios(df):
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     g.set(xlabel="prompt (tokens)", ylabel="H1BCache / DynamicCache")
     g.set_titles("{row_name}: {col_name}")
-    import matplotlib.ticker as mticker
-
-    for ax in g.axes.flat:
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_locator(mticker.FixedLocator(sorted(df["prompt_len"].unique())))
-        ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda x, _: f"{x / 1024:.0f}k"))
-        ax.xaxis.set_minor_locator(mticker.NullLocator())
+    _context_ticks(g, df, "prompt_len")
     g.figure.suptitle(f"generate() end to end on {df['device'].iloc[0]}: H1BCache / DynamicCache, same run", y=1.02)
     return g.figure

@@ -300,6 +300,7 @@ def _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
+    projection = projection.contiguous()  # the kernel reads R row-major (a no-op for the sketcher's R)
     nbytes, groups = projection.shape[1] // 8, n // group_size
     data_bytes = n * value_bits // 8
     groups_p, group_p = next_pow2(groups), max(next_pow2(group_size), 8 // value_bits)

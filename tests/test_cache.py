@@ -425,6 +425,21 @@ def test_sampled_calibration_equals_full_under_its_limits_and_excludes_padding()
     torch.testing.assert_close(got[0], full[0], atol=1e-6, rtol=1e-5)
 
 
+def test_sampled_calibration_rejects_bad_input():
+    from h1bkv_lite import SimHashSketcher
+    from h1bkv_lite.attention import sampled_temperature
+
+    q, k, sk = torch.randn(2, 4, 9, 32), torch.randn(2, 2, 9, 32), SimHashSketcher(32, 64)
+    with pytest.raises(ValueError, match="valid must have shape"):
+        sampled_temperature(q, k, sketcher=sk, valid=torch.ones(2, 8, dtype=torch.bool))
+    with pytest.raises(TypeError, match="valid"):
+        sampled_temperature(q, k, sketcher=sk, valid=torch.ones(2, 9))
+    with pytest.raises(ValueError, match="max_queries"):
+        sampled_temperature(q, k, sketcher=sk, max_queries=0)
+    with pytest.raises(ValueError, match="NaN"):
+        sampled_temperature(q.clone().fill_(float("nan")), k, sketcher=sk)
+
+
 @pytest.mark.slow
 def test_sampled_calibration_on_the_bundled_model_is_within_3_percent(model_and_tokenizer):
     """The cache's default sample (512 of 2048 query rows, every key) against the full calibration, on

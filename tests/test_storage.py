@@ -47,3 +47,8 @@ def test_fields_advance_by_their_own_amounts_and_batch_ops():
 def test_growth_must_exceed_one():
     with pytest.raises(ValueError, match="growth"):
         TokenStore(growth=1.0)
+
+
+def test_slots_of_an_empty_store_need_the_field_shapes():
+    with pytest.raises(ValueError, match="like="):
+        TokenStore().slots(1)
