@@ -203,8 +203,10 @@ def format_row(r: dict) -> str:
             f"h1b {r['h1b_GBps']:5.0f} GB/s = {r['h1b_frac_of_copy']:4.0%} of copy")
 
 
-def tune(device) -> dict:
-    """Time kernel configs on representative shapes (CUDA-graph timing); returns all rows."""
+def tune(device, gqa_only: bool = False) -> dict:
+    """Time kernel configs on representative shapes (CUDA-graph timing); returns all rows. GQA shapes try
+    both forms: one program per kv head serving its query heads ("shared", ``tl.dot``) and one program per
+    query head (``"per_head"``, the one-head code path; the group's reads after the first hit L2)."""
     shapes = [
         dict(B=1, Hq=32, Hkv=32, N=32768, bits=128, score="hamming"),
         dict(B=8, Hq=32, Hkv=32, N=32768, bits=128, score="hamming"),
@@ -213,18 +215,23 @@ def tune(device) -> dict:
         dict(B=1, Hq=32, Hkv=8, N=32768, bits=256, score="cos"),
         dict(B=8, Hq=32, Hkv=8, N=32768, bits=128, score="hamming"),
     ]
+    if gqa_only:
+        shapes = [s for s in shapes if s["Hq"] > s["Hkv"]]
     rows = []
     for shape in shapes:
         gqa = shape["Hq"] > shape["Hkv"]
-        forms = [(True, "tf32x3"), (True, "ieee")] if gqa else [(False, "ieee")]
-        blocks = (16, 32, 64) if gqa else (32, 64, 128)
+        if gqa:
+            grid = [("shared", True, "ieee", b) for b in (16, 32)] + [("shared", True, "tf32", b) for b in (16, 32, 64)]
+            grid += [("per_head", False, "ieee", b) for b in (64, 128)]
+        else:
+            grid = [("shared", False, "ieee", b) for b in (32, 64, 128)]
         per_sms = (2, 4) if gqa else (2, 4, 8)
         best = None
-        for (use_dot, prec), block_n, warps, per_sm in itertools.product(forms, blocks, (4, 8), per_sms):
-            cfg = dict(use_dot=use_dot, precision=prec, block_n=block_n, num_warps=warps, programs_per_sm=per_sm,
-                       num_stages=1)
+        for (form, use_dot, prec, block_n), warps, per_sm in itertools.product(grid, (4, 8), per_sms):
+            cfg = dict(gqa_form=form, use_dot=use_dot, precision=prec, block_n=block_n, num_warps=warps,
+                       programs_per_sm=per_sm, num_stages=1, single_split_max_n=0)
             try:
-                r = bench_h1b(D=128, device=device, config=cfg, eager=False, **shape)
+                r = bench_h1b(D=128, device=device, config=cfg, eager=False, check=True, **shape)
             except Exception as e:  # a config that fails to compile (e.g. out of resources)
                 print(f"{shape} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
@@ -234,7 +241,7 @@ def tune(device) -> dict:
                 best = r
         print(f"best for {shape}: {best['h1b_ms'] * 1e3:.1f} us with {best['config']}", flush=True)
         for r in sorted((r for r in rows if r["shape"] == shape), key=lambda r: r["h1b_ms"])[:6]:
-            print(f"   {r['h1b_ms'] * 1e3:7.1f} us  {r['config']}", flush=True)
+            print(f"   {r['h1b_ms'] * 1e3:7.1f} us  err {r['max_rel_err_vs_reference']:.1e}  {r['config']}", flush=True)
     return {**environment(device), "rows": rows}
 
 
@@ -243,13 +250,14 @@ def main():
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
     parser.add_argument("--tune", action="store_true", help="sweep kernel configs instead of the grid")
     parser.add_argument("--quick", action="store_true", help="small grid")
+    parser.add_argument("--gqa-only", action="store_true", help="with --tune: the GQA shapes only")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     device = torch.device("cuda")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = tune(device) if args.tune else run_grid(device, args.quick)
+    result = tune(device, args.gqa_only) if args.tune else run_grid(device, args.quick)
     slug = result["device"].replace("NVIDIA ", "").replace(" ", "_").lower()
     path = out / f"decode_{'tune_' if args.tune else ''}{slug}.json"
     path.write_text(json.dumps(result, indent=1))

@@ -44,12 +44,13 @@ estimate unbiased and lets the decode kernel read one R per layer).
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -105,14 +106,37 @@ def _hand_over(layer: "HookedLayer", key: torch.Tensor) -> None:
     _HANDOFF.layer, _HANDOFF.key = layer, key
     _HANDOFF.restore = None if current == ATTENTION_NAME else (config, current)
     if current != ATTENTION_NAME:
-        config._attn_implementation = ATTENTION_NAME
+        _set_attn_implementation(config, ATTENTION_NAME)
 
 
 def _release() -> None:
     if _HANDOFF.restore is not None:
         config, implementation = _HANDOFF.restore
-        config._attn_implementation = implementation
+        _set_attn_implementation(config, implementation)
     _HANDOFF.layer = _HANDOFF.key = _HANDOFF.restore = None
+
+
+def _set_attn_implementation(config, name) -> None:
+    """``config._attn_implementation = name``, twice per layer and step. transformers' setter (a property that
+    walks the sub-configs through validated setattr) costs tens of microseconds; a config without sub-configs
+    whose property reads ``_attn_implementation_internal`` (transformers 5.x) gets that attribute written
+    directly, the same effect. Anything else goes through the setter."""
+    if _plain_attn_property(type(config)) and not getattr(config, "sub_configs", None):
+        object.__setattr__(config, "_attn_implementation_internal", name)
+    else:
+        config._attn_implementation = name
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_attn_property(config_type: type) -> bool:
+    """Whether ``config_type`` keeps transformers' own ``_attn_implementation`` property and that property
+    reads ``_attn_implementation_internal`` (checked once on a probe instance)."""
+    prop = getattr(config_type, "_attn_implementation", None)
+    if prop is not getattr(PretrainedConfig, "_attn_implementation", None) or not isinstance(prop, property):
+        return False
+    probe = PretrainedConfig()
+    object.__setattr__(probe, "_attn_implementation_internal", "_h1bkv_probe")
+    return prop.fget(probe) == "_h1bkv_probe"
 
 
 @torch.compiler.disable
@@ -455,8 +479,11 @@ class CompressingLayer(HookedLayer):
         if m <= 0:
             return
         self._store_compressed(self.recent_k[:, :, :m], self.recent_v[:, :, :m])
-        # copies, so that no view keeps a prompt's full-precision K/V alive
-        self.recent_k, self.recent_v = self.recent_k[:, :, m:].clone(), self.recent_v[:, :, m:].clone()
+        if m == self.recent_k.shape[2]:  # all of it (window 0: every decode step): fresh empty tensors
+            B, H, _, D = self.recent_k.shape
+            self.recent_k, self.recent_v = self.recent_k.new_empty((B, H, 0, D)), self.recent_v.new_empty((B, H, 0, D))
+        else:  # copies, so that no view keeps a prompt's full-precision K/V alive
+            self.recent_k, self.recent_v = self.recent_k[:, :, m:].clone(), self.recent_v[:, :, m:].clone()
         self.n_compressed += m
 
     def _store_compressed(self, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -13,11 +13,13 @@ popcount of query code XOR key code):
 Window keys always get the exact ``q . k / sqrt(D)``. One softmax over all of them; values are
 ``zero + code * scale`` per group. All arithmetic is fp32.
 
-Kernels, in launch order: ``_query_prep_kernel`` (query code words, norm, projection), then
-``_decode_split_kernel`` over ``(batch * kv head, split)`` -- each program walks one chunk of the
-context for all query heads of its kv head (GQA: the cache is read once per kv head) with an online
-softmax and writes a partial ``(max, sum, acc)``; the last split of each row is the exact window.
-``_decode_combine_kernel`` merges the partials per query head. Reference:
+Kernels, in launch order: ``_query_prep_kernel`` (``"asym"`` only: ``R^T q``), then
+``_decode_split_kernel`` over ``(batch * kv head, split)`` -- each program sketches its query heads
+(``"hamming"``, ``"cos"``), walks one chunk of the context for all query heads of its kv head (GQA: the
+cache is read once per kv head) with an online softmax and writes a partial ``(max, sum, acc)``; the last
+split of each row is the exact window. ``_decode_combine_kernel`` merges the partials per query head;
+when a row is a single split without a window (short contexts), the split kernel writes the output itself
+and there is no combine launch: one launch per call for "hamming" and "cos". Reference:
 :func:`h1b_decode_attention_reference`, which follows ``h1bkv_lite.attention.sketched_logits``.
 """
 from __future__ import annotations
@@ -41,30 +43,36 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _query_prep_kernel(q_ptr, r_ptr, qw_ptr, qn_ptr, qp_ptr, M, D, stride_qm, proj_scale,
-                       BITS: tl.constexpr, SCORE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_BITS: tl.constexpr):
-    """Per query row: int32 code words [M, BITS // 32] (hamming, cos), norm [M] (cos), and
-    ``proj_scale * q @ R`` [M, BITS] (asym)."""
+def _query_prep_kernel(q_ptr, r_ptr, qp_ptr, M, D, stride_qm, proj_scale, BITS: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_BITS: tl.constexpr):
+    """"asym" only: ``proj_scale * q @ R`` [M, BITS] per query row (read bit by bit by the split kernel)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
-    if SCORE == 1:
-        d = tl.arange(0, BLOCK_D)
-        q = tl.load(q_ptr + rows[:, None] * stride_qm + d[None, :],
-                    mask=row_mask[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-        tl.store(qn_ptr + rows, tl.sqrt(tl.sum(q * q, axis=1)), mask=row_mask)
     for c0 in range(0, BITS, BLOCK_BITS):
         proj = _project_tile(q_ptr, r_ptr, rows, row_mask, stride_qm, D, BITS, c0, BLOCK_M, BLOCK_K, BLOCK_BITS)
-        if SCORE == 2:
-            cols = c0 + tl.arange(0, BLOCK_BITS)
-            tl.store(qp_ptr + rows[:, None] * BITS + cols[None, :], proj * proj_scale,
-                     mask=row_mask[:, None] & (cols < BITS)[None, :])
-        else:
-            words = pack_sign_words(proj, BLOCK_M, BLOCK_BITS // 32)
-            wcol = c0 // 32 + tl.arange(0, BLOCK_BITS // 32)
-            tl.store(qw_ptr + rows[:, None] * (BITS // 32) + wcol[None, :], words,
-                     mask=row_mask[:, None] & (wcol < BITS // 32)[None, :])
+        cols = c0 + tl.arange(0, BLOCK_BITS)
+        tl.store(qp_ptr + rows[:, None] * BITS + cols[None, :], proj * proj_scale,
+                 mask=row_mask[:, None] & (cols < BITS)[None, :])
+
+
+@triton.jit
+def _query_words(q_ptr, r_ptr, q_off, gmask, D, BITS: tl.constexpr, GR: tl.constexpr, NW_P: tl.constexpr,
+                 BLOCK_KQ: tl.constexpr):
+    """The query heads' SimHash code words int32 ``[GR, NW_P]`` (``sign(q @ R)``, fp32 multiply-adds over
+    ``BLOCK_KQ`` columns of q at a time; words past ``BITS // 32`` are 0) and squared norms ``[GR]``."""
+    cols = tl.arange(0, NW_P * 32)
+    proj = tl.zeros((GR, NW_P * 32), dtype=tl.float32)
+    sq = tl.zeros((GR,), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_KQ):
+        ks = k0 + tl.arange(0, BLOCK_KQ)
+        x = tl.load(q_ptr + q_off[:, None] + ks[None, :], mask=gmask[:, None] & (ks < D)[None, :],
+                    other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + ks[:, None] * BITS + cols[None, :], mask=(ks < D)[:, None] & (cols < BITS)[None, :],
+                    other=0.0)
+        proj += tl.sum(x[:, :, None] * r[None, :, :], axis=1)
+        sq += tl.sum(x * x, axis=1)
+    words = pack_sign_words(proj, GR, NW_P)
+    return tl.where((tl.arange(0, NW_P) < BITS // 32)[None, :], words, 0), sq
 
 
 @triton.jit
@@ -185,10 +193,10 @@ def _asym_dots(kw, qp_ptr, qrow, gmask, w, wmask, BITS: tl.constexpr, GR: tl.con
         return tl.sum(acc, axis=2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "W", "CHUNK", "NUM_SPLITS", "SPLITS_TOTAL", "inv_t"])
 def _decode_split_kernel(
-    q_ptr, stride_qb, stride_qh,
-    qw_ptr, qn_ptr, qp_ptr, t_ptr, stride_tb, inv_t, cos_ptr,
+    q_ptr, stride_qb, stride_qh, r_ptr, out_ptr, stride_ob, stride_oh,
+    qp_ptr, t_ptr, stride_tb, inv_t, cos_ptr,
     kc_ptr, stride_kcb, stride_kch, stride_kcn,
     kn_ptr, stride_knb, stride_knh, stride_knn,
     vd_ptr, stride_vdb, stride_vdh, stride_vdn,
@@ -201,12 +209,14 @@ def _decode_split_kernel(
     D: tl.constexpr, BITS: tl.constexpr, NW_P: tl.constexpr, GROUP: tl.constexpr, VALUE_GROUPS: tl.constexpr,
     VALUE_BITS: tl.constexpr, SCORE: tl.constexpr,
     GR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
-    PER_HEAD_T: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    PER_HEAD_T: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_KQ: tl.constexpr,
+    DIRECT: tl.constexpr, KV_SHARE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // HKV
-    hk = pid_bh % HKV
+    hk = pid_bh % HKV  # the program's head row: a kv head, or a query head when KV_SHARE > 1
+    hkv = hk // KV_SHARE  # the kv head whose cache it reads
     g = tl.arange(0, GR)
     gmask = g < GROUP
     heads = hk * GROUP + g  # query heads served by this kv head
@@ -220,24 +230,25 @@ def _decode_split_kernel(
         NW: tl.constexpr = BITS // 32
         w = tl.arange(0, NW_P)  # code words, padded to a power of two
         wmask = w < NW
+        if SCORE < 2:  # the query's code words, computed here (no separate launch)
+            qw, q_sq = _query_words(q_ptr, r_ptr, b * stride_qb + heads * stride_qh, gmask, D, BITS, GR, NW_P,
+                                    BLOCK_KQ)
         if SCORE == 0:
-            qw = tl.load(qw_ptr + qrow[:, None] * NW + w[None, :], mask=gmask[:, None] & wmask[None, :], other=0)
             if PER_HEAD_T:
                 t_log2 = 1.4426950408889634 / tl.load(t_ptr + b * stride_tb + heads, mask=gmask, other=1.0)
             else:
                 t_log2 = tl.full((GR,), inv_t * 1.4426950408889634, tl.float32)
         elif SCORE == 1:
-            qw = tl.load(qw_ptr + qrow[:, None] * NW + w[None, :], mask=gmask[:, None] & wmask[None, :], other=0)
-            qn = tl.load(qn_ptr + qrow, mask=gmask, other=0.0) * qk_scale
+            qn = tl.sqrt(q_sq) * qk_scale
         PER_BYTE: tl.constexpr = 8 // VALUE_BITS
         NBC: tl.constexpr = BLOCK_D // PER_BYTE  # value bytes per token, padded
         c = tl.arange(0, NBC)
         cmask = c < D // PER_BYTE
-        kc_base = kc_ptr + b * stride_kcb + hk * stride_kch
-        kn_base = kn_ptr + b * stride_knb + hk * stride_knh
-        vd_base = vd_ptr + b * stride_vdb + hk * stride_vdh
-        vs_base = vs_ptr + b * stride_vsb + hk * stride_vsh
-        vz_base = vz_ptr + b * stride_vzb + hk * stride_vzh
+        kc_base = kc_ptr + b * stride_kcb + hkv * stride_kch
+        kn_base = kn_ptr + b * stride_knb + hkv * stride_knh
+        vd_base = vd_ptr + b * stride_vdb + hkv * stride_vdh
+        vs_base = vs_ptr + b * stride_vsb + hkv * stride_vsh
+        vz_base = vz_ptr + b * stride_vzb + hkv * stride_vzh
         # value column c * PER_BYTE + j accumulates in acc<j>; see _value_update for the shapes
         if USE_DOT:
             acc0 = tl.zeros((GR, NBC), dtype=tl.float32)
@@ -312,22 +323,33 @@ def _decode_split_kernel(
                                      3, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
         l_i = tl.sum(l_rows, axis=1)
         zsum = tl.sum(z_rows, axis=1)[:, None]
-        out_base = acc_ptr + part[:, None] * BLOCK_D + c[None, :] * PER_BYTE
         smask = gmask[:, None] & cmask[None, :]
-        tl.store(out_base, _reduce_rows(acc0, USE_DOT, GR) + zsum, mask=smask)
-        if PER_BYTE > 1:
-            tl.store(out_base + 1, _reduce_rows(acc1, USE_DOT, GR) + zsum, mask=smask)
-        if PER_BYTE > 2:
-            tl.store(out_base + 2, _reduce_rows(acc2, USE_DOT, GR) + zsum, mask=smask)
-            tl.store(out_base + 3, _reduce_rows(acc3, USE_DOT, GR) + zsum, mask=smask)
+        if DIRECT:  # the only partial of its row: normalise and write the output (no combine launch)
+            inv_l = 1.0 / l_i[:, None]
+            o_base = out_ptr + b * stride_ob + heads[:, None] * stride_oh + c[None, :] * PER_BYTE
+            o_ty = out_ptr.dtype.element_ty
+            tl.store(o_base, ((_reduce_rows(acc0, USE_DOT, GR) + zsum) * inv_l).to(o_ty), mask=smask)
+            if PER_BYTE > 1:
+                tl.store(o_base + 1, ((_reduce_rows(acc1, USE_DOT, GR) + zsum) * inv_l).to(o_ty), mask=smask)
+            if PER_BYTE > 2:
+                tl.store(o_base + 2, ((_reduce_rows(acc2, USE_DOT, GR) + zsum) * inv_l).to(o_ty), mask=smask)
+                tl.store(o_base + 3, ((_reduce_rows(acc3, USE_DOT, GR) + zsum) * inv_l).to(o_ty), mask=smask)
+        else:
+            out_base = acc_ptr + part[:, None] * BLOCK_D + c[None, :] * PER_BYTE
+            tl.store(out_base, _reduce_rows(acc0, USE_DOT, GR) + zsum, mask=smask)
+            if PER_BYTE > 1:
+                tl.store(out_base + 1, _reduce_rows(acc1, USE_DOT, GR) + zsum, mask=smask)
+            if PER_BYTE > 2:
+                tl.store(out_base + 2, _reduce_rows(acc2, USE_DOT, GR) + zsum, mask=smask)
+                tl.store(out_base + 3, _reduce_rows(acc3, USE_DOT, GR) + zsum, mask=smask)
     else:
         # ---- exact window: logits q . k / sqrt(D) ----
         d = tl.arange(0, BLOCK_D)
         dmask = d < D
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                     mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        wk_base = wk_ptr + b * stride_wkb + hk * stride_wkh
-        wv_base = wv_ptr + b * stride_wvb + hk * stride_wvh
+        wk_base = wk_ptr + b * stride_wkb + hkv * stride_wkh
+        wv_base = wv_ptr + b * stride_wvb + hkv * stride_wvh
         acc = tl.zeros((GR, BLOCK_D), dtype=tl.float32)
         for w0 in range(0, W, BLOCK_W):
             t = w0 + tl.arange(0, BLOCK_W)
@@ -341,11 +363,12 @@ def _decode_split_kernel(
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], axis=1)
         tl.store(acc_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
 
-    tl.store(m_ptr + part, m_i, mask=gmask)
-    tl.store(l_ptr + part, l_i, mask=gmask)
+    if not DIRECT:
+        tl.store(m_ptr + part, m_i, mask=gmask)
+        tl.store(l_ptr + part, l_i, mask=gmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])
 def _decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, stride_ob, stride_oh, HQ,
                            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     row = tl.program_id(0)  # b * HQ + head
@@ -386,14 +409,15 @@ def _cos_table(bits: int, device: torch.device) -> torch.Tensor:
 
 
 def _plan_splits(n: int, rows: int, device: torch.device, block_n: int, split_k: int | None,
-                 programs_per_sm: int) -> tuple[int, int]:
+                 programs_per_sm: int, single_split_max_n: int) -> tuple[int, int]:
     """(number of splits, chunk length) for ``n`` compressed keys and ``rows = batch * kv heads``: by
-    default enough programs for ``programs_per_sm`` per SM; chunks are whole multiples of ``block_n``, so
-    no split is empty."""
+    default enough programs for ``programs_per_sm`` per SM, and one split when ``n <= single_split_max_n``
+    (short contexts, where a second launch costs more than the parallelism gains); chunks are whole
+    multiples of ``block_n``, so no split is empty."""
     if n == 0:
         return 0, block_n
     if split_k is None:
-        split_k = max(1, cdiv(programs_per_sm * _sm_count(device), rows))
+        split_k = 1 if n <= single_split_max_n else max(1, cdiv(programs_per_sm * _sm_count(device), rows))
     chunk = cdiv(cdiv(n, split_k), block_n) * block_n
     return cdiv(n, chunk), chunk
 
@@ -404,16 +428,23 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
 
     One query head per kv head: fp32 multiply-adds into per-row partial sums, 128-key tiles for "hamming"
     (64 for "cos"/"asym", which need more registers). GQA groups: ``tl.dot`` in fp32 ("ieee": exact fp32
-    FMAs, as fast here as tf32x3 tensor-core passes), 16-key tiles."""
+    FMAs, as fast here as tf32x3 tensor-core passes), 16-key tiles. ``single_split_max_n``: contexts up to
+    this many compressed tokens run as one split per (sequence, kv head) and write the output directly
+    (one launch instead of split + combine). Eager decode is bound by the host's launches: on an H200, 7B
+    shapes at B = 1, one split made a whole decode step faster at 8k (MHA 29.9 vs 31.9 ms, GQA 35.9 vs
+    38.5 ms) but slower at 32k for GQA (52.4 vs 37.5 ms), where one program per kv head has too much to
+    read. Under CUDA graphs (no launch cost) splitting is always faster; benchmarks pass 0 there."""
     if group > 1:
         return {"block_n": 16, "use_dot": True, "precision": "ieee", "num_warps": 8 if score == "asym" else 4,
-                "num_stages": 1, "programs_per_sm": 4}
+                "num_stages": 1, "programs_per_sm": 4, "single_split_max_n": 8192}
     return {"block_n": 128 if score == "hamming" else 64, "use_dot": False, "precision": "ieee", "num_warps": 4,
-            "num_stages": 1, "programs_per_sm": 4}
+            "num_stages": 1, "programs_per_sm": 4, "single_split_max_n": 8192}
 
 
 def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
             projection, score, temperature, value_bits, split_k, config):
+    """Launch order: (``"asym"`` only) the query-projection kernel, the split kernel, and the combine kernel
+    unless the split kernel wrote the output itself (one split, no window)."""
     B, Hq, D = q.shape
     _, Hkv, N, _ = key_codes.shape
     bits = projection.shape[1]
@@ -422,40 +453,49 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     cfg = {**_default_config(score, group, dev), **(config or {})}
     block_n, block_d = cfg["block_n"], max(16, next_pow2(D))
     W = 0 if window_k is None else window_k.shape[2]
-    splits, chunk = _plan_splits(N, B * Hkv, dev, block_n, split_k, cfg["programs_per_sm"])
+    # GQA forms: "shared" -- one program serves the group's query heads from one read of the cache;
+    # "per_head" -- one program per query head, each reading its kv head's cache (the group's reads after
+    # the first mostly hit L2), with the one-head (MHA) code path
+    kv_share = group if (group > 1 and cfg.get("gqa_form", "shared") == "per_head") else 1
+    rows, heads_per_row = (B * Hq, 1) if kv_share > 1 else (B * Hkv, group)
+    splits, chunk = _plan_splits(N, rows, dev, block_n, split_k, cfg["programs_per_sm"], cfg["single_split_max_n"])
     total = splits + (1 if W > 0 else 0)
+    direct = total == 1 and W == 0
     score_id = _SCORE_ID[score]
     qk_scale = 1.0 / math.sqrt(D)
 
     if q.stride(-1) != 1:
         q = q.contiguous()
-    q2 = q.reshape(B * Hq, D)
     f32 = dict(dtype=torch.float32, device=dev)
-    q_words = torch.empty(B * Hq, bits // 32, dtype=torch.int32, device=dev) if score_id < 2 else q2
-    q_norm = torch.empty(B * Hq, **f32) if score_id == 1 else q2  # unused buffers alias q2
-    q_proj = torch.empty(B * Hq, bits, **f32) if score_id == 2 else q2
-    if N > 0:
+    q_proj = q  # read only by "asym" (unused arguments alias q)
+    if score_id == 2 and N > 0:
+        q2 = q.reshape(B * Hq, D)
+        q_proj = torch.empty(B * Hq, bits, **f32)
         asym_scale = math.sqrt(math.pi / 2) / bits * qk_scale * _LOG2E
         _query_prep_kernel[(cdiv(B * Hq, 16),)](
-            q2, projection, q_words, q_norm, q_proj, B * Hq, D, q2.stride(0), asym_scale,
-            BITS=bits, SCORE=score_id, BLOCK_M=16, BLOCK_D=block_d, BLOCK_K=min(64, block_d),
-            BLOCK_BITS=min(128, next_pow2(bits)),
+            q2, projection, q_proj, B * Hq, D, q2.stride(0), asym_scale,
+            BITS=bits, BLOCK_M=16, BLOCK_K=min(64, block_d), BLOCK_BITS=min(128, next_pow2(bits)),
         )
-    cos_table = _cos_table(bits, dev) if score_id == 1 else q2
+    cos_table = _cos_table(bits, dev) if score_id == 1 else q
     per_head_t = isinstance(temperature, torch.Tensor)
-    t_tensor = temperature if per_head_t else q2
+    t_tensor = temperature if per_head_t else q
     inv_t = 1.0 / temperature if (score_id == 0 and not per_head_t) else 1.0
 
     kw = as_words(key_codes)
     norms = key_norms if key_norms is not None else kw
     wk = window_k if W > 0 else q.unsqueeze(2)  # never read when W == 0
     wv = window_v if W > 0 else q.unsqueeze(2)
-    m = torch.empty(B * Hq * total, **f32)
-    lse = torch.empty(B * Hq * total, **f32)
-    acc = torch.empty(B * Hq * total, block_d, **f32)
-    _decode_split_kernel[(B * Hkv, total)](
-        q, q.stride(0), q.stride(1),
-        q_words, q_norm, q_proj, t_tensor, t_tensor.stride(0) if t_tensor.dim() == 2 else 0, inv_t, cos_table,
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
+    if direct:
+        m = lse = acc = out  # not written
+    else:
+        m = torch.empty(B * Hq * total, **f32)
+        lse = torch.empty(B * Hq * total, **f32)
+        acc = torch.empty(B * Hq * total, block_d, **f32)
+    gr, nw_p = next_pow2(heads_per_row), next_pow2(bits // 32)
+    _decode_split_kernel[(rows, total)](
+        q, q.stride(0), q.stride(1), projection, out, out.stride(0), out.stride(1),
+        q_proj, t_tensor, t_tensor.stride(0) if t_tensor.dim() == 2 else 0, inv_t, cos_table,
         kw, *kw.stride()[:3],
         norms, *norms.stride()[:3],
         values_packed, *values_packed.stride()[:3],
@@ -464,18 +504,19 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
         wk, *wk.stride()[:3],
         wv, *wv.stride()[:3],
         m, lse, acc,
-        N, W, Hkv, chunk, splits, total, qk_scale,
-        D=D, BITS=bits, NW_P=next_pow2(bits // 32), GROUP=group, VALUE_GROUPS=value_scale.shape[-1],
+        N, W, rows // B, chunk, splits, total, qk_scale,
+        D=D, BITS=bits, NW_P=nw_p, GROUP=heads_per_row, VALUE_GROUPS=value_scale.shape[-1],
         VALUE_BITS=value_bits, SCORE=score_id,
-        GR=next_pow2(group), BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_W=max(2, 16 // next_pow2(group)),
+        GR=gr, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_W=max(2, 16 // gr),
         PER_HEAD_T=per_head_t, USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"],
+        BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), DIRECT=direct, KV_SHARE=kv_share,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
-    _decode_combine_kernel[(B * Hq,)](
-        m, lse, acc, out, total, out.stride(0), out.stride(1), Hq,
-        D=D, BLOCK_D=block_d, BLOCK_S=min(32, next_pow2(total)),
-    )
+    if not direct:
+        _decode_combine_kernel[(B * Hq,)](
+            m, lse, acc, out, total, out.stride(0), out.stride(1), Hq,
+            D=D, BLOCK_D=block_d, BLOCK_S=min(32, next_pow2(total)),
+        )
     return out
 
 

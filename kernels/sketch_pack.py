@@ -82,7 +82,8 @@ def _round_half_even(t):
     return f + tl.where((r > 0.5) | ((r == 0.5) & odd), 1.0, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "SEQ"],
+            do_not_specialize_on_alignment=["codes_ptr", "data_ptr", "scale_ptr", "zero_ptr"])
 def _sketch_pack_quantize_kernel(
     k_ptr, r_ptr, codes_ptr, v_ptr, data_ptr, scale_ptr, zero_ptr,
     M, D, NBYTES, SEQ, HEADS,

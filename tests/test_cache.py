@@ -584,3 +584,34 @@ def test_calibration_matches_the_models_logit_scale():
     cache.update(k, torch.randn(1, 2, 40, 32, generator=gen), 0)
     cache.layers[0].attend(q, None, scaling=0.5)
     torch.testing.assert_close(cache.layers[0].calibrated, base * (32**-0.5 / 0.5))
+
+
+def test_attention_switch_fast_path_matches_the_setter():
+    """The per-layer switch of ``_attn_implementation`` writes transformers' internal attribute directly only
+    where that is what the property reads and there are no sub-configs to follow; otherwise the setter runs."""
+    from transformers import Gemma3Config, LlamaConfig
+
+    from h1bkv_lite.cache import _plain_attn_property, _set_attn_implementation
+
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, attn_implementation="sdpa")
+    _set_attn_implementation(config, "h1bkv")
+    assert config._attn_implementation == "h1bkv"
+    _set_attn_implementation(config, "sdpa")
+    assert config._attn_implementation == "sdpa"
+    composite = Gemma3Config()
+    _set_attn_implementation(composite, "h1bkv")  # through the setter: the text sub-config follows
+    assert composite._attn_implementation == "h1bkv" and composite.text_config._attn_implementation == "h1bkv"
+
+    class OwnProperty(LlamaConfig):
+        @property
+        def _attn_implementation(self):
+            return "always-this"
+
+        @_attn_implementation.setter
+        def _attn_implementation(self, value):
+            self.__dict__["seen"] = value
+
+    assert _plain_attn_property(LlamaConfig) and not _plain_attn_property(OwnProperty)
+    own = OwnProperty(num_hidden_layers=1, hidden_size=32, num_attention_heads=2)
+    _set_attn_implementation(own, "h1bkv")
+    assert own.__dict__["seen"] == "h1bkv"

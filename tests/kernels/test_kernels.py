@@ -346,13 +346,29 @@ def test_decode_value_formats(device, value_bits, groups, score):
     _check_decode(args, kwargs, seed)
 
 
+@pytest.mark.parametrize("W", [0, 5])
 @pytest.mark.parametrize("split_k", [1, 3, 1000])
-def test_decode_split_counts(device, split_k):
-    """One split, a few, and more than the context has blocks (the combine loops over > 32 partials)."""
+def test_decode_split_counts(device, split_k, W):
+    """One split (without a window: the output written by the split kernel, no combine), a few, and more
+    than the context has blocks (the combine loops over > 32 partials)."""
     seed = fresh_seed()
-    args, kwargs, _ = make_cache(seed=seed, device=device, B=1, Hq=8, Hkv=2, N=700, W=5, D=64, bits=64,
-                                 score="cos")
-    _check_decode(args, kwargs, seed, split_k=split_k, config={"block_n": 16})
+    for score, gqa in (("cos", 4), ("hamming", 1)):
+        args, kwargs, _ = make_cache(seed=seed, device=device, B=1, Hq=2 * gqa, Hkv=2, N=700, W=W, D=64, bits=64,
+                                     score=score)
+        _check_decode(args, kwargs, seed, split_k=split_k, config={"block_n": 16})
+
+
+def test_decode_plans_one_split_for_short_contexts():
+    """Up to ``single_split_max_n`` compressed tokens a row is one split (one launch); longer contexts split
+    to fill the GPU; an explicit split_k wins."""
+    from h1bkv_lite.kernels.decode_attention import _plan_splits
+
+    cpu = torch.device("cpu")
+    assert _plan_splits(2048, 32, cpu, 128, None, 4, 2048) == (1, 2048)
+    splits, chunk = _plan_splits(2049, 1, cpu, 128, None, 4, 2048)
+    assert splits > 1 and splits * chunk >= 2049 and (splits - 1) * chunk < 2049
+    assert _plan_splits(100, 1, cpu, 16, 3, 4, 2048) == (3, 48)
+    assert _plan_splits(0, 1, cpu, 16, None, 4, 2048) == (0, 16)
 
 
 @pytest.mark.parametrize("use_dot,precision", [(False, "ieee"), (True, "ieee"), (True, "tf32x3")])
@@ -539,3 +555,14 @@ def test_decode_nothing_to_attend_and_bits_for_triton():
         assert math.isfinite(h1b_decode_attention(*args, **kwargs).sum().item())  # torch path takes any bits
         with pytest.raises(ValueError, match="multiple of 32"):
             h1b_decode_attention(*args, backend="triton", **kwargs)
+
+
+@pytest.mark.parametrize("score", ["hamming", "cos", "asym"])
+@pytest.mark.parametrize("gqa,W,split_k", [(4, 0, None), (8, 3, 2), (2, 0, 3)])
+def test_decode_gqa_per_head_form(device, score, gqa, W, split_k):
+    """GQA with one program per query head (each reads its kv head's cache) equals the reference too."""
+    seed = fresh_seed()
+    args, kwargs, _ = make_cache(seed=seed, device=device, B=2, Hq=2 * gqa, Hkv=2, N=77, W=W, D=64, bits=128,
+                                 score=score)
+    _check_decode(args, kwargs, seed, split_k=split_k,
+                  config={"gqa_form": "per_head", "use_dot": False, "block_n": 32})
