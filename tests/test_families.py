@@ -3,6 +3,8 @@
 With settings that keep everything exact, each cache must give DynamicCache's logits; compressing, it must
 run and bill exactly what :func:`memory.kv_cache_bytes` predicts. A family whose attention needs a feature
 the caches do not implement (gpt-oss's attention sinks, Gemma 2's logit softcapping) is refused by name.
+Sliding-window families (Mistral, Qwen2 with use_sliding_window, Gemma 2 / 3's interleaved local layers) run
+with an 8-token window and a 10 + 12 token sequence, so the prompt and the decode steps outgrow the window.
 """
 import functools
 
@@ -14,9 +16,18 @@ from h1bkv_lite import H1BCache, memory
 from h1bkv_lite.baselines import EvictionCache, FP16Cache, KIVICache, LokiCache, calibrate_loki
 
 VOCAB, PROMPT, NEW = 128, 10, 6
+WINDOW, SLIDING_NEW = 8, 12  # sliding families: the 10-token prompt and 22-token sequence outgrow the window
+MIXED = ["sliding_attention", "full_attention"]
 SUPPORTED = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
              "gemma3": tf.Gemma3TextConfig, "phi3": tf.Phi3Config, "granite": tf.GraniteConfig,
              "olmo2": tf.Olmo2Config}
+SLIDING = {  # family -> (config class, config extras); the windows DynamicCache(config=...) gives each layer
+    "mistral_sliding": (tf.MistralConfig, dict(sliding_window=WINDOW)),  # every layer sliding
+    "qwen2_sliding": (tf.Qwen2Config, dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "gemma2_local": (tf.Gemma2Config, dict(sliding_window=WINDOW, attn_logit_softcapping=None, attn="eager")),
+    "gemma3_local": (tf.Gemma3TextConfig, dict(sliding_window=WINDOW, layer_types=MIXED)),
+    "phi3_sliding": (tf.Phi3Config, dict(sliding_window=WINDOW)),
+}
 REFUSED = {"gpt_oss": (tf.GptOssConfig, "attention sinks"), "gemma2": (tf.Gemma2Config, "softcapping")}
 
 
@@ -29,10 +40,10 @@ def family_model(config_class, attn="sdpa", **extra):
     return tf.AutoModelForCausalLM.from_config(config).eval()
 
 
-def scores(model, cache):
+def scores(model, cache, new=NEW):
     ids = torch.randint(3, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(1))
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=NEW,
-                         min_new_tokens=NEW, do_sample=False, output_scores=True, return_dict_in_generate=True,
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=new,
+                         min_new_tokens=new, do_sample=False, output_scores=True, return_dict_in_generate=True,
                          pad_token_id=0)
     return torch.stack(out.scores, dim=1)
 
@@ -50,19 +61,30 @@ def caches(model):
     }
 
 
-@pytest.mark.parametrize("family", list(SUPPORTED))
+@pytest.mark.parametrize("family", list(SUPPORTED) + list(SLIDING))
 def test_every_cache_is_drop_in_for_the_family(family):
-    model = family_model(SUPPORTED[family])
-    ref = scores(model, tf.DynamicCache(config=model.config))
+    config_class, extra = SLIDING[family] if family in SLIDING else (SUPPORTED[family], {})
+    new = SLIDING_NEW if family in SLIDING else NEW
+    model = family_model(config_class, **extra)
+    attn = model.config._attn_implementation
+    dynamic = tf.DynamicCache(config=model.config)
+    ref = scores(model, dynamic, new)
+    sliding = [layer.is_sliding for layer in dynamic.layers]
+    assert any(sliding) or family not in SLIDING, sliding  # (Mistral and Gemma 3 default to 4096-token windows)
     for name, (exact, compressing) in caches(model).items():
-        torch.testing.assert_close(scores(model, exact(model.config)), ref, atol=1e-4, rtol=1e-4,
+        cache = exact(model.config)
+        torch.testing.assert_close(scores(model, cache, new), ref, atol=1e-4, rtol=1e-4,
                                    msg=lambda m, name=name: f"{family}/{name}: {m}")
+        assert [layer.is_sliding for layer in cache.layers] == sliding, f"{family}/{name}"
+        held = memory.kv_cache_bytes(model.config, cache.get_seq_length(), 1, cache.scheme, exact_bytes=4)
+        assert cache.nbytes() == held.total, f"{family}/{name}"  # a sliding layer holds its window only
         cache = compressing(model.config)
-        got = scores(model, cache)
+        got = scores(model, cache, new)
         assert got.shape == ref.shape and not bool(got.isnan().any()), f"{family}/{name}"  # EOS is -inf (min_new_tokens)
         predicted = memory.kv_cache_bytes(model.config, cache.get_seq_length(), 1, cache.scheme, exact_bytes=4)
         assert cache.nbytes() == predicted.total, f"{family}/{name}"
-        assert model.config._attn_implementation == "sdpa"
+        assert cache.nbytes_by_part() == {p: b for p, b in predicted.parts.items()}, f"{family}/{name}"
+        assert model.config._attn_implementation == attn
 
 
 @pytest.mark.parametrize("family", list(REFUSED))
