@@ -232,10 +232,17 @@ def window_band(q_len: int, kv_len: int, kv_offset: int, sliding_window: int, de
 
 
 def valid_tokens(attention_mask, batch: int, n: int, device) -> torch.Tensor | None:
-    """bool ``[B, n]``, False for padding among the last ``n`` tokens (from the mask's last query row,
-    which sees every non-padding token), or None when there is no mask."""
+    """bool ``[B, n]``, False for padding among the last ``n`` tokens, or None when there is no mask.
+
+    A 4D mask with at least ``n`` query rows is read on its diagonal (each token as its own query): padding
+    is hidden even from itself, and unlike the last query row the diagonal is not cut by a sliding window.
+    Otherwise (2D masks, shorter 4D ones) the last query row is read."""
     if attention_mask is None:
         return None
+    if attention_mask.dim() == 4 and attention_mask.shape[-2] >= n:
+        diag = attention_mask[:, :, -n:, -n:].diagonal(dim1=-2, dim2=-1)[:, 0]  # [B or 1, n]
+        keep = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
+        return keep.expand(batch, n).to(device)
     return allowed_mask(attention_mask[..., -1:, :] if attention_mask.dim() == 4 else attention_mask,
                         batch, 1, n, device)[:, 0, 0, -n:]
 
@@ -751,7 +758,8 @@ class H1BLayer(CompressingLayer):
 
     def _attend(self, q: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
         if self.n_seen == q.shape[2]:  # the first call of compressed_prefill
-            self._learn_from_first_call(q, self._call_kv[0], allowed[:, 0, -1, -q.shape[2]:], scaling)
+            first = allowed[:, 0, :, -q.shape[2]:].diagonal(dim1=-2, dim2=-1)  # (see valid_tokens)
+            self._learn_from_first_call(q, self._call_kv[0], first, scaling)
         return super()._attend(q, allowed, scaling)
 
     def _learn_from_first_call(self, q, k, valid: torch.Tensor | None, scaling: float) -> None:
@@ -861,6 +869,13 @@ class HookedCache(Cache):
         super().__init__(layers=layers)
         for layer in layers:
             layer.owner = self
+
+    def activate_past_recording(self) -> None:
+        """Sliding layers keep the tokens older than their window until the next :meth:`crop` (so that it can
+        roll back exactly); transformers' assisted decoding calls it (defined here too for transformers
+        versions whose ``Cache`` lacks it)."""
+        for layer in self.layers:
+            layer.activate_past_recording()
 
     def nbytes_by_part(self) -> dict[str, int]:
         """True bytes of the stored tensors, summed over layers, by part."""

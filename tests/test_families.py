@@ -166,6 +166,13 @@ def test_sliding_layers_store_only_their_window_in_every_part():
     layer = cache.layers[0]
     assert (layer.sink_k.shape[2], layer.held_compressed, layer.recent_k.shape[2], layer.window_start) == (1, 2, 2, 0)
     model(ids[:, 5:12], past_key_values=cache)  # 12 tokens: positions 5..11 held
+    prompt = H1BCache(model.config, bits=32, window=2)
+    model(ids[:, :12], past_key_values=prompt)  # a prompt longer than the window is not mistaken for padding
+    full_model = family_model(tf.MistralConfig, sliding_window=None)
+    full = H1BCache(full_model.config, bits=32, window=2)
+    full_model(ids[:, :12], past_key_values=full)
+    assert not prompt.layers[0]._padded
+    torch.testing.assert_close(prompt.layers[0].calibrated, full.layers[0].calibrated)  # same q/k in layer 0
     assert (layer.sink_k.shape[2], layer.held_compressed, layer.recent_k.shape[2], layer.window_start) == (0, 5, 2, 5)
     buffer = layer.store._buffers["key_codes"]
     for t in range(12, 30):
