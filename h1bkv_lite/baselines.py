@@ -13,6 +13,11 @@ token-by-token decoding would have left it).
   StreamingLLM (Xiao et al. 2023: ``sink`` first tokens + recent), ``budget`` tokens at rest.
 - :class:`LokiCache` -- Loki (Singhania et al. 2024): full cache; per query, low-rank PCA scores pick the
   ``top_k`` keys that get exact attention. Basis from :func:`calibrate_loki`.
+
+Sliding-window layers (see :mod:`h1bkv_lite.cache`) keep only their window's ``W - 1`` newest tokens in every
+cache: ``FP16Cache`` through transformers' own ``DynamicSlidingWindowLayer``; KIVI drops whole key groups
+(up to ``group_size - 1`` older tokens stay, masked out); eviction keeps ``min(budget, W - 1)`` tokens per
+head, the window's first; Loki drops the rest from its full cache. ``memory.kv_cache_bytes`` counts the same.
 """
 from __future__ import annotations
 

@@ -38,6 +38,15 @@ excluded; a bounded sample of query rows and keys, equal to
 behaves like its sequences run alone. A float, a ``[Hq]`` tensor (per head)
 or a ``[L, Hq]`` / ``[L, 1]`` tensor (per layer) fixes it instead, e.g. from :func:`fit_temperature`.
 
+Sliding-window layers (Mistral, Gemma 2/3's local layers, Qwen2 / Phi-3 with a window): which layers slide,
+and by how much, is decided from the config as transformers' ``DynamicCache(config=...)`` decides
+(:func:`memory.layer_windows`), and must equal the ``sliding_window`` the model passes to attention
+(NotImplementedError otherwise). Such a layer attends within its window (query at position ``p`` sees keys
+``> p - W``; applied by the layer itself, whatever the mask) and, once a forward has attended, keeps only its
+``W - 1`` newest tokens, as ``DynamicSlidingWindowLayer`` does: tokens older than that are dropped from the
+sinks, the compressed store (a start offset, no copy) and the exact window. Every layer, local or global, uses
+the cache's format. ``crop`` mirrors ``DynamicSlidingWindowLayer`` (see :meth:`HookedLayer.crop`).
+
 Sketch seeds: one :class:`~h1bkv_lite.sketch.SimHashSketcher` per layer, ``seed + layer_idx``, shared by
 the kv heads of that layer (the paper draws one R per head; sharing R across heads keeps every head's
 estimate unbiased and lets the decode kernel read one R per layer).
@@ -910,13 +919,18 @@ class H1BCache(HookedCache):
     temperature : "hamming" only: None (calibrate on the prefill), float, tensor ``[Hq]``, ``[L, Hq]`` or ``[L, 1]``.
     value_bits : 2, 4 or 8.  group_size : channels per value scale/zero (None: one per token, the paper's).
     window : newest tokens kept exact.  sink : first tokens kept exact (StreamingLLM; with left padding they
-        are the first columns, so a padded row's sinks are padding).
+        are the first columns, so a padded row's sinks are padding). On a sliding-window layer (window ``W``)
+        both apply within the ``W - 1`` tokens it keeps: sinks leave with the window, and a ``window >= W - 1``
+        keeps that layer entirely exact.
     compressed_prefill : multi-token forwards attend as if decoded token by token (default: exactly).
     seed : layer ``i`` sketches with ``SimHashSketcher(head_dim, bits, seed + i)``.
     backend : "auto" (the Triton append and decode kernels on CUDA for the formats they serve: bits a
         multiple of 32, value groups of whole bytes; torch otherwise), "torch", or "triton" (the kernels
         also on CPU under ``TRITON_INTERPRET=1``, for tests; a format they do not serve raises ValueError
         here, at construction).
+
+    Raises NotImplementedError for a config with layers the caches do not implement (chunked attention,
+    other layer types; :func:`memory.layer_windows`).
     """
 
     def __init__(self, config, *, bits: int = 256, score: str = "hamming", temperature=None, value_bits: int = 4,
