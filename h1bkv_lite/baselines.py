@@ -239,7 +239,8 @@ class EvictionLayer(HookedLayer):
         priority = torch.where(protected, torch.full_like(rest, float("inf")), rest)
         priority = torch.where(self.valid, priority, torch.full_like(rest, float("-inf")))
         if stale is not None:  # below everything in the window (padding included)
-            priority = torch.where(stale, torch.full_like(rest, float("-inf")), priority.clamp(min=torch.finfo(rest.dtype).min))
+            floor = priority.clamp(min=torch.finfo(rest.dtype).min)
+            priority = torch.where(stale, torch.full_like(rest, float("-inf")), floor)
         keep = priority.topk(limit, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, limit], in order
         gather = lambda t: t.gather(2, keep if t.dim() == 3 else keep.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
         self.k, self.v = gather(self.k), gather(self.v)

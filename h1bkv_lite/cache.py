@@ -142,9 +142,9 @@ def cache_attention(module, query, key, value, attention_mask, dropout=0.0, scal
     window = kwargs.get("sliding_window")
     if window is not None and window != layer.sliding_window:
         _release()
+        built = "a full-attention layer" if layer.sliding_window is None else f"window {layer.sliding_window}"
         raise NotImplementedError(
-            f"the model attends layer {layer.layer_idx} with sliding_window={window}, but the cache built it as "
-            f"{'a full-attention layer' if layer.sliding_window is None else f'a sliding layer of window {layer.sliding_window}'} "
+            f"the model attends layer {layer.layer_idx} with sliding_window={window}, but the cache built it as {built} "
             "(from config.layer_types / config.sliding_window, as transformers' DynamicCache decides); build the "
             "cache with the model's own config"
         )
@@ -428,7 +428,8 @@ class HookedLayer(CacheLayerMixin):
         remove = min(remove, self.n_seen)
         if not self.is_initialized:
             return
-        if remove and self.sliding_window is not None and self.window_start > max(0, self.n_seen - remove - self.sliding_window + 1):
+        needed_from = max(0, self.n_seen - remove - (self.sliding_window or 0) + 1)  # the shortened window's start
+        if remove and self.sliding_window is not None and self.window_start > needed_from:
             raise RuntimeError(
                 f"cannot roll back {remove} tokens of sliding-window layer {self.layer_idx} (window "
                 f"{self.sliding_window}): the tokens before position {self.window_start} were already dropped, and the "
@@ -638,7 +639,7 @@ class CompressingLayer(HookedLayer):
         if m:
             chunk = self._compress(self.recent_k[:, :, :m], self.recent_v[:, :, :m])
             n_visible = torch.arange(self.n_seen - q_len + 1, self.n_seen + 1, device=q.device)
-            per_query = self._n_compressed(n_visible) - self.n_compressed  # [Tq] recent tokens compressed for each query
+            per_query = self._n_compressed(n_visible) - self.n_compressed  # [Tq] recent tokens compressed per query
             use_comp = torch.arange(m, device=q.device) < per_query.unsqueeze(-1)  # [Tq, m]
             head = torch.where(use_comp, self._compressed_logits(q, chunk, scaling), logits_recent[..., :m])
             logits_recent = torch.cat([head, logits_recent[..., m:]], dim=-1)

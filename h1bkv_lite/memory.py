@@ -154,7 +154,8 @@ class ModelShape:
         if self.sliding_windows is not None:
             windows = tuple(self.sliding_windows)
             if len(windows) != self.num_layers:
-                raise ValueError(f"sliding_windows must have one entry per layer ({self.num_layers}), got {len(windows)}")
+                raise ValueError(
+                    f"sliding_windows must have one entry per layer ({self.num_layers}), got {len(windows)}")
             for w in windows:
                 if w is not None:
                     check_int("sliding_windows entry", w, low=1)

@@ -393,7 +393,8 @@ def test_sliding_windows_follow_transformers_dynamic_cache():
     """The layers DynamicCache(config=...) makes DynamicSlidingWindowLayers are the sliding ones here."""
     import transformers as tf
 
-    configs = [tf.MistralConfig(num_hidden_layers=3, sliding_window=8), tf.MistralConfig(num_hidden_layers=3, sliding_window=None),
+    configs = [tf.MistralConfig(num_hidden_layers=3, sliding_window=8),
+               tf.MistralConfig(num_hidden_layers=3, sliding_window=None),
                tf.Qwen2Config(num_hidden_layers=3, use_sliding_window=True, sliding_window=8, max_window_layers=1),
                tf.Qwen2Config(num_hidden_layers=3), tf.Gemma2Config(num_hidden_layers=3, sliding_window=8),
                tf.Gemma3TextConfig(num_hidden_layers=7, sliding_window=8), tf.LlamaConfig(num_hidden_layers=2)]
