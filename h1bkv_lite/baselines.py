@@ -13,6 +13,11 @@ token-by-token decoding would have left it).
   StreamingLLM (Xiao et al. 2023: ``sink`` first tokens + recent), ``budget`` tokens at rest.
 - :class:`LokiCache` -- Loki (Singhania et al. 2024): full cache; per query, low-rank PCA scores pick the
   ``top_k`` keys that get exact attention. Basis from :func:`calibrate_loki`.
+
+Sliding-window layers (see :mod:`h1bkv_lite.cache`) keep only their window's ``W - 1`` newest tokens in every
+cache: ``FP16Cache`` through transformers' own ``DynamicSlidingWindowLayer``; KIVI drops whole key groups
+(up to ``group_size - 1`` older tokens stay, masked out); eviction keeps ``min(budget, W - 1)`` tokens per
+head, the window's first; Loki drops the rest from its full cache. ``memory.kv_cache_bytes`` counts the same.
 """
 from __future__ import annotations
 
@@ -82,11 +87,19 @@ class KIVILayer(CompressingLayer):
         if keep % self.group_size:
             raise NotImplementedError(
                 f"KIVICache cannot roll back into a quantized key group (group_size={self.group_size}): "
-                f"{self.n_compressed - keep} compressed tokens would be removed; use a residual at least as large "
+                f"{self.held_compressed - keep} compressed tokens would be removed; use a residual at least as large "
                 "as the tokens a speculative step may reject"
             )
         g = keep // self.group_size
         self.store.truncate({name: (g if name.startswith("key") else keep) for name in self.stored})
+
+    def _drop_boundary(self, keep_from: int) -> int:
+        """Sliding layers drop whole key groups only (groups start at position 0): up to ``group_size - 1``
+        tokens older than the window stay stored, masked out of attention."""
+        return keep_from // self.group_size * self.group_size
+
+    def _drop_compressed_front(self, n: int) -> None:
+        self.store.drop_front({name: (n // self.group_size if name.startswith("key") else n) for name in self.stored})
 
     def _compressed_keys(self, chunk: dict) -> torch.Tensor:
         codes = chunk["key_codes"]
@@ -205,9 +218,19 @@ class EvictionLayer(HookedLayer):
             self.score = self.score + probs.reshape(B, self.kv_heads, group * q_len, K).sum(2)
         return weighted_values(probs, self.v)
 
-    def _evict(self) -> None:
-        """Keep ``budget`` tokens per (sequence, kv head): sinks and recent first, then by policy; padding last."""
-        if self.k.shape[2] <= self.budget:
+    def _evict(self, window: bool = False) -> None:
+        """Keep ``budget`` tokens per (sequence, kv head): sinks and recent first, then by policy; padding last.
+
+        ``window`` (a sliding layer at rest): keep at most ``min(budget, W - 1)``, tokens older than the
+        window last -- a head that evicted some of the window's tokens before keeps a few older ones (masked
+        out of attention), so every head keeps the same count (no host sync, no ragged tensors)."""
+        limit, stale = self.budget, None
+        if window:
+            limit = min(limit, self.sliding_window - 1)
+            self.window_start = max(self.window_start, self.n_seen - self.sliding_window + 1)
+            if self.window_start > 0:
+                stale = self.pos < self.window_start
+        if self.k.shape[2] <= limit:
             return
         rank = self.valid.long().cumsum(-1)  # 1-based rank among real tokens
         n_real = rank[..., -1:]
@@ -215,10 +238,21 @@ class EvictionLayer(HookedLayer):
         rest = self.score if self.policy == "h2o" else self.pos.float()
         priority = torch.where(protected, torch.full_like(rest, float("inf")), rest)
         priority = torch.where(self.valid, priority, torch.full_like(rest, float("-inf")))
-        keep = priority.topk(self.budget, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, budget], in order
+        if stale is not None:  # below everything in the window (padding included)
+            floor = priority.clamp(min=torch.finfo(rest.dtype).min)
+            priority = torch.where(stale, torch.full_like(rest, float("-inf")), floor)
+        keep = priority.topk(limit, dim=-1).indices.sort(dim=-1).values  # [B, Hkv, limit], in order
         gather = lambda t: t.gather(2, keep if t.dim() == 3 else keep.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))  # noqa: E731
         self.k, self.v = gather(self.k), gather(self.v)
         self.pos, self.score, self.valid = gather(self.pos), gather(self.score), gather(self.valid)
+
+    @property
+    def _offset(self) -> int:
+        return 0  # kept tokens are gathered by position from a mask over every position seen
+
+    def _slide(self, force: bool = False) -> None:
+        if self.sliding_window is not None and (force or not self.record_past) and self.is_initialized:
+            self._evict(window=True)
 
     def _crop(self, remove: int) -> None:
         """The newest tokens are kept in every head (the recent window is protected from eviction), so they
@@ -290,6 +324,11 @@ class LokiLayer(HookedLayer):
     def _crop(self, remove: int) -> None:
         self.k, self.v = self.k[:, :, :-remove], self.v[:, :, :-remove]
 
+    def _drop_front(self, keep_from: int) -> None:
+        d = keep_from - self.window_start  # copies: no view keeps the dropped part alive
+        self.k, self.v = self.k[:, :, d:].clone(), self.v[:, :, d:].clone()
+        self.window_start = keep_from
+
     def _attend(self, q: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
         logits = exact_logits(q, self.k, scaling)
         if not self.exact_call and self.k.shape[2] > self.top_k:
@@ -344,7 +383,7 @@ def calibrate_loki(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     strongest first, so ``basis[..., :rank]`` best preserves dot products with the keys. Padding (mask 0)
     is left out.
     """
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache()  # full layers only: a sliding-window layer would keep just its window's keys
     model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
     keep = None if attention_mask is None else attention_mask.bool().reshape(-1)
     bases = []

@@ -38,6 +38,15 @@ excluded; a bounded sample of query rows and keys, equal to
 behaves like its sequences run alone. A float, a ``[Hq]`` tensor (per head)
 or a ``[L, Hq]`` / ``[L, 1]`` tensor (per layer) fixes it instead, e.g. from :func:`fit_temperature`.
 
+Sliding-window layers (Mistral, Gemma 2/3's local layers, Qwen2 / Phi-3 with a window): which layers slide,
+and by how much, is decided from the config as transformers' ``DynamicCache(config=...)`` decides
+(:func:`memory.layer_windows`), and must equal the ``sliding_window`` the model passes to attention
+(NotImplementedError otherwise). Such a layer attends within its window (query at position ``p`` sees keys
+``> p - W``; applied by the layer itself, whatever the mask) and, once a forward has attended, keeps only its
+``W - 1`` newest tokens, as ``DynamicSlidingWindowLayer`` does: tokens older than that are dropped from the
+sinks, the compressed store (a start offset, no copy) and the exact window. Every layer, local or global, uses
+the cache's format. ``crop`` mirrors ``DynamicSlidingWindowLayer`` (see :meth:`HookedLayer.crop`).
+
 Sketch seeds: one :class:`~h1bkv_lite.sketch.SimHashSketcher` per layer, ``seed + layer_idx``, shared by
 the kv heads of that layer (the paper draws one R per head; sharing R across heads keeps every head's
 estimate unbiased and lets the decode kernel read one R per layer).
@@ -155,11 +164,13 @@ def cache_attention(module, query, key, value, attention_mask, dropout=0.0, scal
         raise NotImplementedError(f"h1bkv_lite caches do not support {refused}; they would silently change the "
                                   "model's attention. Use a model without it, or DynamicCache")
     window = kwargs.get("sliding_window")
-    if window is not None and layer.get_seq_length() > window:
+    if window is not None and window != layer.sliding_window:
         _release()
+        built = "a full-attention layer" if layer.sliding_window is None else f"window {layer.sliding_window}"
         raise NotImplementedError(
-            f"layer {layer.layer_idx} is a sliding-window layer (window {window}) and the sequence is longer; "
-            "h1bkv_lite caches implement full attention only"
+            f"the model attends layer {layer.layer_idx} with sliding_window={window}, but the cache built it as {built} "
+            "(from config.layer_types / config.sliding_window, as transformers' DynamicCache decides); build the "
+            "cache with the model's own config"
         )
     out = layer.attend(query, attention_mask, scaling)
     return out.transpose(1, 2).contiguous(), None
@@ -218,33 +229,53 @@ def weighted_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return probs @ v.float().repeat_interleave(group, dim=1)
 
 
-def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask, scaling: float) -> torch.Tensor:
+def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask, scaling: float,
+                     sliding_window: int | None = None) -> torch.Tensor:
     """Exact causal attention of a prompt over itself (``Tq == Tk``) through torch SDPA: no ``T x T`` matrix
-    is built when ``attention_mask`` is None (flash / memory-efficient kernels on CUDA).
+    is built when ``attention_mask`` is None and no sliding window binds (flash / memory-efficient kernels on CUDA).
 
     q ``[B, Hq, T, D]``, k and v ``[B, Hkv, T, D]`` (GQA: ``Hq`` a multiple of ``Hkv``); ``attention_mask``:
-    None (causal), transformers' 4D mask (bool, True = attend, or additive) or a 2D padding mask.
+    None (causal), transformers' 4D mask (bool, True = attend, or additive) or a 2D padding mask;
+    ``sliding_window``: each query also sees only keys less than that many positions back (itself included,
+    transformers' ``sliding_window_overlay``), whatever the mask says.
     Returns ``[B, Hq, T, D]`` in q's dtype. Query rows that may attend to nothing (left padding) give 0.
     """
     B, Hq, T, _ = q.shape
     group = Hq // k.shape[1]
-    if attention_mask is None:
+    if attention_mask is None and (sliding_window is None or T <= sliding_window):
         if group > 1 and not _SDPA_HAS_GQA:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         gqa = {"enable_gqa": True} if group > 1 and _SDPA_HAS_GQA else {}
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, **gqa)
     allowed = allowed_mask(attention_mask, B, T, T, q.device)  # [B, 1, T, T]: the mask is that size already
+    if sliding_window is not None:
+        allowed = allowed & window_band(T, T, 0, sliding_window, q.device)
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling)
     return out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
 
 
+def window_band(q_len: int, kv_len: int, kv_offset: int, sliding_window: int, device) -> torch.Tensor:
+    """bool ``[Tq, Nkv]``: key column ``j`` (position ``kv_offset + j``) is within the sliding window of query
+    ``i`` (position ``kv_offset + kv_len - q_len + i``): fewer than ``sliding_window`` positions back, as
+    transformers' ``sliding_window_overlay``. Built from host ints: no sync."""
+    qpos = torch.arange(kv_len - q_len, kv_len, device=device).unsqueeze(-1)
+    return torch.arange(kv_len, device=device) > qpos - sliding_window
+
+
 def valid_tokens(attention_mask, batch: int, n: int, device) -> torch.Tensor | None:
-    """bool ``[B, n]``, False for padding among the last ``n`` tokens (from the mask's last query row,
-    which sees every non-padding token), or None when there is no mask."""
+    """bool ``[B, n]``, False for padding among the last ``n`` tokens, or None when there is no mask.
+
+    A 4D mask with at least ``n`` query rows is read on its diagonal (each token as its own query): padding
+    is hidden even from itself, and unlike the last query row the diagonal is not cut by a sliding window.
+    Otherwise (2D masks, shorter 4D ones) the last query row is read."""
     if attention_mask is None:
         return None
+    if attention_mask.dim() == 4 and attention_mask.shape[-2] >= n:
+        diag = attention_mask[:, :, -n:, -n:].diagonal(dim1=-2, dim2=-1)[:, 0]  # [B or 1, n]
+        keep = diag if diag.dtype == torch.bool else diag > torch.finfo(diag.dtype).min / 2
+        return keep.expand(batch, n).to(device)
     return allowed_mask(attention_mask[..., -1:, :] if attention_mask.dim() == 4 else attention_mask,
                         batch, 1, n, device)[:, 0, 0, -n:]
 
@@ -258,12 +289,21 @@ class HookedLayer(CacheLayerMixin):
 
     Subclasses implement ``_init_storage(k)``, ``_append(k, v)``, ``_attend(q, allowed, scaling)``,
     ``nbytes_by_part()`` and list their batch-major tensors in ``_batch_fields`` (dict fields:
-    every value is batch-major). ``allowed`` is bool ``[B, 1, Tq, Nseen]`` over every token seen so far.
+    every value is batch-major). ``allowed`` is bool ``[B, 1, Tq, N]`` over the tokens the layer holds
+    (``N = n_seen - window_start``, the positions ``window_start .. n_seen - 1``).
+
+    Sliding-window layers. ``sliding_window`` (None: full attention) is decided from the config as
+    transformers' ``DynamicCache`` decides (:func:`memory.layer_windows`: ``config.layer_types``, else
+    ``config.sliding_window``), and checked against the ``sliding_window`` the model passes to attention.
+    A sliding layer applies the window itself (query at position ``p`` sees keys ``> p - W``, whatever
+    the mask) and, once a forward has attended, drops every token older than the newest ``W - 1``
+    (``_drop_front``; ``window_start`` counts the positions gone), as ``DynamicSlidingWindowLayer`` does;
+    ``get_mask_sizes`` reports the held positions. ``activate_past_recording()`` (transformers' assisted
+    decoding) postpones the drop to the next :meth:`crop`. Lengths are host ints: no sync.
     """
 
     is_compileable = False
     is_croppable = True
-    is_sliding = False
     _batch_fields: tuple[str, ...] = ()
 
     def __init__(self, config, layer_idx: int, *, compressed_prefill: bool = False):
@@ -271,7 +311,11 @@ class HookedLayer(CacheLayerMixin):
         self.config = config
         self.layer_idx = layer_idx
         self.compressed_prefill = compressed_prefill
-        self.n_seen = 0  # tokens written so far = columns of the attention mask
+        self.sliding_window: int | None = memory.layer_windows(config)[layer_idx]
+        self.is_sliding = self.sliding_window is not None
+        self.record_past = False  # transformers' assisted decoding: keep dropped tokens until crop()
+        self.window_start = 0  # positions before it were dropped by the sliding window
+        self.n_seen = 0  # tokens written so far (positions 0 .. n_seen - 1)
         self.exact_call = False  # the current forward attends exactly (a prompt, compressed_prefill=False)
         self._call_kv = None  # (k, v) of the current call until it has attended
         self.owner = None  # the HookedCache holding this layer (set by it)
@@ -319,19 +363,50 @@ class HookedLayer(CacheLayerMixin):
         scaling = D**-0.5 if scaling is None else scaling
         try:
             if self.exact_call and self.n_seen == q_len and self._call_kv is not None:
-                return self._attend_prompt(query, *self._call_kv, attention_mask, scaling).to(query.dtype)
-            out = self._attend_fast(query, attention_mask, scaling)
-            if out is None:
-                allowed = allowed_mask(attention_mask, B, q_len, self.n_seen, query.device)
-                out = self._attend(query, allowed, scaling)
+                out = self._attend_prompt(query, *self._call_kv, attention_mask, scaling)
+            else:
+                out = self._attend_fast(query, attention_mask, scaling)
+                if out is None:
+                    out = self._attend(query, self._allowed(attention_mask, B, q_len, query.device), scaling)
+            self._slide()
             return out.to(query.dtype)
         finally:
             self._call_kv = None  # the call's full-precision k/v are not kept
 
+    @property
+    def _offset(self) -> int:
+        """Position of the first column of the attention mask (the oldest token held)."""
+        return self.window_start
+
+    def _allowed(self, attention_mask, batch: int, q_len: int, device) -> torch.Tensor:
+        """bool ``[B, 1, Tq, N]`` over the held columns: transformers' mask (or causal), and the sliding window."""
+        kv_len = self.n_seen - self._offset
+        allowed = allowed_mask(attention_mask, batch, q_len, kv_len, device)
+        if self.sliding_window is not None:
+            allowed = allowed & window_band(q_len, kv_len, self._offset, self.sliding_window, device)
+        return allowed
+
     def _attend_prompt(self, q, k, v, attention_mask, scaling: float) -> torch.Tensor:
         """The first call of an empty layer, exact (``k, v``: the call's tokens). Default: the general path."""
-        allowed = allowed_mask(attention_mask, q.shape[0], q.shape[2], self.n_seen, q.device)
-        return self._attend(q, allowed, scaling)
+        return self._attend(q, self._allowed(attention_mask, q.shape[0], q.shape[2], q.device), scaling)
+
+    def activate_past_recording(self) -> None:
+        """transformers' hook for caches that must roll back (assisted decoding): a sliding layer keeps the
+        tokens older than its window until the next :meth:`crop`, like ``DynamicSlidingWindowLayer``."""
+        self.record_past = True
+
+    def _slide(self, force: bool = False) -> None:
+        """At rest (after a forward attended, or after a crop): drop what the sliding window no longer sees."""
+        if self.sliding_window is None or (self.record_past and not force) or not self.is_initialized:
+            return
+        keep_from = self.n_seen - self.sliding_window + 1
+        if keep_from > self.window_start:
+            self._drop_front(keep_from)
+
+    def _drop_front(self, keep_from: int) -> None:
+        """Drop the tokens at positions ``< keep_from`` (a subclass may keep a few more, e.g. whole groups)
+        and advance ``window_start`` to the first position still held."""
+        raise NotImplementedError(f"{type(self).__name__} cannot drop tokens that left a sliding window")
 
     def _attend_fast(self, q, attention_mask, scaling: float) -> torch.Tensor | None:
         """A subclass's fast path for this call, or None (then the general path runs)."""
@@ -344,19 +419,21 @@ class HookedLayer(CacheLayerMixin):
     # pass ``cache_position`` (a tensor of the new positions) to get_mask_sizes and 5.5+ the query length;
     # up to 5.13 the unbounded-length query is get_max_cache_shape, from 5.14 get_max_length.
     def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        """(kv length, kv offset) of the next forward's mask: the held positions plus the new ones."""
         if isinstance(query_length, torch.Tensor):  # cache_position (transformers < 5.5)
             query_length = query_length.shape[0]
-        return self.n_seen + query_length, 0
+        return self.n_seen - self._offset + query_length, self._offset
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.sliding_window is None else self.sliding_window
 
     def get_max_cache_shape(self) -> int:  # transformers < 5.14
-        return -1
+        return self.get_max_length()
 
     def reset(self) -> None:
         self.is_initialized = False
         self.n_seen = 0
+        self.window_start = 0
         self._call_kv = None
 
     def crop(self, length: int) -> None:
@@ -365,13 +442,28 @@ class HookedLayer(CacheLayerMixin):
         nothing. Tokens are dropped from wherever they are stored (exact window, compressed store, sinks);
         compressed tokens cannot come back exact, so after a rollback into the compressed part the window
         refills with new tokens only. Raises NotImplementedError where the format cannot drop them (see
-        ``_crop`` of each layer)."""
+        ``_crop`` of each layer).
+
+        Sliding-window layers (as ``DynamicSlidingWindowLayer``): a rollback is exact while the tokens the
+        shortened sequence's window needs are still held -- always before the window is full, and after
+        ``activate_past_recording()`` (transformers' assisted decoding calls it); otherwise RuntimeError.
+        After the crop the layer drops what its window no longer sees (``crop(0)`` does only that)."""
         remove = -length if length < 0 else (max(0, self.n_seen - length) if length > 0 else 0)
         remove = min(remove, self.n_seen)
-        if remove == 0 or not self.is_initialized:
+        if not self.is_initialized:
             return
-        self._crop(remove)
-        self.n_seen -= remove
+        needed_from = max(0, self.n_seen - remove - (self.sliding_window or 0) + 1)  # the shortened window's start
+        if remove and self.sliding_window is not None and self.window_start > needed_from:
+            raise RuntimeError(
+                f"cannot roll back {remove} tokens of sliding-window layer {self.layer_idx} (window "
+                f"{self.sliding_window}): the tokens before position {self.window_start} were already dropped, and the "
+                "shortened sequence's window needs them; call cache.activate_past_recording() before the forward to "
+                "roll back (transformers' DynamicSlidingWindowLayer refuses this too)"
+            )
+        if remove:
+            self._crop(remove)
+            self.n_seen -= remove
+        self._slide(force=True)
 
     def _crop(self, remove: int) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot roll back tokens")
@@ -425,6 +517,12 @@ class CompressingLayer(HookedLayer):
     batch-major tensors with tokens on dim 2), scored (``_compressed_logits``) and read back
     (``_compressed_values``). Tokens are compressed as soon as no query of the current call sees them
     exact, and after attention down to what the rule keeps at rest.
+
+    Sliding-window layers drop from the front, oldest first: sinks, then compressed tokens (the
+    :class:`~h1bkv_lite.storage.TokenStore` advances a start offset: no copy per step), then exact recent
+    tokens (counted as compressed and dropped, so positions stay ``[sink | compressed | recent]``).
+    ``n_compressed`` counts every token ever compressed (dropped ones too), ``held_compressed`` those stored.
+    A subclass with grouped storage rounds the drop down (``_drop_boundary``).
     """
 
     _batch_fields = ("sink_k", "sink_v", "recent_k", "recent_v", "store")
@@ -437,7 +535,13 @@ class CompressingLayer(HookedLayer):
         empty = key_states[:, :, :0].clone()
         self.sink_k = self.sink_v = self.recent_k = self.recent_v = empty
         self.store = TokenStore()  # compressed tokens, preallocated and grown geometrically
-        self.n_compressed = 0
+        self.n_compressed = 0  # tokens compressed so far, including those a sliding window dropped since
+        self.compressed_dropped = 0  # of those, dropped by the sliding window
+
+    @property
+    def held_compressed(self) -> int:
+        """Compressed tokens stored (host int)."""
+        return self.n_compressed - self.compressed_dropped
 
     @property
     def stored(self) -> dict[str, torch.Tensor]:
@@ -461,7 +565,7 @@ class CompressingLayer(HookedLayer):
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         q_len = k.shape[2]
-        room = min(self.sink - self.sink_k.shape[2], q_len)
+        room = min(self.sink, self.n_seen) - min(self.sink, self.n_seen - q_len)  # of the first `sink` positions
         if room > 0:
             self.sink_k = torch.cat([self.sink_k, k[:, :, :room]], dim=2)
             self.sink_v = torch.cat([self.sink_v, v[:, :, :room]], dim=2)
@@ -495,9 +599,9 @@ class CompressingLayer(HookedLayer):
         R = self.recent_k.shape[2]
         r = min(remove, R)
         self.recent_k, self.recent_v = self.recent_k[:, :, :R - r], self.recent_v[:, :, :R - r]
-        c = min(remove - r, self.n_compressed)
+        c = min(remove - r, self.held_compressed)
         if c:
-            self._drop_compressed(self.n_compressed - c)
+            self._drop_compressed(self.held_compressed - c)
             self.n_compressed -= c
         s = remove - r - c
         if s:
@@ -505,15 +609,47 @@ class CompressingLayer(HookedLayer):
             self.sink_k, self.sink_v = self.sink_k[:, :, :S - s], self.sink_v[:, :, :S - s]
 
     def _drop_compressed(self, keep: int) -> None:
-        """Keep the first ``keep`` compressed tokens (a store with one entry per token, every field)."""
+        """Keep the first ``keep`` held compressed tokens (a store with one entry per token, every field)."""
         self.store.truncate(keep)
+
+    def _drop_boundary(self, keep_from: int) -> int:
+        """The first position to keep when the window needs ``keep_from`` on (grouped formats round down)."""
+        return keep_from
+
+    def _drop_compressed_front(self, n: int) -> None:
+        """Drop the oldest ``n`` held compressed tokens (one store entry per token, every field)."""
+        self.store.drop_front(n)
+
+    def _drop_front(self, keep_from: int) -> None:
+        keep_from = self._drop_boundary(keep_from)
+        d = keep_from - self.window_start
+        if d <= 0:
+            return
+        a = min(d, self.sink_k.shape[2])  # sinks are the oldest held tokens
+        if a:  # copies: no view keeps the dropped part alive
+            self.sink_k, self.sink_v = self.sink_k[:, :, a:].clone(), self.sink_v[:, :, a:].clone()
+        b = min(d - a, self.held_compressed)
+        if b:
+            self._drop_compressed_front(b)
+            self.compressed_dropped += b
+        c = d - a - b
+        if c:  # exact recent tokens: count them as compressed (and dropped) so that positions stay in order
+            self.recent_k, self.recent_v = self.recent_k[:, :, c:].clone(), self.recent_v[:, :, c:].clone()
+            self.n_compressed += c
+            self.compressed_dropped += c
+        self.window_start = keep_from
+
+    def _settle(self) -> None:
+        """After attention: drop what the sliding window no longer sees, then compress down to the rule."""
+        self._slide()
+        self._compress_until(self._compressed_at(self.n_seen))
 
     def _attend_prompt(self, q, k, v, attention_mask, scaling: float) -> torch.Tensor:
         """Exact attention of an empty layer's prompt over itself (SDPA), then compression down to what is
         kept exact at rest. ``k, v``: the prompt's tokens as the model passed them."""
-        out = prompt_attention(q, k, v, attention_mask, scaling)
+        out = prompt_attention(q, k, v, attention_mask, scaling, self.sliding_window)
         self._after_prompt(q, k, attention_mask, scaling)
-        self._compress_until(self._compressed_at(self.n_seen))
+        self._settle()
         return out
 
     def _after_prompt(self, q, k, attention_mask, scaling: float) -> None:
@@ -521,16 +657,16 @@ class CompressingLayer(HookedLayer):
 
     def _attend(self, q: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
         q_len = q.shape[2]
-        S, C, R = self.sink_k.shape[2], self.n_compressed, self.recent_k.shape[2]
+        S, C, R = self.sink_k.shape[2], self.held_compressed, self.recent_k.shape[2]
         exact = exact_logits(q, torch.cat([self.sink_k, self.recent_k], dim=2), scaling)
         logits_sink, logits_recent = exact.split([S, R], dim=-1)
         logits_comp = self._compressed_logits(q, self.stored, scaling) if C else exact[..., :0]
         # recent tokens that some queries of this call already see compressed (compressed_prefill only)
-        m = 0 if self.exact_call else min(max(self._compressed_at(self.n_seen) - C, 0), R)
+        m = 0 if self.exact_call else min(max(self._compressed_at(self.n_seen) - self.n_compressed, 0), R)
         if m:
             chunk = self._compress(self.recent_k[:, :, :m], self.recent_v[:, :, :m])
             n_visible = torch.arange(self.n_seen - q_len + 1, self.n_seen + 1, device=q.device)
-            per_query = self._n_compressed(n_visible) - C  # [Tq] recent tokens compressed for each query
+            per_query = self._n_compressed(n_visible) - self.n_compressed  # [Tq] recent tokens compressed per query
             use_comp = torch.arange(m, device=q.device) < per_query.unsqueeze(-1)  # [Tq, m]
             head = torch.where(use_comp, self._compressed_logits(q, chunk, scaling), logits_recent[..., :m])
             logits_recent = torch.cat([head, logits_recent[..., m:]], dim=-1)
@@ -544,7 +680,7 @@ class CompressingLayer(HookedLayer):
             out = out + weighted_values(p_head * use_comp, self._compressed_values(chunk))
             p_recent = torch.cat([p_head * ~use_comp, p_recent[..., m:]], dim=-1)
         out = out + weighted_values(p_recent, self.recent_v)
-        self._compress_until(self._compressed_at(self.n_seen))
+        self._settle()
         return out
 
     def _exact_bytes(self) -> tuple[int, int]:
@@ -659,7 +795,8 @@ class H1BLayer(CompressingLayer):
 
     def _attend(self, q: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
         if self.n_seen == q.shape[2]:  # the first call of compressed_prefill
-            self._learn_from_first_call(q, self._call_kv[0], allowed[:, 0, -1, -q.shape[2]:], scaling)
+            first = allowed[:, 0, :, -q.shape[2]:].diagonal(dim1=-2, dim2=-1)  # (see valid_tokens)
+            self._learn_from_first_call(q, self._call_kv[0], first, scaling)
         return super()._attend(q, allowed, scaling)
 
     def _learn_from_first_call(self, q, k, valid: torch.Tensor | None, scaling: float) -> None:
@@ -680,10 +817,12 @@ class H1BLayer(CompressingLayer):
 
     def _attend_fast(self, q, attention_mask, scaling: float) -> torch.Tensor | None:
         """The Triton decode kernel, for what it serves: one query, some compressed tokens, a batch without
-        padding, scaling 1/sqrt(D), and a temperature known (given or calibrated). Decided from host state
-        only: no sync."""
-        if not (self._use_triton and q.shape[2] == 1 and self.n_compressed > 0 and not self._padded
+        padding, scaling 1/sqrt(D), a temperature known (given or calibrated), and (sliding layers) nothing
+        held outside the query's window (the kernel has no mask; past recording may hold more). Decided from
+        host state only: no sync."""
+        if not (self._use_triton and q.shape[2] == 1 and self.held_compressed > 0 and not self._padded
                 and scaling == q.shape[-1] ** -0.5
+                and (self.sliding_window is None or self.n_seen - self.window_start <= self.sliding_window)
                 and (self.score != "hamming" or self.temperature is not None or self.calibrated is not None)):
             return None
         return self._kernel_decode(q)
@@ -704,7 +843,7 @@ class H1BLayer(CompressingLayer):
         else:
             out = kernel.h1b_decode_attention(*args, **kwargs, backend="triton")
             self._kernel_checked = True
-        self._compress_until(self._compressed_at(self.n_seen))
+        self._settle()
         return out.unsqueeze(2)
 
     def nbytes_by_part(self) -> dict[str, int]:
@@ -768,6 +907,13 @@ class HookedCache(Cache):
         for layer in layers:
             layer.owner = self
 
+    def activate_past_recording(self) -> None:
+        """Sliding layers keep the tokens older than their window until the next :meth:`crop` (so that it can
+        roll back exactly); transformers' assisted decoding calls it (defined here too for transformers
+        versions whose ``Cache`` lacks it)."""
+        for layer in self.layers:
+            layer.activate_past_recording()
+
     def nbytes_by_part(self) -> dict[str, int]:
         """True bytes of the stored tensors, summed over layers, by part."""
         total: dict[str, int] = {}
@@ -801,13 +947,18 @@ class H1BCache(HookedCache):
     temperature : "hamming" only: None (calibrate on the prefill), float, tensor ``[Hq]``, ``[L, Hq]`` or ``[L, 1]``.
     value_bits : 2, 4 or 8.  group_size : channels per value scale/zero (None: one per token, the paper's).
     window : newest tokens kept exact.  sink : first tokens kept exact (StreamingLLM; with left padding they
-        are the first columns, so a padded row's sinks are padding).
+        are the first columns, so a padded row's sinks are padding). On a sliding-window layer (window ``W``)
+        both apply within the ``W - 1`` tokens it keeps: sinks leave with the window, and a ``window >= W - 1``
+        keeps that layer entirely exact.
     compressed_prefill : multi-token forwards attend as if decoded token by token (default: exactly).
     seed : layer ``i`` sketches with ``SimHashSketcher(head_dim, bits, seed + i)``.
     backend : "auto" (the Triton append and decode kernels on CUDA for the formats they serve: bits a
         multiple of 32, value groups of whole bytes; torch otherwise), "torch", or "triton" (the kernels
         also on CPU under ``TRITON_INTERPRET=1``, for tests; a format they do not serve raises ValueError
         here, at construction).
+
+    Raises NotImplementedError for a config with layers the caches do not implement (chunked attention,
+    other layer types; :func:`memory.layer_windows`).
     """
 
     def __init__(self, config, *, bits: int = 256, score: str = "hamming", temperature=None, value_bits: int = 4,

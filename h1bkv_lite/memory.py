@@ -34,6 +34,16 @@ tokens, ``B`` batch; "per token-head" means per token, per kv head, per layer, p
     ``projection``: one fp16 ``d x rank`` PCA basis per layer per kv head, ``L * H * d * rank * 2``
     bytes, shared by the batch (independent of ``n`` and ``B``).
 
+Sliding-window layers. A layer with a sliding window ``W`` (``ModelShape.sliding_windows``, read from a
+transformers config by :func:`layer_windows` with the decision ``DynamicCache(config=...)`` makes) holds at
+most the ``W - 1`` newest tokens at rest (the next token makes ``W``, all its query sees), like transformers'
+``DynamicSlidingWindowLayer``: of ``n`` tokens the oldest ``t = max(0, n - W + 1)`` are dropped. Each scheme
+first splits all ``n`` tokens as above, then drops from the front: ``FP16`` and ``LowRankKeys`` hold
+``n - t`` tokens; ``Eviction`` ``min(budget, n - t)``; ``H1B`` drops sinks first, then compressed tokens,
+then window tokens; ``KIVI`` drops whole key groups only, ``floor(t / group_size) * group_size`` tokens
+(compressed first, then residual), so up to ``group_size - 1`` tokens older than the window stay stored
+(masked). A full-attention layer holds all ``n``.
+
 Validation errors: ``TypeError`` for wrong types (non-int sizes, unknown scheme objects, a config
 lacking a required field), ``ValueError`` for out-of-range values; messages name the argument.
 """
@@ -47,7 +57,7 @@ from ._validation import check_int, check_sketch_bits
 
 __all__ = [
     "FP16", "H1B", "KIVI", "Eviction", "LowRankKeys", "ModelShape", "CacheBytes", "PRESETS",
-    "model_shape", "kv_cache_bytes", "compression_ratio", "bits_per_element",
+    "model_shape", "layer_windows", "kv_cache_bytes", "compression_ratio", "bits_per_element",
 ]
 
 FP16_BYTES = 2
@@ -126,22 +136,41 @@ Scheme = FP16 | H1B | KIVI | Eviction | LowRankKeys
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The attention shape that sizes a KV cache."""
+    """The attention shape that sizes a KV cache.
+
+    ``sliding_windows``: None (every layer attends to the whole sequence) or one entry per layer, the
+    layer's sliding window (int >= 1) or None for a full-attention layer.
+    """
 
     num_layers: int
     num_kv_heads: int
     head_dim: int
     num_heads: int
+    sliding_windows: tuple[int | None, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "num_heads"):
             check_int(name, getattr(self, name), low=1)
+        if self.sliding_windows is not None:
+            windows = tuple(self.sliding_windows)
+            if len(windows) != self.num_layers:
+                raise ValueError(
+                    f"sliding_windows must have one entry per layer ({self.num_layers}), got {len(windows)}")
+            for w in windows:
+                if w is not None:
+                    check_int("sliding_windows entry", w, low=1)
+            object.__setattr__(self, "sliding_windows", None if all(w is None for w in windows) else windows)
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of ``layer``, or None (full attention)."""
+        return None if self.sliding_windows is None else self.sliding_windows[layer]
 
 
 PRESETS: dict[str, ModelShape] = {
     "llama-2-7b": ModelShape(num_layers=32, num_kv_heads=32, head_dim=128, num_heads=32),
     "llama-3-8b": ModelShape(num_layers=32, num_kv_heads=8, head_dim=128, num_heads=32),
-    "mistral-7b": ModelShape(num_layers=32, num_kv_heads=8, head_dim=128, num_heads=32),
+    "mistral-7b": ModelShape(num_layers=32, num_kv_heads=8, head_dim=128, num_heads=32),  # no sliding window
+    # (v0.2+; v0.1's 4096-token window is modelled when its config is passed instead of the name)
     "smollm2-135m": ModelShape(num_layers=30, num_kv_heads=3, head_dim=64, num_heads=9),
 }
 
@@ -150,7 +179,8 @@ def model_shape(config: Any) -> ModelShape:
     """Resolve a preset name, a ``ModelShape`` or a transformers-style config to a ``ModelShape``.
 
     Reads ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads`` (default
-    ``num_attention_heads``) and ``head_dim`` (default ``hidden_size // num_attention_heads``).
+    ``num_attention_heads``), ``head_dim`` (default ``hidden_size // num_attention_heads``) and the sliding
+    windows (:func:`layer_windows`).
     """
     if isinstance(config, ModelShape):
         return config
@@ -171,7 +201,50 @@ def model_shape(config: Any) -> ModelShape:
     heads = need("num_attention_heads")
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or need("hidden_size") // heads
-    return ModelShape(need("num_hidden_layers"), kv_heads, head_dim, heads)
+    layers = need("num_hidden_layers")
+    return ModelShape(layers, kv_heads, head_dim, heads, layer_windows(config, layers))
+
+
+def layer_windows(config: Any, num_layers: int | None = None) -> tuple[int | None, ...]:
+    """Per decoder layer, its sliding window (int) or None (full attention), decided as transformers'
+    ``DynamicCache(config=...)`` decides which layers are ``DynamicSlidingWindowLayer`` s (5.0 to 5.x):
+    ``config.layer_types`` when set ("sliding_attention" layers get ``config.sliding_window``), else every
+    layer is sliding when ``config.sliding_window`` is set (Mistral's default is 4096; Qwen2 sets it only
+    with ``use_sliding_window=True``), else none is.
+
+    Raises NotImplementedError, naming it, for an attention layer type the caches do not implement
+    (``"chunked_attention"`` / ``attention_chunk_size``, e.g. Llama 4).
+    """
+    if hasattr(config, "get_text_config"):  # multimodal transformers configs nest the LM config
+        config = config.get_text_config()
+    n = num_layers if num_layers is not None else getattr(config, "num_hidden_layers", None)
+    window = getattr(config, "sliding_window", None)
+    chunk = getattr(config, "attention_chunk_size", None)
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        if window is None and chunk is not None:
+            types = ["chunked_attention"] * (n or 0)
+        else:
+            types = ["sliding_attention" if window is not None else "full_attention"] * (n or 0)
+    windows = []
+    for i, kind in enumerate(list(types)[:n]):
+        if kind == "full_attention":
+            windows.append(None)
+        elif kind == "sliding_attention":
+            if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+                raise ValueError(f"layer {i} is a sliding_attention layer, but config.sliding_window is {window!r}")
+            windows.append(window)
+        elif kind == "chunked_attention":
+            raise NotImplementedError(
+                f"layer {i} uses chunked attention (attention_chunk_size={chunk}, e.g. Llama 4); h1bkv_lite "
+                "caches implement full and sliding-window attention only"
+            )
+        else:
+            raise NotImplementedError(
+                f"layer {i} has layer type {kind!r}; h1bkv_lite caches implement 'full_attention' and "
+                "'sliding_attention' layers only"
+            )
+    return tuple(windows)
 
 
 @dataclass(frozen=True)
@@ -237,56 +310,73 @@ def kv_cache_bytes(
     shape = model_shape(config)
     n = check_int("seq_len", seq_len, low=0)
     b = check_int("batch", batch, low=1)
-    d = shape.head_dim
-    heads = shape.num_layers * shape.num_kv_heads * b  # (layer, kv head, sequence) triples
     e = check_int("exact_bytes", exact_bytes, low=1)
     if e not in (2, 4):
         raise ValueError(f"exact_bytes must be 2 (fp16/bf16) or 4 (fp32), got {e}")
-    fp16_kv = lambda tokens: heads * tokens * d * e * 2  # noqa: E731  exact K and V
+    if not isinstance(scheme, (FP16, H1B, KIVI, Eviction, LowRankKeys)):
+        raise TypeError(f"scheme must be FP16, H1B, KIVI, Eviction or LowRankKeys, got {scheme!r}")
+    d = shape.head_dim
+    if isinstance(scheme, H1B) and scheme.group_size is not None:
+        _check_groups("group_size", scheme.group_size, d)
+    if isinstance(scheme, KIVI):
+        _check_groups("group_size", scheme.group_size, d)
+    if isinstance(scheme, LowRankKeys) and scheme.rank > d:
+        raise ValueError(f"rank must be in 1..head_dim={d}, got {scheme.rank}")
+    # layers grouped by what they drop: a full layer drops nothing, a sliding one all but its W - 1 newest
+    dropped: dict[int, int] = {}
+    for layer in range(shape.num_layers):
+        w = shape.window(layer)
+        t = 0 if w is None else max(0, n - w + 1)
+        dropped[t] = dropped.get(t, 0) + 1
+    parts: dict[str, int] = {}
+    for t, layers in dropped.items():
+        for name, count in _layer_parts(scheme, n, t, d, e).items():
+            parts[name] = parts.get(name, 0) + count * layers * shape.num_kv_heads * b
+    if isinstance(scheme, LowRankKeys):  # one basis per layer and kv head, shared by the batch
+        parts["projection"] = shape.num_layers * shape.num_kv_heads * d * scheme.rank * FP16_BYTES
+    return CacheBytes(parts=parts, seq_len=n, batch=b, scheme=scheme, shape=shape)
 
+
+def _layer_parts(scheme: Scheme, n: int, t: int, d: int, e: int) -> dict[str, int]:
+    """Bytes of one (layer, kv head, sequence) holding ``n`` tokens of which the oldest ``t`` were dropped
+    (a sliding window; 0 for full attention). ``e``: bytes per exact element."""
+    exact_kv = lambda tokens: tokens * d * e * 2  # noqa: E731  exact K and V
     if isinstance(scheme, FP16):
-        half = heads * n * d * e
-        parts = {"keys": half, "values": half}
-    elif isinstance(scheme, H1B):
-        groups = 1
-        if scheme.group_size is not None:
-            _check_groups("group_size", scheme.group_size, d)
-            groups = d // scheme.group_size
+        return {"keys": (n - t) * d * e, "values": (n - t) * d * e}
+    if isinstance(scheme, H1B):
+        groups = 1 if scheme.group_size is None else d // scheme.group_size
         sink = min(scheme.sink, n)
         w = min(scheme.window, n - sink)
-        old = heads * (n - sink - w)  # compressed token-heads
-        parts = {
-            "key_codes": old * (scheme.bits // 8),
-            "key_norms": old * FP16_BYTES if scheme.key_norms else 0,
-            "values": old * _ceil_div(d * scheme.value_bits, 8),
-            "value_scales_zeros": old * groups * SCALE_ZERO_BYTES,
-            "window": fp16_kv(w),
-            "sink": fp16_kv(sink),
+        old = n - sink - w  # compressed, before the sliding window drops any
+        held_sink = max(0, sink - t)
+        held_old = max(0, old - max(0, t - sink))
+        held_window = n - t - held_sink - held_old
+        return {
+            "key_codes": held_old * (scheme.bits // 8),
+            "key_norms": held_old * FP16_BYTES if scheme.key_norms else 0,
+            "values": held_old * _ceil_div(d * scheme.value_bits, 8),
+            "value_scales_zeros": held_old * groups * SCALE_ZERO_BYTES,
+            "window": exact_kv(held_window),
+            "sink": exact_kv(held_sink),
             "projection": 0,  # R is regenerated from its seed
         }
-    elif isinstance(scheme, KIVI):
+    if isinstance(scheme, KIVI):
         g = scheme.group_size
-        _check_groups("group_size", g, d)
         q = (n - scheme.residual) // g * g if n > scheme.residual else 0
-        parts = {
-            "key_codes": heads * (q // g) * d * _ceil_div(g * scheme.bits, 8),
-            "key_scales_zeros": heads * (q // g) * d * SCALE_ZERO_BYTES,
-            "values": heads * q * _ceil_div(d * scheme.bits, 8),
-            "value_scales_zeros": heads * q * (d // g) * SCALE_ZERO_BYTES,
-            "residual": fp16_kv(n - q),
+        gone = t // g * g  # whole key groups only
+        held_q = max(0, q - gone)
+        return {
+            "key_codes": (held_q // g) * d * _ceil_div(g * scheme.bits, 8),
+            "key_scales_zeros": (held_q // g) * d * SCALE_ZERO_BYTES,
+            "values": held_q * _ceil_div(d * scheme.bits, 8),
+            "value_scales_zeros": held_q * (d // g) * SCALE_ZERO_BYTES,
+            "residual": exact_kv(n - max(q, gone)),
         }
-    elif isinstance(scheme, Eviction):
-        half = heads * min(scheme.budget, n) * d * e
-        parts = {"keys": half, "values": half}
-    elif isinstance(scheme, LowRankKeys):
-        if scheme.rank > d:
-            raise ValueError(f"rank must be in 1..head_dim={d}, got {scheme.rank}")
-        half = heads * n * d * e
-        basis = shape.num_layers * shape.num_kv_heads * d * scheme.rank * FP16_BYTES
-        parts = {"keys": half, "values": half, "projection": basis}
-    else:
-        raise TypeError(f"scheme must be FP16, H1B, KIVI, Eviction or LowRankKeys, got {scheme!r}")
-    return CacheBytes(parts=parts, seq_len=n, batch=b, scheme=scheme, shape=shape)
+    if isinstance(scheme, Eviction):
+        kept = min(scheme.budget, n - t)
+        return {"keys": kept * d * e, "values": kept * d * e}
+    return {"keys": (n - t) * d * e, "values": (n - t) * d * e, "projection": 0}  # LowRankKeys
+
 
 
 def compression_ratio(config: Any, seq_len: int, scheme: Scheme, batch: int = 1) -> float:

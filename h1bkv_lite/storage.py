@@ -11,6 +11,10 @@ Every field is batch-major and grows along dim 2 (``[B, H, N, ...]``), the layou
 parts; fields may advance by different amounts per append (KIVI stores keys per group of tokens and
 values per token), so each keeps its own filled length. ``nbytes()`` counts the filled part only (what :mod:`h1bkv_lite.memory` predicts);
 ``reserved_nbytes()`` counts the buffers.
+
+Sliding-window layers drop their oldest entries: :meth:`drop_front` only advances a start offset (no copy);
+the live entries are moved to the front of the buffer when it is full (:meth:`_reserve`), so a store that
+keeps at most ``W`` entries copies O(W) bytes once per ``capacity - W`` appends.
 """
 from __future__ import annotations
 
@@ -40,12 +44,14 @@ class TokenStore:
             raise ValueError(f"growth must be a number > 1, got {growth!r}")
         self.growth = float(growth)
         self._buffers: dict[str, torch.Tensor] = {}
-        self._filled: dict[str, int] = {}
+        self._filled: dict[str, int] = {}  # end of the live entries in the buffer, per field
+        self._start: dict[str, int] = {}  # start of the live entries (entries before it were dropped)
 
     @property
     def length(self) -> int:
-        """Filled entries along dim 2 of the first field (all fields, when they advance together)."""
-        return next(iter(self._filled.values()), 0)
+        """Live entries along dim 2 of the first field (all fields, when they advance together)."""
+        name = next(iter(self._filled), None)
+        return 0 if name is None else self._filled[name] - self._start[name]
 
     def __len__(self) -> int:
         return self.length
@@ -81,32 +87,46 @@ class TokenStore:
             self._filled[name] += t.shape[2]
 
     def view(self) -> dict[str, torch.Tensor]:
-        """The filled part of every field, as views (no copy)."""
-        return {name: buf[:, :, :self._filled[name]] for name, buf in self._buffers.items()}
+        """The live part of every field, as views (no copy)."""
+        return {name: buf[:, :, self._start[name]:self._filled[name]] for name, buf in self._buffers.items()}
 
     def map_batch(self, fn) -> None:
         """Apply ``fn`` (a batch-dim op: index_select, repeat_interleave, ...) to every buffer."""
         self._buffers = {name: fn(buf) for name, buf in self._buffers.items()}
 
     def truncate(self, keep) -> None:
-        """Keep the first ``keep`` entries of every field (an int, or a dict per field); capacity is kept."""
+        """Keep the first ``keep`` live entries of every field (an int, or a dict per field); capacity is kept."""
         for name in self._filled:
             n = keep[name] if isinstance(keep, dict) else keep
-            self._filled[name] = min(self._filled[name], max(0, n))
+            self._filled[name] = min(self._filled[name], self._start[name] + max(0, n))
+
+    def drop_front(self, n) -> None:
+        """Drop the oldest ``n`` live entries of every field (an int, or a dict per field): the start offset
+        advances, nothing is copied (the buffer is compacted when it is next full)."""
+        for name in self._filled:
+            m = n[name] if isinstance(n, dict) else n
+            self._start[name] = min(self._filled[name], self._start[name] + max(0, m))
 
     def _reserve(self, name: str, like: torch.Tensor, n: int) -> torch.Tensor:
         """Room for ``n`` more entries of field ``name`` (created like ``like``); returns their view."""
         if name not in self._buffers:
             self._buffers[name] = like.new_empty((*like.shape[:2], _round_up(n), *like.shape[3:]))
-            self._filled[name] = 0
-        buf, filled = self._buffers[name], self._filled[name]
+            self._filled[name] = self._start[name] = 0
+        buf, start, filled = self._buffers[name], self._start[name], self._filled[name]
         if filled + n > buf.shape[2]:
-            buf = self._grown(buf, filled, max(filled + n, math.ceil(buf.shape[2] * self.growth)))
-            self._buffers[name] = buf
+            live = filled - start
+            if live + n <= buf.shape[2] // 2:  # entries were dropped from the front: compact, do not grow
+                if live:
+                    buf[:, :, :live].copy_(buf[:, :, start:filled].clone())
+            else:
+                buf = self._grown(buf, start, filled, max(live + n, math.ceil(buf.shape[2] * self.growth)))
+                self._buffers[name] = buf
+            self._start[name] = 0
+            self._filled[name] = filled = live
         return buf[:, :, filled:filled + n]
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes of the filled part, per field."""
+        """Bytes of the live part, per field."""
         return {name: t.numel() * t.element_size() for name, t in self.view().items()}
 
     def reserved_nbytes(self) -> int:
@@ -114,7 +134,8 @@ class TokenStore:
         return sum(t.numel() * t.element_size() for t in self._buffers.values())
 
     @staticmethod
-    def _grown(buf: torch.Tensor, filled: int, total: int) -> torch.Tensor:
+    def _grown(buf: torch.Tensor, start: int, filled: int, total: int) -> torch.Tensor:
+        """A buffer of ``total`` (rounded up) entries holding the live entries ``[start, filled)`` first."""
         bigger = buf.new_empty((*buf.shape[:2], _round_up(total), *buf.shape[3:]))
-        bigger[:, :, :filled].copy_(buf[:, :, :filled])
+        bigger[:, :, :filled - start].copy_(buf[:, :, start:filled])
         return bigger

@@ -615,3 +615,89 @@ def test_attention_switch_fast_path_matches_the_setter():
     own = OwnProperty(num_hidden_layers=1, hidden_size=32, num_attention_heads=2)
     _set_attn_implementation(own, "h1bkv")
     assert own.__dict__["seen"] == "h1bkv"
+
+
+# ------------------------------------------------------------------------------------------------ sliding windows
+def test_sliding_window_is_applied_without_a_mask():
+    """Attention implementations that pass no mask (flash, flex) rely on the sliding_window argument: the
+    prompt path and the general path apply the window themselves (query at p sees keys > p - W)."""
+    from h1bkv_lite.cache import prompt_attention, window_band
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 12, 32, generator=gen) for h in (4, 2, 2))
+    band = window_band(12, 12, 0, 5, "cpu") & torch.ones(12, 12).tril().bool()
+    assert band.sum(-1).tolist() == [1, 2, 3, 4] + [5] * 8
+    logits = (q @ k.repeat_interleave(2, 1).transpose(-1, -2) / 32**0.5).masked_fill(~band, float("-inf"))
+    ref = logits.softmax(-1) @ v.repeat_interleave(2, 1)
+    torch.testing.assert_close(prompt_attention(q, k, v, None, 32**-0.5, sliding_window=5), ref)
+    model = tiny_model("mistral")
+    model.config.sliding_window = 5
+    cache = H1BCache(model.config, bits=32, window=100)
+    cache.activate_past_recording()  # keep everything: only the band restricts attention
+    cache.update(k[:, :, :11], v[:, :, :11], 0)
+    cache.layers[0].attend(q[:, :, :11])
+    cache.update(k[:, :, 11:], v[:, :, 11:], 0)
+    torch.testing.assert_close(cache.layers[0].attend(q[:, :, 11:]), ref[:, :, 11:])
+
+
+_SLIDING_KERNEL_CHECK = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_cache import greedy, tiny_model
+from h1bkv_lite.cache import H1BCache, H1BLayer
+calls = []
+kernel = H1BLayer._kernel_decode
+H1BLayer._kernel_decode = lambda self, q: calls.append(1) or kernel(self, q)
+model = tiny_model("mistral")
+model.config.sliding_window = 6
+ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+caches = [H1BCache(model.config, bits=64, window=2, sink=1, backend=b) for b in ("torch", "triton")]
+ref, ref_scores = greedy(model, ids, caches[0], n_new=6)
+assert not calls
+out, scores = greedy(model, ids, caches[1], n_new=6)
+assert len(calls) == 10, calls  # 5 decode steps x 2 layers, over a store that dropped its oldest entries
+assert torch.equal(out, ref) and caches[1].layers[0].store._start["key_codes"] > 0
+finite = ref_scores.isfinite()
+torch.testing.assert_close(scores[finite], ref_scores[finite], atol=1e-4, rtol=1e-4)
+assert caches[1].nbytes_by_part() == caches[0].nbytes_by_part()
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA test covers the kernel")
+def test_triton_decode_on_a_sliding_layer_equals_the_torch_path(tmp_path):
+    """The decode kernel reads the compressed store from its start offset (entries dropped by the window)."""
+    pytest.importorskip("triton")
+    code = _SLIDING_KERNEL_CHECK.format(tests=str(Path(__file__).parent))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "TRITON_INTERPRET": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_sliding_decode_step_has_no_host_sync():
+    """A sliding layer's decode step (append, kernel, drop from the front, compaction) makes no host sync."""
+    from h1bkv_lite.cache import H1BLayer
+
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                           sliding_window=64, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to("cuda", torch.float16).eval()
+    cache = H1BCache(model.config, bits=128, window=8, sink=4)
+    ids = torch.randint(0, VOCAB, (2, 300), device="cuda")
+    calls = []
+    kernel = H1BLayer._kernel_decode
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        model(ids[:, -1:], past_key_values=cache)
+        H1BLayer._kernel_decode = lambda self, q: calls.append(1) or kernel(self, q)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(260):  # past a compaction of the 256-entry store
+                logits = model(ids[:, -1:], past_key_values=cache).logits
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            H1BLayer._kernel_decode = kernel
+    assert len(calls) == 260 * 2 and bool(logits.isfinite().all())
+    assert cache.nbytes_by_part() == memory.kv_cache_bytes(model.config, 561, 2, cache.scheme).parts

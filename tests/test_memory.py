@@ -101,11 +101,12 @@ def test_transformers_config_matches_preset():
     cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_hidden_layers=32, intermediate_size=11008)
     l3 = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32)
     smol = LlamaConfig(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30)
-    mis = MistralConfig()  # defaults are Mistral-7B
+    mis = MistralConfig()  # defaults are Mistral-7B (v0.1: a 4096-token sliding window on every layer)
+    assert model_shape(mis).sliding_windows == (4096,) * 32
     for c, name in [(cfg, "llama-2-7b"), (l3, "llama-3-8b"), (smol, "smollm2-135m"), (mis, "mistral-7b")]:
-        assert model_shape(c) == PRESETS[name]
+        assert dataclasses.replace(model_shape(c), sliding_windows=None) == PRESETS[name]
         for scheme in [FP16(), H1B(), H1B(bits=64, window=16, key_norms=True), KIVI(), Eviction(100)]:
-            assert kv_cache_bytes(c, 777, 2, scheme) == kv_cache_bytes(name, 777, 2, scheme)
+            assert kv_cache_bytes(c, 777, 2, scheme).parts == kv_cache_bytes(name, 777, 2, scheme).parts  # < 4096
 
 
 def test_config_fallbacks():
@@ -331,3 +332,86 @@ def test_exact_bytes_scales_only_unquantized_parts():
         assert h32.parts[part] == h16.parts[part] > 0
     with pytest.raises(ValueError, match="exact_bytes"):
         kv_cache_bytes("llama-2-7b", 10, exact_bytes=3)
+
+
+# ---------------------------------------------------------------- sliding-window layers
+
+
+def brute_sliding(shape: ModelShape, n: int, scheme, window: int | None) -> dict[str, int]:
+    """One layer's bytes (all heads, batch 1), token by token: label every token by the full-attention
+    rule (sink / compressed / window for H1B, quantized / residual for KIVI), then drop the oldest
+    ``n - W + 1`` (KIVI: whole key groups only)."""
+    d, t = shape.head_dim, (0 if window is None else max(0, n - window + 1))
+    out: dict[str, int] = {}
+    add = lambda part, b: out.__setitem__(part, out.get(part, 0) + b * shape.num_kv_heads)  # noqa: E731
+    if isinstance(scheme, H1B):
+        for pos in range(n):
+            label = "sink" if pos < scheme.sink else "window" if pos >= n - scheme.window else "old"
+            if pos < t:
+                continue
+            if label == "old":
+                add("key_codes", scheme.bits // 8)
+                add("key_norms", 2 if scheme.key_norms else 0)
+                add("values", d * scheme.value_bits // 8)
+                add("value_scales_zeros", 4 * (1 if scheme.group_size is None else d // scheme.group_size))
+            else:
+                add(label, 2 * d * 2)
+        return out
+    if isinstance(scheme, KIVI):
+        per_layer = brute_kivi(dataclasses.replace(shape, num_layers=1), n, 1, scheme)
+        g = scheme.group_size
+        gone = t // g * g
+        quantized = (n - scheme.residual) // g * g if n > scheme.residual else 0
+        held_q = max(0, quantized - gone)
+        scale = lambda part: per_layer[part] * held_q // quantized if quantized else 0  # noqa: E731
+        parts = {p: scale(p) for p in ("key_codes", "key_scales_zeros", "values", "value_scales_zeros")}
+        parts["residual"] = (n - max(quantized, gone)) * d * 2 * 2 * shape.num_kv_heads
+        return parts
+    kept = n - t if not isinstance(scheme, Eviction) else min(scheme.budget, n - t)
+    return {"keys": kept * d * 2 * shape.num_kv_heads, "values": kept * d * 2 * shape.num_kv_heads}
+
+
+@pytest.mark.parametrize("scheme", [FP16(), H1B(bits=16), H1B(bits=16, window=3, sink=2, key_norms=True),
+                                    H1B(bits=16, window=20, sink=1), KIVI(bits=2, group_size=4, residual=3),
+                                    KIVI(bits=4, group_size=4, residual=20), Eviction(5), Eviction(50)])
+def test_sliding_layers_hold_only_their_window(scheme):
+    """A sliding layer with window W holds its W - 1 newest tokens (DynamicSlidingWindowLayer's rule), split
+    by the scheme's own rule; full layers of the same model hold everything."""
+    windows = (None, 6, None, 9)
+    shape = ModelShape(num_layers=4, num_kv_heads=2, head_dim=8, num_heads=4, sliding_windows=windows)
+    for n in range(0, 25):
+        got = kv_cache_bytes(shape, n, 1, scheme).parts
+        want: dict[str, int] = {}
+        for w in windows:
+            for part, b in brute_sliding(dataclasses.replace(shape, num_layers=1, sliding_windows=None), n, scheme,
+                                         w).items():
+                want[part] = want.get(part, 0) + b
+        assert {p: b for p, b in got.items() if b} == {p: b for p, b in want.items() if b}, (n, scheme)
+
+
+def test_sliding_windows_follow_transformers_dynamic_cache():
+    """The layers DynamicCache(config=...) makes DynamicSlidingWindowLayers are the sliding ones here."""
+    import transformers as tf
+
+    configs = [tf.MistralConfig(num_hidden_layers=3, sliding_window=8),
+               tf.MistralConfig(num_hidden_layers=3, sliding_window=None),
+               tf.Qwen2Config(num_hidden_layers=3, use_sliding_window=True, sliding_window=8, max_window_layers=1),
+               tf.Qwen2Config(num_hidden_layers=3), tf.Gemma2Config(num_hidden_layers=3, sliding_window=8),
+               tf.Gemma3TextConfig(num_hidden_layers=7, sliding_window=8), tf.LlamaConfig(num_hidden_layers=2)]
+    for config in configs:
+        dynamic = tf.DynamicCache(config=config)
+        expected = tuple(getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+                         for layer in dynamic.layers)
+        windows = model_shape(config).sliding_windows
+        assert (windows or (None,) * config.num_hidden_layers) == expected, type(config).__name__
+    assert kv_cache_bytes(configs[0], 20).total == kv_cache_bytes(ModelShape(3, 8, 128, 32), 7).total
+
+
+def test_shapes_with_unsupported_layer_types_are_refused_by_name():
+    with pytest.raises(NotImplementedError, match="chunked attention"):
+        model_shape(SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, head_dim=8, attention_chunk_size=16))
+    with pytest.raises(NotImplementedError, match="linear_attention"):
+        model_shape(SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, head_dim=8,
+                                    layer_types=["full_attention", "linear_attention"]))
+    with pytest.raises(ValueError, match="one entry per layer"):
+        ModelShape(2, 2, 8, 2, sliding_windows=(4,))

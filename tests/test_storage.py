@@ -52,3 +52,24 @@ def test_growth_must_exceed_one():
 def test_slots_of_an_empty_store_need_the_field_shapes():
     with pytest.raises(ValueError, match="like="):
         TokenStore().slots(1)
+
+
+def test_drop_front_keeps_a_window_without_growing_and_equals_the_tail():
+    """A sliding window: append one entry, drop the oldest; the view is always the newest entries, the buffer
+    is compacted in place (not grown) and the dropped part is not counted."""
+    store, history = TokenStore(), []
+    gen = torch.Generator().manual_seed(0)
+    for step in range(700):
+        chunk = {"codes": torch.randint(0, 255, (1, 2, 3 if step == 0 else 1, 4), generator=gen, dtype=torch.uint8),
+                 "half": torch.randn(1, 2, 3 if step == 0 else 1, generator=gen).half()}
+        store.append(chunk)
+        history.append(chunk)
+        if len(store) > 7:
+            store.drop_front(len(store) - 7)
+        for name in chunk:
+            assert torch.equal(store.view()[name], torch.cat([c[name] for c in history], dim=2)[:, :, -7:])
+    assert store.capacity == 256 and store.nbytes() == {"codes": 2 * 7 * 4, "half": 2 * 7 * 2}
+    store.truncate(3)  # relative to the live entries
+    assert torch.equal(store.view()["codes"], torch.cat([c["codes"] for c in history], dim=2)[:, :, -7:-4])
+    store.drop_front({"codes": 1, "half": 2})
+    assert store.view()["codes"].shape[2] == 2 and store.view()["half"].shape[2] == 1
