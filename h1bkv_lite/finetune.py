@@ -69,8 +69,17 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from . import memory
 from ._validation import check_choice, check_int, check_sketch_bits, check_tensor
-from .cache import H1BCache, allowed_mask, fit_temperature, masked_softmax, text_config, weighted_values
-from .quant import VALUE_BITS, quantize_values
+from .cache import (
+    H1BCache,
+    allowed_mask,
+    exact_logits,
+    fit_key_mean,
+    fit_temperature,
+    masked_softmax,
+    text_config,
+    weighted_values,
+)
+from .quant import VALUE_BITS, quantize_values_unchecked
 from .sketch import SimHashSketcher
 
 __all__ = [
@@ -111,10 +120,13 @@ def _substitute(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
 
 
 def _signs(x: torch.Tensor, projection: torch.Tensor, ste: str) -> torch.Tensor:
-    """``sign(x @ R)`` as +-1 float32 ``[..., bits]`` (sign(0) = +1, the stored bit); clipped STE if asked."""
+    """``sign(x @ R)`` as +-1 float32 ``[..., bits]`` (sign(0) = +1, the stored bit); clipped STE if asked.
+
+    With the clipped STE the gradient reaches ``x`` and, when it is a learned parameter, ``R`` (through
+    ``u = (x / |x|) R``)."""
     p = x @ projection  # the sketcher's own projection: same bits as SimHashSketcher.sketch
     s = torch.where(p >= 0, 1.0, -1.0)
-    if ste == "clipped" and x.requires_grad:
+    if ste == "clipped" and (x.requires_grad or projection.requires_grad):
         u = p / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # projection of the unit vector, ~N(0, 1)
         s = _substitute(s, u.clamp(-1.0, 1.0))
     return s
@@ -127,15 +139,21 @@ def _key_norms(k: torch.Tensor) -> torch.Tensor:
 
 
 def compressed_logits(q: torch.Tensor, k: torch.Tensor, *, sketcher: SimHashSketcher, score: str, scaling: float,
-                      temperature: torch.Tensor | None, ste: str) -> torch.Tensor:
+                      temperature: torch.Tensor | None, ste: str, projection: torch.Tensor | None = None,
+                      key_mean: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of every query against every key seen through its sketch, with surrogate gradients.
 
-    q ``[B, Hq, Tq, D]``, k ``[B, Hkv, N, D]`` (GQA); temperature ``[Hq]`` ("hamming"). Returns float32
-    ``[B, Hq, Tq, N]``, equal (up to float rounding) to what :class:`~h1bkv_lite.cache.H1BCache` computes.
+    q ``[B, Hq, Tq, D]``, k ``[B, Hkv, N, D]`` (GQA); temperature ``[Hq]`` ("hamming"). projection: a learned
+    R float32 ``[D, bits]`` (may require grad) instead of the sketcher's fixed one. key_mean: float32
+    ``[Hkv, D]`` for key centering -- the sketch (and norm) of ``k - mu`` plus the exact ``q . mu * scaling``
+    (see :mod:`h1bkv_lite.cache`). Returns float32 ``[B, Hq, Tq, N]``, equal (up to float rounding) to what
+    :class:`~h1bkv_lite.cache.H1BCache` computes with the same settings.
     """
     group = q.shape[1] // k.shape[1]
     qf, kf = q.float(), k.float()
-    R = sketcher.projection_on(q.device)  # [D, b], fixed: never a parameter
+    if key_mean is not None:
+        kf = kf - key_mean[None, :, None, :]  # what is sketched: k - mu, float32 as the cache does
+    R = sketcher.projection_on(q.device) if projection is None else projection  # [D, b]
     bits = sketcher.bits
     sign_ste = "clipped" if ste == "clipped" else "none"
     if score == "hamming":
@@ -147,7 +165,7 @@ def compressed_logits(q: torch.Tensor, k: torch.Tensor, *, sketcher: SimHashSket
             kn = F.normalize(kf, dim=-1).repeat_interleave(group, dim=1)
             cos = (qn @ kn.transpose(-1, -2)).clamp(-1 + 1e-4, 1 - 1e-4)
             a = _Substitute.apply(a, 1 - 2 / math.pi * torch.acos(cos))
-        return a / temperature.view(1, -1, 1, 1)
+        return _plus_mean_term(a / temperature.view(1, -1, 1, 1), qf, key_mean, scaling)
     norms = _key_norms(kf).repeat_interleave(group, dim=1).unsqueeze(-2)  # [B, Hq, 1, N]
     if score == "cos":
         sq = _signs(qf, R, sign_ste)
@@ -160,46 +178,79 @@ def compressed_logits(q: torch.Tensor, k: torch.Tensor, *, sketcher: SimHashSket
     if ste == "expected" and (q.requires_grad or k.requires_grad):
         exact = qf @ kf.repeat_interleave(group, dim=1).transpose(-1, -2) * scaling
         logits = _Substitute.apply(logits, exact)
-    return logits
+    return _plus_mean_term(logits, qf, key_mean, scaling)
+
+
+def _plus_mean_term(logits: torch.Tensor, qf: torch.Tensor, key_mean: torch.Tensor | None,
+                    scaling: float) -> torch.Tensor:
+    """``logits + q . mu * scaling`` (key centering; ``mu [Hkv, D]``, each query head its kv head's), or logits."""
+    if key_mean is None:
+        return logits
+    mu = key_mean.repeat_interleave(qf.shape[1] // key_mean.shape[0], dim=0)[None, :, None, :]  # [1, Hq, 1, D]
+    return logits + (qf * mu).sum(-1, keepdim=True) * scaling
+
+
+def _exactness(window: int, sink: int, n_keys: int) -> str:
+    """Which causal (query, key) pairs of a chunk of ``n_keys`` keys are exact, decided on the host (no sync):
+    "all" (every pair), "none" (no pair) or "some". Key ``j`` is exact for the query at ``p >= j`` iff
+    ``p - j < window`` or ``j < sink``; the farthest non-sink pair is ``(n_keys - 1, sink)``."""
+    if sink >= n_keys or n_keys - 1 - sink < window:
+        return "all"
+    return "none" if window == 0 and sink == 0 else "some"
 
 
 def h1b_train_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sketcher: SimHashSketcher,
                         score: str = "hamming", temperature=None, scaling: float | None = None,
                         value_bits: int | None = 4, group_size: int | None = None, window: int = 0, sink: int = 0,
-                        ste: str = "clipped", attention_mask=None) -> torch.Tensor:
+                        ste: str = "clipped", attention_mask=None, projection: torch.Tensor | None = None,
+                        key_mean: torch.Tensor | None = None) -> torch.Tensor:
     """Differentiable causal H1B attention over one sequence chunk (no cache).
 
     q ``[B, Hq, T, D]``, k and v ``[B, Hkv, T, D]``; the queries are the last ``Tq`` positions. Key ``j`` is
     exact for the query at position ``p`` iff ``p - j < window`` or ``j < sink``; every other key is scored
-    through its sketch (:func:`compressed_logits`) and its value read quantized (``value_bits``, straight
-    through in the backward). temperature ("hamming"): a float or ``[Hq]`` tensor (may require grad).
-    attention_mask: transformers' mask (None, 2D padding or 4D). Returns ``[B, Hq, Tq, D]`` in q's dtype.
+    through its sketch (:func:`compressed_logits`; ``projection`` / ``key_mean`` as there) and its value read
+    quantized (``value_bits``, straight through in the backward). temperature ("hamming"): a float or ``[Hq]``
+    tensor (may require grad). attention_mask: transformers' mask (None, 2D padding or 4D). Returns
+    ``[B, Hq, Tq, D]`` in q's dtype.
+
+    Precision and syncs: everything here runs in float32 with autocast switched off (the sketch's signs,
+    the Hamming scores, the exact logits, the softmax and the value sums), whatever autocast the model's
+    projections run under (e.g. bf16 on CUDA); nothing reads a value back to the host.
     """
     check_choice("score", score, TRAIN_SCORES)
     check_choice("ste", ste, STES)
+    if score == "hamming" and temperature is None:
+        raise ValueError("temperature is required for score='hamming'")
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return _train_attention(q, k, v, sketcher, score, temperature, scaling, value_bits, group_size, window,
+                                sink, ste, attention_mask, projection, key_mean)
+
+
+def _train_attention(q, k, v, sketcher, score, temperature, scaling, value_bits, group_size, window, sink, ste,
+                     attention_mask, projection, key_mean) -> torch.Tensor:
     if score == "hamming":
-        if temperature is None:
-            raise ValueError("temperature is required for score='hamming'")
         temperature = torch.as_tensor(temperature, dtype=torch.float32, device=q.device).expand(q.shape[1])
     B, Hq, Tq, D = q.shape
     N = k.shape[2]
     scaling = D**-0.5 if scaling is None else scaling
     allowed = allowed_mask(attention_mask, B, Tq, N, q.device)  # [B, 1, Tq, N]
-    qpos = torch.arange(N - Tq, N, device=q.device).unsqueeze(-1)
-    kpos = torch.arange(N, device=q.device).unsqueeze(0)
-    keep = ((qpos - kpos) < window) | (kpos < sink)  # [Tq, N]: exact key and value
-    group = Hq // k.shape[1]
-    exact = q.float() @ k.float().repeat_interleave(group, dim=1).transpose(-1, -2) * scaling
-    if bool(keep.all()):
-        logits = exact
+    exactness = _exactness(window, sink, N)
+    if exactness == "all":
+        return weighted_values(masked_softmax(exact_logits(q, k, scaling), allowed), v).to(q.dtype)
+    comp = compressed_logits(q, k, sketcher=sketcher, score=score, scaling=scaling, temperature=temperature,
+                             ste=ste, projection=projection, key_mean=key_mean)
+    if exactness == "none":  # no exact key at all: no exact logits to build
+        probs = masked_softmax(comp, allowed)
     else:
-        comp = compressed_logits(q, k, sketcher=sketcher, score=score, scaling=scaling, temperature=temperature,
-                                 ste=ste)
-        logits = torch.where(keep, exact, comp)
-    probs = masked_softmax(logits, allowed)
-    if value_bits is None or bool(keep.all()):
+        qpos = torch.arange(N - Tq, N, device=q.device).unsqueeze(-1)
+        kpos = torch.arange(N, device=q.device).unsqueeze(0)
+        keep = ((qpos - kpos) < window) | (kpos < sink)  # [Tq, N]: exact key and value
+        probs = masked_softmax(torch.where(keep, exact_logits(q, k, scaling), comp), allowed)
+    if value_bits is None:
         return weighted_values(probs, v).to(q.dtype)
-    v_hat = _substitute(quantize_values(v.detach(), value_bits, group_size).dequantize(), v)
+    v_hat = _substitute(quantize_values_unchecked(v.detach(), value_bits, group_size or D).dequantize(), v)
+    if exactness == "none":
+        return weighted_values(probs, v_hat).to(q.dtype)
     out = weighted_values(probs * ~keep, v_hat) + weighted_values(probs * keep, v)
     return out.to(q.dtype)
 
@@ -217,6 +268,9 @@ def _interface_attention(module, query, key, value, attention_mask, dropout=0.0,
         )
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("h1b_train attention does not support attention softcapping")
+    if dropout:
+        raise NotImplementedError(f"h1b_train attention does not implement attention dropout (dropout={dropout}); "
+                                  "set the model's attention_dropout to 0")
     window = kwargs.get("sliding_window")
     if window is not None and key.shape[2] > window:
         raise NotImplementedError("h1b_train attention implements full attention only (sliding-window layer)")
