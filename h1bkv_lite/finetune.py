@@ -789,7 +789,8 @@ class H1BFinetuner:
 
         deadline: a ``time.monotonic()`` time after which training stops early (after the current step;
         checkpointed when a path is given) -- ``self.step < steps`` then tells the caller. on_eval: called as
-        ``on_eval(self)`` after every evaluation and checkpoint write (e.g. to write a log file).
+        ``on_eval(self)`` after every evaluation and checkpoint write (e.g. to write a log file); if it returns
+        True, training stops there (e.g. once the held-out curve has flattened, :func:`curve_flattened`).
         """
         self._check_usable()
         check_tensor("train_ids", train_ids, ndim=2, dtypes=(torch.long,))
@@ -809,6 +810,10 @@ class H1BFinetuner:
                              "processes")
         n = train_ids.shape[0]
         params = list(self.trainable_parameters().values())
+        if world > 1:  # every process starts from rank 0's adapted state (calibrations may differ in rounding)
+            with torch.no_grad():
+                for tensor in params + ([self.key_mean] if self.key_mean is not None else []):
+                    torch.distributed.broadcast(tensor.data, src=0)
         if eval_ids is not None and not any(row["step"] == self.step for row in self.evals):
             self._evaluate(eval_ids, eval_batch_size)
             if on_eval is not None:
@@ -822,23 +827,10 @@ class H1BFinetuner:
         try:
             for step in bar:
                 batch = train_ids[self._batch_indices(step, n)[rank::world]].to(self.device, non_blocking=True)
-                loss, ce, kl = self._loss_tensors(batch)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                parts = torch.stack([loss.detach(), ce, kl])
-                if world > 1:
-                    _average_gradients(params, world)
-                    torch.distributed.all_reduce(parts)
-                    parts = parts / world
-                grad_norm = parts.new_full((), float("nan"))
-                if self.config.max_grad_norm is not None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm).detach().float()
                 lr = self.lr()
-                self.optimizer.step()
-                if self.scheduler is not None:
-                    self.scheduler.step()
+                values = self._train_step(batch, params, world)
                 self.step = step + 1
-                row = {"step": self.step, "values": torch.cat([parts, grad_norm.view(1)]), "lr": lr}
+                row = {"step": self.step, "values": values, "lr": lr}
                 if self.log_temperature is not None:
                     row["log_temperature"] = self.log_temperature.detach().flatten().clone()
                 pending.append(row)
@@ -854,8 +846,11 @@ class H1BFinetuner:
                     self._evaluate(eval_ids, eval_batch_size)
                 if (save or (late and checkpoint is not None)) and rank == 0:
                     self.save(checkpoint)
-                if (evaluate or save) and on_eval is not None:
-                    on_eval(self)
+                stop = (evaluate or save) and on_eval is not None and on_eval(self) is True
+                if stop and checkpoint is not None and not save and rank == 0:
+                    self.save(checkpoint)
+                if stop:
+                    break
                 if evaluate or save:
                     since = time.perf_counter()  # a step's seconds exclude evaluations and checkpoints
                 if late:
@@ -864,6 +859,27 @@ class H1BFinetuner:
             self.model.train(was_training)
             bar.close()
         return self.history()
+
+    def _train_step(self, batch: torch.Tensor, params: list[torch.Tensor], world: int = 1) -> torch.Tensor:
+        """One optimizer (and LR-schedule) step on this process's rows ``batch long [b, T]`` (on the device).
+        Returns float32 ``[4]`` on the device: loss, ce, kl (means over processes) and the gradient norm before
+        clipping (NaN without clipping). Reads nothing back to the host (tested on CUDA with
+        ``torch.cuda.set_sync_debug_mode("error")``)."""
+        loss, ce, kl = self._loss_tensors(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        parts = torch.stack([loss.detach(), ce, kl]).float()
+        if world > 1:
+            _average_gradients(params, world)
+            torch.distributed.all_reduce(parts)
+            parts = parts / world
+        grad_norm = parts.new_full((), float("nan"))
+        if self.config.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm).detach().float()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return torch.cat([parts, grad_norm.view(1)])
 
     def _flush(self, pending: list[dict], since: float) -> float:
         """Read the pending steps' numbers back to the host (one sync) into :attr:`log`; returns the time."""
