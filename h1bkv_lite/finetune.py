@@ -532,7 +532,11 @@ class H1BFinetuner:
         self._peft = None
         self._apply_recipe()
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.23
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.optimizer = torch.optim.AdamW(self._param_groups(), weight_decay=0.0)
         self.scheduler = None  # an LR scheduler stepped after every optimizer step (use_cosine_schedule)
         self.schedule: dict | None = None
@@ -720,18 +724,27 @@ class H1BFinetuner:
                                                   {"input_ids": batch, "use_cache": False}).logits
             return self.model(input_ids=batch, use_cache=False).logits
 
-    def _loss_tensors(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(loss, ce, kl)`` as 0-dim device tensors (kl NaN without distillation): no host sync."""
+    def _loss_tensors(self, batch: torch.Tensor, backward: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, ce, kl)`` as 0-dim device tensors (kl NaN without distillation): no host sync.
+
+        ``backward=True`` also back-propagates, still inside :meth:`attention` (gradient checkpointing
+        recomputes layers in the backward, and they must attend as in the forward) but outside autocast."""
         d = self.config.distill
         teacher = self._teacher_logits(batch)[:, :-1].float() if d > 0 else None
-        with self.attention(), self._autocast():
-            logits = self.model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        ce = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:])
-        if teacher is None:
-            return ce, ce.detach(), torch.full((), float("nan"), device=ce.device)
-        kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True,
-                      reduction="none").sum(-1).mean()
-        return (1 - d) * ce + d * kl, ce.detach(), kl.detach()
+        with self.attention():
+            with self._autocast():
+                logits = self.model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            ce = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:])
+            if teacher is None:
+                loss, kl = ce, torch.full((), float("nan"), device=ce.device)
+            else:
+                kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True,
+                              reduction="none").sum(-1).mean()
+                loss = (1 - d) * ce + d * kl
+            if backward:
+                loss.backward()
+        return loss, ce.detach(), kl.detach()
 
     def loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss on ``batch long [B, T]`` through H1B attention: ``(loss, {"ce", "kl"})`` (kl NaN without
@@ -865,9 +878,8 @@ class H1BFinetuner:
         Returns float32 ``[4]`` on the device: loss, ce, kl (means over processes) and the gradient norm before
         clipping (NaN without clipping). Reads nothing back to the host (tested on CUDA with
         ``torch.cuda.set_sync_debug_mode("error")``)."""
-        loss, ce, kl = self._loss_tensors(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, ce, kl = self._loss_tensors(batch, backward=True)
         parts = torch.stack([loss.detach(), ce, kl]).float()
         if world > 1:
             _average_gradients(params, world)
