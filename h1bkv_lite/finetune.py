@@ -785,8 +785,8 @@ class H1BFinetuner:
         """Train until ``self.step == steps`` (resuming where a loaded checkpoint left off).
 
         train_ids ``long [n, T]``: training windows; step ``i`` uses ``batch_size`` of them, chosen from
-        ``(seed, i)`` only. eval_ids: held-out windows, scored with :meth:`perplexity` before the first step,
-        every ``eval_every`` steps and at the end. checkpoint: a path written every ``checkpoint_every``
+        ``(seed, i)`` only. eval_ids: held-out windows, scored with :meth:`perplexity` before the first step
+        (when nothing was evaluated yet), every ``eval_every`` steps and at the end. checkpoint: a path written every ``checkpoint_every``
         steps (default: only at the end). Returns :meth:`history`.
 
         Host syncs: a step reads nothing back to the host; the losses, gradient norms and temperatures of
@@ -827,7 +827,7 @@ class H1BFinetuner:
             with torch.no_grad():
                 for tensor in params + ([self.key_mean] if self.key_mean is not None else []):
                     torch.distributed.broadcast(tensor.data, src=0)
-        if eval_ids is not None and not any(row["step"] == self.step for row in self.evals):
+        if eval_ids is not None and not self.evals:  # the starting point (not again when resuming)
             self._evaluate(eval_ids, eval_batch_size)
             if on_eval is not None:
                 on_eval(self)

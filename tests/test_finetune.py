@@ -659,3 +659,134 @@ def test_passkey_through_the_adapted_cache_counts_exact_matches(ids):
     from h1bkv_lite.eval import _first_number
 
     assert _first_number(" 12345. Remember") == "12345" and _first_number("no digits") is None
+
+
+# ------------------------------------------------------------------------------------------------ the script
+def _script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "finetune.py"
+    spec = importlib.util.spec_from_file_location("h1bkv_finetune_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return _script()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with the bundled tokenizer's vocabulary, saved as a local model folder."""
+    from transformers import LlamaConfig
+
+    from h1bkv_lite.data import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _tiny_run(model_dir, out, *extra):
+    return ["--model", str(model_dir), "--out", str(out), "--device", "cpu", "--steps", "4", "--warmup-steps", "1",
+            "--eval-every", "2", "--seq-len", "32", "--batch-size", "2", "--eval-tokens", "64",
+            "--max-train-windows", "8", "--calibration-windows", "2", "--decode-prefill", "40", "--decode-tokens", "4",
+            "--decode-windows", "1", "--passkey-lengths", "96", "--passkey-depths", "0.5", "--passkey-trials", "1",
+            "--bits", "16", "--lr", "1e-2", *extra]
+
+
+def test_script_runs_end_to_end_and_resumes_exactly(script, tiny_model_dir, tmp_path):
+    import json
+
+    import pandas as pd
+
+    out = tmp_path / "paper_b16"
+    summary = script.main(_tiny_run(tiny_model_dir, out, "--center-keys", "--window", "4", "--sink", "1"))
+    for name in (*script.FILES, ".gitignore", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    assert "checkpoint.pt" in (out / ".gitignore").read_text()
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["center_keys"] is True and config["config"]["window"] == 4
+    assert config["run"]["seq_len"] == 32 and config["steps"] == 4 and config["tokens_per_step"] == 64
+    assert config["device"].startswith("cpu") and config["world_size"] == 1
+    assert config["versions"]["torch"] and config["versions"]["transformers"] and "commit" in config["git"]
+    log = pd.read_csv(out / "log.csv")
+    assert list(log.columns[:4]) == ["step", "tokens", "lr", "train_loss"]
+    assert log.step.tolist() == [0, 1, 2, 3, 4] and log.tokens.tolist() == [0, 64, 128, 192, 256]
+    assert log.dropna(subset=["eval_ppl"]).step.tolist() == [0, 2, 4]
+    assert log.eval_loss.dropna().map(math.exp).tolist() == pytest.approx(log.eval_ppl.dropna().tolist())
+    assert log.lr.tolist()[1:] == pytest.approx([0.0, 1e-2, 1e-2 * 0.75, 1e-2 * 0.25])  # warm-up 1, cosine to 0
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["step"] == 4 and summary["tokens"] == 256
+    assert summary["tokens_per_second"] > 0 and isinstance(summary["flattened"], bool)
+    final = summary["final"]
+    assert final["held_out_ppl"] == pytest.approx(log.eval_ppl.iloc[-1])
+    assert final["decode_tokens"] == 4 and set(final["passkey"]) == {"96"}
+    assert set(summary["reference"]) == {"fp16", "unadapted"}
+    model, _ = script.load_model(str(tiny_model_dir))
+    deployed = H1BFinetuner.from_adapters(model, out / "adapters.safetensors")
+    assert deployed.config.center_keys and deployed.step == 4
+    assert deployed.key_mean is not None
+
+    # the same run cut by --time-limit, then resumed: the same losses
+    cut = tmp_path / "cut"
+    first = script.main(_tiny_run(tiny_model_dir, cut, "--center-keys", "--window", "4", "--sink", "1",
+                                  "--time-limit", "1e-6"))
+    assert not first["complete"] and first["step"] == 1 and "--resume" in first["next"]
+    with pytest.raises(ValueError, match="--resume"):
+        script.main(_tiny_run(tiny_model_dir, cut))
+    second = script.main(_tiny_run(tiny_model_dir, cut, "--center-keys", "--window", "4", "--sink", "1", "--resume"))
+    assert second["complete"] and second["resumed_from_step"] == 1
+    resumed = pd.read_csv(cut / "log.csv")
+    assert resumed.train_loss.tolist()[1:] == pytest.approx(log.train_loss.tolist()[1:], rel=1e-6)
+    assert resumed.eval_ppl.dropna().tolist() == pytest.approx(log.eval_ppl.dropna().tolist(), rel=1e-6)
+
+
+def test_script_arguments_are_the_config_fields(script):
+    from dataclasses import fields
+
+    config, run = script.parse_args(["--out", "x"])
+    assert config == FinetuneConfig(batch_size=8)  # the config's defaults, but a GPU-sized batch
+    assert run.seq_len == 1024 and run.train_tokens == 5_000_000 and run.device == "auto"
+    help_text = script.build_parser().format_help()
+    for f in fields(FinetuneConfig):
+        assert "--" + f.name.replace("_", "-") in help_text, f.name
+    config, run = script.parse_args([
+        "--out", "x", "--recipe", "lora", "--bits", "128", "--score", "asym", "--value-bits", "2", "--group-size",
+        "32", "--window", "64", "--sink", "4", "--no-train-temperature", "--lora-targets", "q_proj", "k_proj",
+        "--max-grad-norm", "none", "--center-keys", "--learn-projection", "--distill", "0.5", "--steps", "7"])
+    assert (config.recipe, config.bits, config.score, config.value_bits, config.group_size) == ("lora", 128, "asym", 2, 32)
+    assert (config.window, config.sink, config.train_temperature) == (64, 4, False)
+    assert config.lora_targets == ("q_proj", "k_proj") and config.max_grad_norm is None
+    assert config.center_keys and config.learn_projection and config.distill == 0.5 and run.steps == 7
+    control, _ = script.parse_args(["--out", "x", "--fp16-control", "--seq-len", "256"])
+    assert control.window == 256 and not control.train_temperature
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--seq-len", "1"], "--seq-len"),
+    (["--steps", "0"], "--steps"),
+    (["--eval-every", "0"], "--eval-every"),
+    (["--eval-tokens", "10"], "--eval-tokens"),
+    (["--time-limit", "0"], "--time-limit"),
+    (["--flat-tol", "2"], "--flat-tol"),
+    (["--passkey-depths", "1.5"], "--passkey-depths"),
+    (["--passkey-lengths", "10"], "--passkey-lengths"),
+    (["--bits", "12"], "bits"),
+    (["--distill", "2"], "distill"),
+    (["--lr", "0"], "lr"),
+    (["--learn-projection", "--ste", "expected"], "learn_projection"),
+    (["--fp16-control", "--recipe", "temperature"], "--fp16-control"),
+])
+def test_script_bad_arguments_raise_naming_them(script, argv, match):
+    with pytest.raises(ValueError, match=match):
+        script.parse_args(["--out", "x", *argv])
