@@ -45,9 +45,25 @@ through (identity) in the backward, the usual estimator for rounding.
 Loss: ``(1 - distill) * CE + distill * KL(p_exact || p_h1b)`` per predicted token, where ``p_exact`` is the
 *un-adapted* model with exact attention (original ``v_proj`` / LoRA disabled), computed without gradient.
 
-Checkpoints hold only the adapted parameters (``log_temperature`` and the trainable model parameters by
-name), the optimizer state, the step and the logs; the batch of step ``i`` depends only on ``(seed, i)``, so a
-run resumed from a checkpoint equals an uninterrupted one.
+Checkpoints hold only the adapted parameters (``log_temperature``, a learned ``projection`` and the trainable
+model parameters by name), the key mean, the optimizer and LR-schedule state, the step and the logs; the batch
+of step ``i`` depends only on ``(seed, i)``, so a run resumed from a checkpoint equals an uninterrupted one.
+:meth:`H1BFinetuner.save_adapters` writes only what serving needs (a safetensors file of a few MB) and
+:meth:`H1BFinetuner.from_adapters` applies it to a fresh model.
+
+Beyond the paper (switches of :class:`FinetuneConfig`, default off, honoured identically here and in
+:class:`~h1bkv_lite.cache.H1BCache` -- tested through the equality of the training forward and the cache's
+perplexity): ``center_keys`` sketches ``k - mu`` and adds the exact ``q . mu * scaling`` (the math is in
+:mod:`h1bkv_lite.cache`, "Key centering"); ``learn_projection`` makes each layer's R a parameter trained
+through the clipped straight-through estimator.
+
+On a GPU. ``H1BFinetuner(..., device="auto", autocast="auto")`` trains on CUDA when present with the model's
+matmuls under bf16 autocast, while the training attention (sketch signs, Hamming scores, exact logits,
+softmax, value sums) runs in float32 with autocast off. A training step reads nothing back to the host:
+which keys are exact is decided from the shapes, values are quantized without checks, losses stay on the
+device and are read back every ``log_every`` steps. ``gradient_checkpointing=True`` trades compute for
+activation memory. Under ``torch.distributed`` (``accelerate launch``) :meth:`H1BFinetuner.train` is
+data-parallel. ``scripts/finetune.py`` is the command line around all this (README, "Finetuning on a GPU").
 """
 from __future__ import annotations
 
@@ -160,6 +176,16 @@ def _average_gradients(params: list[torch.Tensor], world: int) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def _agree(flag: bool, world: int, device) -> bool:
+    """True if ``flag`` is True on any process of the group (one all-reduce, a host sync); ``flag`` alone
+    without a group."""
+    if world == 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def curve_flattened(ppl, window: int = 3, tol: float = 0.01) -> bool:
@@ -851,7 +877,10 @@ class H1BFinetuner:
                                                      or self.step == steps)
                 save = checkpoint is not None and ((checkpoint_every and self.step % checkpoint_every == 0)
                                                    or self.step == steps)
-                late = deadline is not None and time.monotonic() >= deadline
+                # checked at read-back points only, and agreed by every process (one stopping alone would hang
+                # the others in their next all-reduce)
+                late = (deadline is not None and (len(pending) >= log_every or evaluate or save)
+                        and _agree(time.monotonic() >= deadline, world, self.device))
                 if evaluate or save or late or len(pending) >= log_every or self.step == steps:
                     since = self._flush(pending, since)
                     bar.set_postfix(loss=f"{self.log[-1]['loss']:.3f}")
@@ -859,7 +888,7 @@ class H1BFinetuner:
                     self._evaluate(eval_ids, eval_batch_size)
                 if (save or (late and checkpoint is not None)) and rank == 0:
                     self.save(checkpoint)
-                stop = (evaluate or save) and on_eval is not None and on_eval(self) is True
+                stop = (evaluate or save) and on_eval is not None and _agree(on_eval(self) is True, world, self.device)
                 if stop and checkpoint is not None and not save and rank == 0:
                     self.save(checkpoint)
                 if stop:
