@@ -49,7 +49,29 @@ the cache's format. ``crop`` mirrors ``DynamicSlidingWindowLayer`` (see :meth:`H
 
 Sketch seeds: one :class:`~h1bkv_lite.sketch.SimHashSketcher` per layer, ``seed + layer_idx``, shared by
 the kv heads of that layer (the paper draws one R per head; sharing R across heads keeps every head's
-estimate unbiased and lets the decode kernel read one R per layer).
+estimate unbiased and lets the decode kernel read one R per layer). ``projection=`` (float ``[L, D, bits]``)
+replaces the seeded draws by given matrices, e.g. ones learned by :mod:`h1bkv_lite.finetune`
+(``learn_projection=True``); like R they are model constants, not billed per token by :meth:`nbytes`.
+
+Key centering (``key_mean=``, beyond the paper; default off). Keys of a head share a large common component
+(a per-channel mean, strongest in RoPE's low-frequency channels), so their sketches agree on many bits whatever
+the query. With ``mu`` a per-layer, per-kv-head, per-channel mean (float ``[L, Hkv, D]``, from
+:func:`fit_key_mean` on calibration text), a compressed key is stored as the sketch (and, for "cos"/"asym",
+the fp16 norm) of ``k - mu``, and its logit is
+
+    ``logit(q, k) = est(q . (k - mu) * scaling) + q . mu * scaling``
+
+where ``est`` is the score mode's estimate ("hamming": ``(1 - 2 h / b) / T`` with ``h`` between the sketches of
+``q`` and ``k - mu``; "cos": ``|q| |k - mu| cos(pi h / b) * scaling``; "asym": QJL's unbiased estimate) and
+the second term is exact (``mu`` is known). Since ``q . k = q . mu + q . (k - mu)``, this is the exact logit
+whenever ``est`` is exact, and the exact keys of the window and sinks stay on the same scale. The term
+``q . mu * scaling`` is one constant per query row, so it cancels in the softmax *only* when it is added to
+every key of the row, compressed and exact alike -- which this rule does (exact keys carry it inside
+``q . k``); adding it to compressed keys only, or dropping it when some keys are exact, would bias the
+softmax between the two groups. Centering changes the estimate, not the target: only ``q . (k - mu)`` is
+approximated. "hamming" temperatures are calibrated on the centered keys (``std(1 - 2h/b) / std(q . (k - mu)
+* scaling)``). Decode steps of a centered cache take the torch path (the Triton decode kernel does not add
+the term); ``mu`` (``L * Hkv * D`` floats) is a model constant, not billed per token.
 """
 from __future__ import annotations
 
@@ -71,7 +93,8 @@ from .quant import VALUE_BITS, QuantizedTensor, quantize_values_unchecked
 from .sketch import SimHashSketcher, pack_bits
 from .storage import TokenStore
 
-__all__ = ["ATTENTION_NAME", "H1BCache", "HookedCache", "HookedLayer", "cache_attention", "fit_temperature"]
+__all__ = ["ATTENTION_NAME", "H1BCache", "HookedCache", "HookedLayer", "cache_attention", "fit_key_mean",
+           "fit_temperature"]
 
 ATTENTION_NAME = "h1bkv"
 """Name of :func:`cache_attention` in transformers' ``AttentionInterface`` (and of its mask function)."""
@@ -705,9 +728,11 @@ class H1BLayer(CompressingLayer):
 
     def __init__(self, config, layer_idx: int, *, sketcher: SimHashSketcher, score: str, temperature,
                  value_bits: int, group_size: int | None, window: int, sink: int, compressed_prefill: bool,
-                 backend: str):
+                 backend: str, key_mean: torch.Tensor | None = None):
         super().__init__(config, layer_idx, sink=sink, compressed_prefill=compressed_prefill)
         self.sketcher, self.score, self.temperature = sketcher, score, temperature
+        self.key_mean = key_mean  # float32 [Hkv, D] (centering) or None
+        self._key_mean_dev = None
         self.value_bits, self.group_size, self.window, self.backend = value_bits, group_size, window, backend
         self.calibrated: torch.Tensor | None = None  # [B, Hq] per-sequence T from the prefill
 
@@ -727,9 +752,27 @@ class H1BLayer(CompressingLayer):
     def _n_compressed(self, n: torch.Tensor) -> torch.Tensor:
         return (n - self.sink - self.window).clamp(min=0)
 
+    # ---- centering
+    def _mean_on(self, device) -> torch.Tensor:
+        """``mu`` float32 ``[1, Hkv, 1, D]`` on ``device`` (cached)."""
+        if self._key_mean_dev is None or self._key_mean_dev.device != torch.device(device):
+            self._key_mean_dev = self.key_mean.to(device)[None, :, None, :]
+        return self._key_mean_dev
+
+    def _centered(self, k: torch.Tensor) -> torch.Tensor:
+        """What is sketched: ``k - mu`` in float32 when centering, else ``k`` as given."""
+        return k if self.key_mean is None else k.float() - self._mean_on(k.device)
+
+    def _mean_term(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        """The exact ``q . mu * scaling``, float32 ``[B, Hq, Tq, 1]`` (GQA: each query head its kv head's mu)."""
+        mu = self._mean_on(q.device)
+        mu = mu.repeat_interleave(q.shape[1] // mu.shape[1], dim=1)  # [1, Hq, 1, D]
+        return (q.float() * mu).sum(-1, keepdim=True) * scaling
+
     # ---- compression
     def _compress(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """Torch path: codes, (norms), quantized values of ``k, v [B, Hkv, m, D]``; no checks, no syncs."""
+        k = self._centered(k)
         chunk = {"key_codes": pack_bits(k.float() @ self.sketcher.projection_on(k.device) >= 0)}
         if self.score != "hamming":
             chunk["key_norms"] = _key_norms(k)
@@ -744,6 +787,7 @@ class H1BLayer(CompressingLayer):
 
         m = k.shape[2]
         slots = self.store.slots(m, None if self.store.capacity else self._slot_shapes(k))
+        k = self._centered(k)
         sketch_pack_quantize_into(
             k, v, self.sketcher.projection_on(k.device), codes=slots["key_codes"], data=slots["values"],
             scale=slots["value_scales"], zero=slots["value_zeros"], value_bits=self.value_bits,
@@ -773,11 +817,13 @@ class H1BLayer(CompressingLayer):
     def _compressed_logits(self, q: torch.Tensor, chunk: dict, scaling: float) -> torch.Tensor:
         if self.score == "hamming":
             a = sketched_logits(q, chunk["key_codes"], sketcher=self.sketcher, score="hamming", temperature=1.0)
-            return a / self._temperature(q.device).view(-1, q.shape[1], 1, 1)
-        logits = sketched_logits(q, chunk["key_codes"], sketcher=self.sketcher, score=self.score,
-                                 key_norms=chunk["key_norms"])
-        rescale = scaling * math.sqrt(q.shape[-1])  # sketched_logits assumes scaling = 1/sqrt(D)
-        return logits if rescale == 1.0 else logits * rescale
+            logits = a / self._temperature(q.device).view(-1, q.shape[1], 1, 1)
+        else:
+            logits = sketched_logits(q, chunk["key_codes"], sketcher=self.sketcher, score=self.score,
+                                     key_norms=chunk["key_norms"])
+            rescale = scaling * math.sqrt(q.shape[-1])  # sketched_logits assumes scaling = 1/sqrt(D)
+            logits = logits if rescale == 1.0 else logits * rescale
+        return logits if self.key_mean is None else logits + self._mean_term(q, scaling)
 
     def _temperature(self, device=None) -> torch.Tensor:
         """``[Hq]`` given, or ``[B, Hq]`` calibrated; float32 (on ``device`` when given)."""
@@ -813,14 +859,15 @@ class H1BLayer(CompressingLayer):
                 f"(non-padding) tokens per sequence; sequence {counts.index(min(counts))} has {min(counts)}. "
                 "Pass temperature=..."
             )
-        self.calibrated = sampled_temperature_unchecked(q, k, self.sketcher, valid, scaling=scaling)
+        self.calibrated = sampled_temperature_unchecked(q, self._centered(k), self.sketcher, valid, scaling=scaling)
 
     def _attend_fast(self, q, attention_mask, scaling: float) -> torch.Tensor | None:
         """The Triton decode kernel, for what it serves: one query, some compressed tokens, a batch without
-        padding, scaling 1/sqrt(D), a temperature known (given or calibrated), and (sliding layers) nothing
-        held outside the query's window (the kernel has no mask; past recording may hold more). Decided from
-        host state only: no sync."""
+        padding, scaling 1/sqrt(D), a temperature known (given or calibrated), keys not centred (the kernel
+        has no mean term), and (sliding layers) nothing held outside the query's window (the kernel has no
+        mask; past recording may hold more). Decided from host state only: no sync."""
         if not (self._use_triton and q.shape[2] == 1 and self.held_compressed > 0 and not self._padded
+                and self.key_mean is None
                 and scaling == q.shape[-1] ** -0.5
                 and (self.sliding_window is None or self.n_seen - self.window_start <= self.sliding_window)
                 and (self.score != "hamming" or self.temperature is not None or self.calibrated is not None)):
@@ -952,6 +999,10 @@ class H1BCache(HookedCache):
         keeps that layer entirely exact.
     compressed_prefill : multi-token forwards attend as if decoded token by token (default: exactly).
     seed : layer ``i`` sketches with ``SimHashSketcher(head_dim, bits, seed + i)``.
+    key_mean : None (default, the paper's) or float ``[L, Hkv, D]``: sketch ``k - mu`` and add the exact
+        ``q . mu * scaling`` (key centering, module docstring; e.g. from :func:`fit_key_mean`).
+    projection : None (default: R drawn from ``seed + i``) or float ``[L, D, bits]``: layer ``i`` sketches
+        with ``projection[i]`` (e.g. a projection learned by :mod:`h1bkv_lite.finetune`).
     backend : "auto" (the Triton append and decode kernels on CUDA for the formats they serve: bits a
         multiple of 32, value groups of whole bytes; torch otherwise), "torch", or "triton" (the kernels
         also on CPU under ``TRITON_INTERPRET=1``, for tests; a format they do not serve raises ValueError
@@ -963,7 +1014,8 @@ class H1BCache(HookedCache):
 
     def __init__(self, config, *, bits: int = 256, score: str = "hamming", temperature=None, value_bits: int = 4,
                  group_size: int | None = None, window: int = 0, sink: int = 0, compressed_prefill: bool = False,
-                 seed: int = 0, backend: str = "auto"):
+                 seed: int = 0, backend: str = "auto", key_mean: torch.Tensor | None = None,
+                 projection: torch.Tensor | None = None):
         config = text_config(config)
         shape = memory.model_shape(config)
         check_sketch_bits(bits)
@@ -983,12 +1035,15 @@ class H1BCache(HookedCache):
         if backend == "triton":
             _refuse_unserved_triton(bits, shape.head_dim, value_bits, group_size)
         temps = _layer_temperatures(temperature, score, shape.num_layers, shape.num_heads)
+        means = _per_layer("key_mean", key_mean, (shape.num_layers, shape.num_kv_heads, shape.head_dim))
+        projections = _per_layer("projection", projection, (shape.num_layers, shape.head_dim, bits))
         self.bits, self.score, self.value_bits, self.group_size = bits, score, value_bits, group_size
         self.window, self.sink, self.seed = window, sink, seed
+        self.centered, self.learned_projection = key_mean is not None, projection is not None
         layers = [
-            H1BLayer(config, i, sketcher=SimHashSketcher(shape.head_dim, bits, seed + i), score=score,
-                     temperature=temps[i], value_bits=value_bits, group_size=group_size, window=window, sink=sink,
-                     compressed_prefill=compressed_prefill, backend=backend)
+            H1BLayer(config, i, sketcher=SimHashSketcher(shape.head_dim, bits, seed + i, projection=projections[i]),
+                     score=score, temperature=temps[i], value_bits=value_bits, group_size=group_size, window=window,
+                     sink=sink, compressed_prefill=compressed_prefill, backend=backend, key_mean=means[i])
             for i in range(shape.num_layers)
         ]
         super().__init__(layers)
@@ -1016,6 +1071,20 @@ def _refuse_unserved_triton(bits: int, head_dim: int, value_bits: int, group_siz
         raise ValueError(f"backend='triton' needs {unserved}; use backend='auto' (the torch path serves it)")
 
 
+def _per_layer(name: str, value, shape: tuple[int, ...]) -> list:
+    """``value`` (None or a finite float tensor of ``shape``, layers first) as one float32 CPU tensor per layer
+    (None for every layer when ``value`` is None)."""
+    if value is None:
+        return [None] * shape[0]
+    from ._validation import check_tensor  # noqa: PLC0415
+
+    check_tensor(name, value, ndim=len(shape))
+    if tuple(value.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(value.shape)}")
+    value = value.detach().to(device="cpu", dtype=torch.float32)
+    return [row.clone() for row in value]
+
+
 def _layer_temperatures(temperature, score: str, num_layers: int, num_heads: int) -> list:
     """Normalise ``temperature`` to one float32 ``[Hq]`` tensor (or None) per layer."""
     if temperature is None:
@@ -1040,12 +1109,31 @@ def _layer_temperatures(temperature, score: str, num_layers: int, num_heads: int
 
 
 @torch.no_grad()
-def fit_temperature(model, input_ids: torch.Tensor, *, bits: int, seed: int = 0) -> torch.Tensor:
+def fit_temperature(model, input_ids: torch.Tensor, *, bits: int, seed: int = 0, key_mean: torch.Tensor | None = None,
+                    projection: torch.Tensor | None = None) -> torch.Tensor:
     """Calibrate the "hamming" temperature on text: float32 ``[L, Hq]`` (mean over the batch's sequences).
 
-    Runs one exact forward of ``input_ids [B, T]`` with an :class:`H1BCache`; pass the result as
+    Runs one exact forward of ``input_ids [B, T]`` with an :class:`H1BCache` (``key_mean`` / ``projection`` as
+    there: the temperature of the centered keys / of the given R); pass the result as
     ``H1BCache(..., temperature=T)`` to score other text without an oracle calibration.
     """
-    cache = H1BCache(model.config, bits=bits, seed=seed)
+    cache = H1BCache(model.config, bits=bits, seed=seed, key_mean=key_mean, projection=projection)
     model(input_ids=input_ids, past_key_values=cache, use_cache=True)
     return cache.temperatures().mean(dim=1).to(torch.float32)
+
+
+@torch.no_grad()
+def fit_key_mean(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The per-layer, per-kv-head, per-channel mean of the keys the model caches: float32 ``[L, Hkv, D]`` on the
+    CPU (post-RoPE keys, as attention sees them, averaged over every token of ``input_ids long [B, T]``).
+
+    One exact forward (:func:`~h1bkv_lite.capture.capture_attention_inputs`). Pass it as
+    ``H1BCache(..., key_mean=mu)`` (key centering, see the module docstring).
+    Raises TypeError/ValueError for ids that are not a non-empty long ``[B, T]`` tensor.
+    """
+    from ._validation import check_tensor  # noqa: PLC0415
+    from .capture import capture_attention_inputs  # noqa: PLC0415
+
+    check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.long,))
+    captured = capture_attention_inputs(model, input_ids)
+    return torch.stack([k.double().mean(dim=(0, 2)).float() for _, k, _ in captured.values()])

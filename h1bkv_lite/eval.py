@@ -13,6 +13,10 @@ What each token sees:
   Loki: its own top-k). This equals token-by-token decoding up to float rounding (tested), with one
   exception: H1B's ``temperature=None`` is calibrated on the window itself (an oracle); pass a
   temperature from :func:`~h1bkv_lite.cache.fit_temperature` on other text for a deployment-faithful number.
+- :func:`decode_perplexity` (long context) prefills ``prefill`` tokens into ``factory(config)`` exactly, as a
+  deployment would, and then scores ``decode`` tokens decoded one at a time: each scored token is predicted by
+  a one-token decode step whose query attends to the cache as stored (H1B: every key older than its window
+  and sinks only through its sketch). The same function with ``"fp16"`` is the exact reference.
 - :func:`passkey_retrieval` writes the haystack into the cache with a normal (exact) prefill, as a
   deployment would, then asks the question in a second forward: the question attends exactly to itself
   (and the method's exact window) and to the haystack only through what the method kept.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import re
 
 import pandas as pd
 import torch
@@ -32,7 +37,8 @@ from tqdm.auto import tqdm
 
 from .baselines import FP16Cache
 
-__all__ = ["generation_agreement", "method_name", "passkey_prompt", "passkey_retrieval", "perplexity"]
+__all__ = ["decode_perplexity", "generation_agreement", "method_name", "passkey_prompt", "passkey_retrieval",
+           "perplexity"]
 
 
 def _factory(method):
@@ -110,6 +116,65 @@ def perplexity(model, tokenizer_or_ids, method="fp16", *, seq_len: int = 512, n_
     return pd.DataFrame(rows)
 
 
+@torch.no_grad()
+def decode_perplexity(model, tokenizer_or_ids, method="fp16", *, prefill: int = 1024, decode: int = 128,
+                      n_windows: int = 1, batch_size: int = 1, text: str | None = None,
+                      progress: bool = True) -> pd.DataFrame:
+    """Long-context decode perplexity: prefill ``prefill`` tokens into the cache, then score ``decode`` tokens
+    decoded one at a time through it.
+
+    Each window holds ``prefill + decode + 1`` tokens ``x_0 .. x_{P+D}``. One forward writes ``x_0 .. x_{P-1}``
+    into ``factory(model.config)`` (exact attention within the prompt; an H1B cache then compresses everything
+    but its window and sinks); then decode step ``t = 0 .. D-1`` feeds ``x_{P+t}`` alone and scores the
+    model's prediction of ``x_{P+t+1}``. So every scored token comes from a decode step -- never from the
+    prefill forward -- and with H1B every key older than ``window`` (and not a sink) is seen only through its
+    sketch, and every such value 4-bit. With ``"fp16"`` this equals the model's ordinary next-token loss at
+    those positions (tested).
+
+    Parameters
+    ----------
+    tokenizer_or_ids : a tokenizer (windows from ``text``, default the held-out Austen book, via
+        :func:`h1bkv_lite.data.token_batches`), or token ids ``long [n, T]`` with ``T >= prefill + decode + 1``
+        (the first ``prefill + decode + 1`` tokens of each row are used), or 1D ids (cut into windows).
+    method : ``"fp16"`` or a cache factory (module docstring), e.g. ``ft.method()`` of a finetune.
+    prefill, decode : tokens written by the prefill (>= 1) and tokens scored by decode steps (>= 1).
+    n_windows : windows (when cut here).  batch_size : windows decoded together.
+
+    Returns
+    -------
+    DataFrame, one row per window: ``method, window, prefill, tokens`` (= ``decode``), ``nll`` (sum, nats),
+    ``ppl``. Overall: ``exp(df.nll.sum() / df.tokens.sum())``.
+
+    Raises ValueError for non-positive sizes or windows shorter than ``prefill + decode + 1``.
+    """
+    from ._validation import check_int  # noqa: PLC0415
+
+    check_int("prefill", prefill, low=1)
+    check_int("decode", decode, low=1)
+    check_int("n_windows", n_windows, low=1)
+    check_int("batch_size", batch_size, low=1)
+    factory = _factory(method)
+    length = prefill + decode + 1
+    ids = _windows(tokenizer_or_ids, length, n_windows, text)
+    if ids.shape[1] < length:
+        raise ValueError(f"windows of {ids.shape[1]} tokens are too short for prefill={prefill} + decode={decode} + 1")
+    ids = ids[:, :length].to(_device(model))
+    rows = []
+    starts = range(0, ids.shape[0], batch_size)
+    for start in tqdm(starts, desc=f"decode ppl {method_name(method)}", disable=not progress):
+        batch = ids[start : start + batch_size]
+        cache = factory(model.config)
+        model(input_ids=batch[:, :prefill], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nll = torch.zeros(batch.shape[0], dtype=torch.float32, device=batch.device)
+        for t in range(prefill, prefill + decode):
+            logits = model(input_ids=batch[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+            nll += torch.nn.functional.cross_entropy(logits.float(), batch[:, t + 1], reduction="none")
+        for i, value in enumerate(nll.tolist()):  # one read-back per batch
+            rows.append({"method": method_name(method), "window": start + i, "prefill": prefill, "tokens": decode,
+                         "nll": value, "ppl": math.exp(value / decode)})
+    return pd.DataFrame(rows)
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -153,7 +218,9 @@ def passkey_retrieval(model, tokenizer, method="fp16", lengths=(256, 512), depth
     and ``n_new`` tokens are decoded greedily. ``text``: filler source (default: Austen validation
     split); trial ``t`` uses filler starting ``t * max(lengths)`` tokens in.
 
-    Returns a DataFrame: ``method, length, depth, trial, passkey, answer, correct``.
+    Returns a DataFrame: ``method, length, depth, trial, passkey, answer, correct, exact``: ``correct`` -- the
+    key appears anywhere in the answer; ``exact`` -- the answer's first run of digits is the key (exact match;
+    the stricter accuracy, ``df.exact.mean()``).
     """
     factory = _factory(method)
     if text is None:
@@ -175,8 +242,14 @@ def passkey_retrieval(model, tokenizer, method="fp16", lengths=(256, 512), depth
         model(input_ids=torch.tensor([context], device=device), past_key_values=cache, use_cache=True)
         answer = tokenizer.decode(_greedy_continue(model, cache, torch.tensor([question], device=device), n_new))
         rows.append({"method": method_name(method), "length": length, "depth": depth, "trial": trial,
-                     "passkey": key, "answer": answer, "correct": str(key) in answer})
+                     "passkey": key, "answer": answer, "correct": str(key) in answer,
+                     "exact": _first_number(answer) == str(key)})
     return pd.DataFrame(rows)
+
+
+def _first_number(text: str) -> str | None:
+    match = re.search(r"\d+", text)
+    return None if match is None else match.group(0)
 
 
 @torch.no_grad()

@@ -33,18 +33,33 @@ class SimHashSketcher:
         Sketch width b, a multiple of 8 in [8, 4096]; codes take ``bits // 8`` bytes.
     seed : int
         Seed of the CPU generator that draws ``R``; same seed, same R on every device.
+    projection : torch.Tensor, optional
+        A given ``R`` (float ``[head_dim, bits]``, finite), e.g. one learned by
+        :class:`~h1bkv_lite.finetune.H1BFinetuner` with ``learn_projection=True``, used instead of the seeded
+        draw (``seed`` is then only a label). Copied to float32 on the CPU; the caller's tensor is not kept.
     """
 
-    def __init__(self, head_dim: int, bits: int, seed: int = 0):
+    def __init__(self, head_dim: int, bits: int, seed: int = 0, projection: torch.Tensor | None = None):
         self.head_dim = check_int("head_dim", head_dim, low=1)
         self.bits = check_sketch_bits(bits)
         self.seed = check_int("seed", seed, low=0)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        self.projection = torch.randn(head_dim, bits, generator=gen, dtype=torch.float32)  # R [d, b]
+        if projection is None:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            projection = torch.randn(head_dim, bits, generator=gen, dtype=torch.float32)  # R [d, b]
+            self.learned = False
+        else:
+            check_tensor("projection", projection, ndim=2)
+            if tuple(projection.shape) != (head_dim, bits):
+                raise ValueError(f"projection must have shape [head_dim, bits] = [{head_dim}, {bits}], "
+                                 f"got {tuple(projection.shape)}")
+            projection = projection.detach().to(device="cpu", dtype=torch.float32, copy=True).contiguous()
+            self.learned = True
+        self.projection = projection
         self._projection_cache: dict[torch.device, torch.Tensor] = {}
 
     def __repr__(self) -> str:
-        return f"SimHashSketcher(head_dim={self.head_dim}, bits={self.bits}, seed={self.seed})"
+        given = ", projection=given" if self.learned else ""
+        return f"SimHashSketcher(head_dim={self.head_dim}, bits={self.bits}, seed={self.seed}{given})"
 
     @property
     def nbytes_per_code(self) -> int:

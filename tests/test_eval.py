@@ -98,7 +98,7 @@ def test_passkey_retrieval_runs_and_lossless_cache_agrees(model):
     tok = CharTokenizer()
     kwargs = dict(lengths=(240, 300), depths=(0.0, 1.0), trials=2, n_new=6, text=FILLER, progress=False)
     fp16 = passkey_retrieval(model, tok, "fp16", **kwargs)
-    assert list(fp16.columns) == ["method", "length", "depth", "trial", "passkey", "answer", "correct"]
+    assert list(fp16.columns) == ["method", "length", "depth", "trial", "passkey", "answer", "correct", "exact"]
     assert len(fp16) == 8 and fp16.passkey.between(10000, 99999).all()
     lossless = passkey_retrieval(model, tok, functools.partial(H1BCache, bits=16, window=400), **kwargs)
     assert lossless.answer.tolist() == fp16.answer.tolist() and lossless.passkey.tolist() == fp16.passkey.tolist()

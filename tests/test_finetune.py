@@ -45,7 +45,7 @@ def ids():
 def finetuner(model, ids, **kw):
     kw.setdefault("bits", 16)
     cfg = FinetuneConfig(**kw)
-    calib = ids[:2] if cfg.score == "hamming" else None
+    calib = ids[:2] if cfg.score == "hamming" or cfg.center_keys else None
     return H1BFinetuner(model, cfg, calibration_ids=calib)
 
 
@@ -68,14 +68,26 @@ def test_forward_equals_reference_h1b_attention(score, window):
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("recipe,score,window,sink", [
-    ("paper", "hamming", 0, 0), ("paper", "cos", 3, 0), ("lora", "asym", 0, 2), ("temperature", "hamming", 4, 1),
+@pytest.mark.parametrize("recipe,score,window,sink,switches", [
+    ("paper", "hamming", 0, 0, {}), ("paper", "cos", 3, 0, {}), ("lora", "asym", 0, 2, {}),
+    ("temperature", "hamming", 4, 1, {}),
+    # beyond the paper: key centering and a learned projection, alone and together, with and without exact keys
+    ("paper", "hamming", 0, 0, {"center_keys": True}), ("paper", "hamming", 3, 1, {"center_keys": True}),
+    ("paper", "cos", 0, 2, {"center_keys": True}), ("lora", "asym", 2, 0, {"center_keys": True}),
+    ("paper", "hamming", 0, 0, {"learn_projection": True}), ("temperature", "hamming", 2, 1, {"learn_projection": True}),
+    ("paper", "asym", 0, 0, {"learn_projection": True, "center_keys": True}),
 ])
-def test_training_forward_equals_eval_perplexity_through_h1b_cache(ids, recipe, score, window, sink):
+def test_training_forward_equals_eval_perplexity_through_h1b_cache(ids, recipe, score, window, sink, switches):
     """What is trained is what is evaluated: eval.perplexity with H1BCache(compressed_prefill=True)."""
     model = tiny_model()
-    ft = finetuner(model, ids, recipe=recipe, score=score, window=window, sink=sink, temperature="head", lr=1e-2)
+    ft = finetuner(model, ids, recipe=recipe, score=score, window=window, sink=sink, temperature="head", lr=1e-2,
+                   projection_lr=0.1, **switches)
     ft.train(ids, steps=2, progress=False)  # adapted values, not only the initial ones
+    if switches.get("learn_projection"):  # the cache gets the learned R, not the seeded one
+        assert not torch.equal(ft.projection[0].detach(), ft.sketchers[0].projection)
+        assert torch.equal(ft.method().keywords["projection"], ft.projection.detach())
+    if switches.get("center_keys"):
+        assert torch.equal(ft.method().keywords["key_mean"], ft.key_mean)
     df = perplexity(model, ids[:3], ft.method(), batch_size=3, progress=False)
     assert nll_in_training_attention(ft, ids[:3]) == pytest.approx(df.nll.sum(), rel=1e-5)
     assert model.config._attn_implementation == "sdpa"
@@ -410,3 +422,414 @@ def test_real_model_trains_and_matches_the_reference(model_and_tokenizer):
     finally:
         ft.restore()
     assert [p.requires_grad for p in model.parameters()] == flags
+
+
+# ------------------------------------------------------------------------------------------------ switches
+def test_switches_default_to_the_paper_form(ids):
+    """center_keys / learn_projection default off; a zero key mean and the seeded R change nothing."""
+    cfg = FinetuneConfig()
+    assert cfg.center_keys is False and cfg.learn_projection is False
+    ft = finetuner(tiny_model(), ids)
+    assert ft.key_mean is None and ft.projection is None
+    assert not {"key_mean", "projection"} & set(ft.method().keywords)
+    assert "projection" not in ft.adapted_state_dict()
+    model = tiny_model()
+    base = perplexity(model, ids[:2], functools.partial(H1BCache, bits=16, score="asym", window=3), progress=False)
+    seeded = torch.stack([SimHashSketcher(HEAD_DIM, 16, i).projection for i in range(LAYERS)])
+    same = functools.partial(H1BCache, bits=16, score="asym", window=3, key_mean=torch.zeros(LAYERS, KV_HEADS, HEAD_DIM),
+                             projection=seeded)
+    assert perplexity(model, ids[:2], same, progress=False).nll.tolist() == pytest.approx(base.nll.tolist(), rel=1e-6)
+
+
+@pytest.mark.parametrize("score", ["hamming", "cos", "asym"])
+def test_centered_logits_are_the_estimate_of_the_centered_key_plus_the_exact_mean_term(score):
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 4, 6, 32, generator=gen), torch.randn(1, 2, 6, 32, generator=gen) + 3.0
+    mu = torch.randn(2, 32, generator=gen)
+    kw = dict(sketcher=SimHashSketcher(32, 64, seed=1), score=score, scaling=0.3, ste="clipped",
+              temperature=torch.full((4,), 0.4) if score == "hamming" else None)
+    centered = compressed_logits(q, k, key_mean=mu, **kw)
+    term = (q * mu.repeat_interleave(2, dim=0)[None, :, None, :]).sum(-1, keepdim=True) * 0.3
+    torch.testing.assert_close(centered, compressed_logits(q, k - mu[None, :, None, :], **kw) + term)
+
+
+def test_key_mean_is_the_mean_cached_key(ids):
+    from h1bkv_lite.cache import fit_key_mean
+
+    model = tiny_model()
+    ft = finetuner(model, ids, center_keys=True)
+    cache = H1BCache(model.config, bits=16, window=64)  # everything exact: the raw keys are kept
+    model(input_ids=ids[:2], past_key_values=cache)
+    expected = torch.stack([layer.recent_k.mean(dim=(0, 2)) for layer in cache.layers])
+    torch.testing.assert_close(ft.key_mean, expected)
+    torch.testing.assert_close(fit_key_mean(model, ids[:2]), expected)
+    with pytest.raises(ValueError, match="key_mean must have shape"):
+        H1BCache(model.config, key_mean=torch.zeros(LAYERS, HEADS, HEAD_DIM))
+    with pytest.raises(ValueError, match="projection must have shape"):
+        H1BCache(model.config, bits=16, projection=torch.zeros(LAYERS, HEAD_DIM, 32))
+
+
+def test_learned_projection_gets_gradient_and_is_saved(ids, tmp_path):
+    model = tiny_model()
+    ft = finetuner(model, ids, recipe="temperature", learn_projection=True, projection_lr=0.05)
+    assert ft.n_trainable() == 1 + LAYERS * HEAD_DIM * 16
+    ft.optimizer.zero_grad()
+    ft.loss(ids[:2])[0].backward()
+    assert ft.projection.grad is not None and bool(ft.projection.grad[0].abs().sum() > 0)  # layer 0 too
+    ft.train(ids, steps=2, progress=False)
+    ft.save(tmp_path / "ft.pt")
+    ft.save_adapters(tmp_path / "a.safetensors")
+    for loaded in (H1BFinetuner.from_checkpoint(tiny_model(), tmp_path / "ft.pt"),
+                   H1BFinetuner.from_adapters(tiny_model(), tmp_path / "a.safetensors")):
+        assert torch.equal(loaded.projection, ft.projection)
+        assert loaded.perplexity(ids[:2]) == pytest.approx(ft.perplexity(ids[:2]), rel=1e-6)
+    with pytest.raises(ValueError, match="learn_projection=True needs ste='clipped'"):
+        FinetuneConfig(learn_projection=True, ste="expected")
+
+
+@pytest.mark.parametrize("recipe,switches", [("paper", {"center_keys": True}), ("lora", {"score": "cos"})])
+def test_adapters_file_holds_only_the_adapted_state_and_serves_the_same_cache(ids, tmp_path, recipe, switches):
+    from safetensors import safe_open
+
+    ft = finetuner(tiny_model(), ids, recipe=recipe, lr=1e-2, **switches)
+    ft.train(ids, steps=2, progress=False)
+    path = ft.save_adapters(tmp_path / "adapters.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+    extra = {"h1bkv.key_mean"} if ft.key_mean is not None else set()
+    extra |= {"h1bkv.initial_log_temperature"} if ft.log_temperature is not None else set()
+    assert names == set(ft.adapted_state_dict()) | extra
+    deployed = H1BFinetuner.from_adapters(tiny_model(), path)
+    assert deployed.config == ft.config and deployed.step == 2
+    assert deployed.perplexity(ids[:2]) == pytest.approx(ft.perplexity(ids[:2]), rel=1e-6)
+    torch.save({"x": 1}, tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="not an h1bkv_lite adapter file"):
+        H1BFinetuner.from_adapters(tiny_model(), tmp_path / "junk.pt")
+
+
+# ------------------------------------------------------------------------------------------------ GPU readiness
+def test_training_attention_stays_float32_under_autocast():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, h, 12, 32, generator=gen) for h in (4, 2, 2))
+    kw = dict(sketcher=SimHashSketcher(32, 32, seed=0), temperature=torch.full((4,), 0.3), window=2, sink=1)
+    ref = h1b_train_attention(q, k, v, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = h1b_train_attention(q, k, v, **kw)
+    assert torch.equal(out, ref)
+
+
+def test_bf16_autocast_trains(ids):
+    ft = H1BFinetuner(tiny_model(), FinetuneConfig(bits=16, lr=1e-2), calibration_ids=ids[:2], autocast="bf16",
+                      device="cpu")
+    assert ft.autocast_dtype == torch.bfloat16 and ft.device == torch.device("cpu")
+    hist = ft.train(ids, steps=2, progress=False, log_every=5)
+    assert hist.loss.notna().sum() == 2 and torch.isfinite(torch.tensor(hist.loss.tolist())).all()
+    assert H1BFinetuner(tiny_model(), FinetuneConfig(bits=16), calibration_ids=ids[:2],
+                        autocast="auto").autocast_dtype is None  # auto: bf16 on CUDA only
+    with pytest.raises(ValueError, match="autocast"):
+        H1BFinetuner(tiny_model(), FinetuneConfig(bits=16), calibration_ids=ids[:2], autocast="fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            H1BFinetuner(tiny_model(), FinetuneConfig(bits=16), calibration_ids=ids[:2], device="cuda")
+
+
+def test_log_every_and_gradient_checkpointing_change_nothing(ids):
+    runs = []
+    for kw in ({}, {"log_every": 3}, {"gradient_checkpointing": True}):
+        ft = H1BFinetuner(tiny_model(), FinetuneConfig(bits=16, lr=1e-2, window=2),
+                          calibration_ids=ids[:2], gradient_checkpointing=kw.pop("gradient_checkpointing", False))
+        runs.append(ft.train(ids, steps=4, progress=False, **kw))
+        assert not ft.model.training
+    for other in runs[1:]:
+        assert other.loss.tolist() == pytest.approx(runs[0].loss.tolist(), rel=1e-5)
+        assert other.grad_norm.tolist() == pytest.approx(runs[0].grad_norm.tolist(), rel=1e-4)
+
+
+def test_cosine_schedule_warms_up_then_decays(ids, tmp_path):
+    ft = finetuner(tiny_model(), ids, lr=1e-2, temperature_lr=1e-3)
+    ft.use_cosine_schedule(warmup_steps=3, total_steps=10)
+    hist = ft.train(ids, steps=6, progress=False, checkpoint=tmp_path / "c.pt")
+    lrs = [ft.lr()]  # what step 7 will use
+    expected = [1e-2 * s / 3 for s in range(3)] + [1e-2 * 0.5 * (1 + math.cos(math.pi * (s - 3) / 7)) for s in (3, 4, 5)]
+    assert hist.lr.dropna().tolist() == pytest.approx(expected)
+    assert ft.optimizer.param_groups[1]["lr"] == pytest.approx(1e-3 / 1e-2 * lrs[0])  # every group scaled alike
+    resumed = H1BFinetuner.from_checkpoint(tiny_model(), tmp_path / "c.pt")
+    assert resumed.schedule == ft.schedule and resumed.lr() == pytest.approx(lrs[0])
+    resumed.train(ids, steps=10, progress=False)
+    assert resumed.lr() == pytest.approx(0.0, abs=1e-12)
+    other = finetuner(tiny_model(), ids, lr=1e-2, temperature_lr=1e-3)
+    with pytest.raises(ValueError, match="LR schedule"):
+        other.load(tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="warmup_steps"):
+        other.use_cosine_schedule(11, 10)
+
+
+def test_deadline_and_on_eval_stop_training(ids, tmp_path):
+    import time
+
+    ft = finetuner(tiny_model(), ids, lr=1e-2)
+    ft.train(ids, steps=5, deadline=time.monotonic(), checkpoint=tmp_path / "c.pt", progress=False)
+    assert ft.step == 1 and torch.load(tmp_path / "c.pt", weights_only=True)["step"] == 1
+    seen = []
+    ft.train(ids, steps=5, eval_ids=ids[:1], eval_every=1, on_eval=lambda f: seen.append(f.step) or f.step >= 3,
+             progress=False)
+    assert ft.step == 3 and seen == [1, 2, 3]
+
+
+def test_curve_flattened():
+    from h1bkv_lite.finetune import curve_flattened
+
+    assert not curve_flattened([10, 9, 8])  # too few evaluations
+    assert not curve_flattened([10, 9, 8, 7])  # still improving by > 1%
+    assert curve_flattened([10, 9, 8, 7.95])  # 0.6% better than the best of the previous three
+    assert curve_flattened([10, 7, 8, 9, 7.5])  # worse than the best of the previous three
+    assert not curve_flattened([10, 9, 8, 7.95], tol=0.001)
+    assert curve_flattened([10, float("nan"), 9, 8.95, 8.94], window=2)
+    with pytest.raises(ValueError, match="window"):
+        curve_flattened([1, 2], window=0)
+    with pytest.raises(ValueError, match="tol"):
+        curve_flattened([1, 2], tol=1.5)
+
+
+@pytest.mark.gpu
+def test_training_step_has_no_host_sync_on_cuda(ids):
+    ft = H1BFinetuner(tiny_model(), FinetuneConfig(bits=32, window=4, sink=1, center_keys=True, distill=0.5),
+                      calibration_ids=ids[:2], device="cuda", autocast="bf16")
+    ft.use_cosine_schedule(1, 10)
+    params = list(ft.trainable_parameters().values())
+    batch = ids[:2].cuda()
+    ft._train_step(batch, params)  # warm-up (first calls allocate optimizer state)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        values = [ft._train_step(batch, params) for _ in range(2)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(torch.stack(values)[:, [0, 1, 3]]).all()
+
+
+# ------------------------------------------------------------------------------------------------ long-context eval
+def test_decode_perplexity_fp16_is_the_models_loss_and_h1b_sees_compressed_keys(ids):
+    from h1bkv_lite.eval import decode_perplexity
+
+    model = tiny_model()
+    windows = torch.cat([ids, ids], dim=1)[:3, :30]  # 30 = prefill 20 + decode 9 + 1
+    fp16 = decode_perplexity(model, windows, "fp16", prefill=20, decode=9, batch_size=2, progress=False)
+    assert list(fp16.columns) == ["method", "window", "prefill", "tokens", "nll", "ppl"]
+    assert (fp16.tokens == 9).all() and (fp16.prefill == 20).all()
+    logits = model(windows).logits[:, 20:29]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), windows[:, 21:30], reduction="none").sum(-1)
+    assert fp16.nll.tolist() == pytest.approx(nll.tolist(), rel=1e-5)
+    lossless = decode_perplexity(model, windows, functools.partial(H1BCache, bits=16, window=30), prefill=20, decode=9,
+                                 progress=False)
+    assert lossless.nll.tolist() == pytest.approx(fp16.nll.tolist(), rel=1e-5)
+    ft = finetuner(model, ids)
+    h1b = decode_perplexity(model, windows, ft.method(), prefill=20, decode=9, progress=False)
+    assert h1b.nll.sum() != pytest.approx(fp16.nll.sum(), rel=1e-3)
+    # every scored token came from a decode step over compressed keys: by hand, one token at a time
+    cache = ft.method()(model.config)
+    model(input_ids=windows[:1, :20], past_key_values=cache)
+    by_hand = sum(torch.nn.functional.cross_entropy(
+        model(input_ids=windows[:1, t:t + 1], past_key_values=cache).logits[0, -1], windows[0, t + 1]).item()
+        for t in range(20, 29))
+    assert cache.layers[0].n_compressed == 29
+    assert h1b.nll[0] == pytest.approx(by_hand, rel=1e-5)
+    for kw, match in [(dict(prefill=0), "prefill"), (dict(decode=0), "decode"), (dict(prefill=25, decode=9), "too short")]:
+        with pytest.raises(ValueError, match=match):
+            decode_perplexity(model, windows, "fp16", **kw, progress=False)
+
+
+def test_passkey_through_the_adapted_cache_counts_exact_matches(ids):
+    from h1bkv_lite.eval import passkey_retrieval
+
+    class Chars:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % VOCAB for c in text]}
+
+        def decode(self, ids, **kwargs):
+            return "".join(chr(48 + int(i) % 10) for i in ids)  # digits, so some answers parse as numbers
+
+    model = tiny_model()
+    ft = finetuner(model, ids)
+    df = passkey_retrieval(model, Chars(), ft.method(), lengths=(300, 360), depths=(0.5,), trials=2, n_new=6,
+                           text="Anne walked to the shore and back again. " * 40, progress=False)
+    assert len(df) == 4 and set(df.length) == {300, 360}
+    assert {"correct", "exact"} <= set(df.columns)
+    assert (df.correct | ~df.exact).all()  # an exact match is a match
+    from h1bkv_lite.eval import _first_number
+
+    assert _first_number(" 12345. Remember") == "12345" and _first_number("no digits") is None
+
+
+# ------------------------------------------------------------------------------------------------ the script
+def _script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "finetune.py"
+    spec = importlib.util.spec_from_file_location("h1bkv_finetune_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def script():
+    return _script()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with the bundled tokenizer's vocabulary, saved as a local model folder."""
+    from transformers import LlamaConfig
+
+    from h1bkv_lite.data import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _tiny_run(model_dir, out, *extra):
+    return ["--model", str(model_dir), "--out", str(out), "--device", "cpu", "--steps", "4", "--warmup-steps", "1",
+            "--eval-every", "2", "--seq-len", "32", "--batch-size", "2", "--eval-tokens", "64",
+            "--max-train-windows", "8", "--calibration-windows", "2", "--decode-prefill", "40", "--decode-tokens", "4",
+            "--decode-windows", "1", "--passkey-lengths", "96", "--passkey-depths", "0.5", "--passkey-trials", "1",
+            "--bits", "16", "--lr", "1e-2", *extra]
+
+
+def test_script_runs_end_to_end_and_resumes_exactly(script, tiny_model_dir, tmp_path):
+    import json
+
+    import pandas as pd
+
+    out = tmp_path / "paper_b16"
+    summary = script.main(_tiny_run(tiny_model_dir, out, "--center-keys", "--window", "4", "--sink", "1"))
+    for name in (*script.FILES, ".gitignore", "checkpoint.pt"):
+        assert (out / name).is_file(), name
+    assert "checkpoint.pt" in (out / ".gitignore").read_text()
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["center_keys"] is True and config["config"]["window"] == 4
+    assert config["run"]["seq_len"] == 32 and config["steps"] == 4 and config["tokens_per_step"] == 64
+    assert config["device"].startswith("cpu") and config["world_size"] == 1
+    assert config["versions"]["torch"] and config["versions"]["transformers"] and "commit" in config["git"]
+    log = pd.read_csv(out / "log.csv")
+    assert list(log.columns[:4]) == ["step", "tokens", "lr", "train_loss"]
+    assert log.step.tolist() == [0, 1, 2, 3, 4] and log.tokens.tolist() == [0, 64, 128, 192, 256]
+    assert log.dropna(subset=["eval_ppl"]).step.tolist() == [0, 2, 4]
+    assert log.eval_loss.dropna().map(math.exp).tolist() == pytest.approx(log.eval_ppl.dropna().tolist())
+    assert log.lr.tolist()[1:] == pytest.approx([0.0, 1e-2, 1e-2 * 0.75, 1e-2 * 0.25])  # warm-up 1, cosine to 0
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert summary["complete"] and summary["step"] == 4 and summary["tokens"] == 256
+    assert summary["tokens_per_second"] > 0 and isinstance(summary["flattened"], bool)
+    final = summary["final"]
+    assert final["held_out_ppl"] == pytest.approx(log.eval_ppl.iloc[-1])
+    assert final["decode_tokens"] == 4 and set(final["passkey"]) == {"96"}
+    assert set(summary["reference"]) == {"fp16", "unadapted"}
+    model, _ = script.load_model(str(tiny_model_dir))
+    deployed = H1BFinetuner.from_adapters(model, out / "adapters.safetensors")
+    assert deployed.config.center_keys and deployed.step == 4
+    assert deployed.key_mean is not None
+
+    # the same run cut by --time-limit, then resumed: the same losses
+    cut = tmp_path / "cut"
+    first = script.main(_tiny_run(tiny_model_dir, cut, "--center-keys", "--window", "4", "--sink", "1",
+                                  "--time-limit", "1e-6"))
+    assert not first["complete"] and first["step"] < 4 and "--resume" in first["next"]
+    with pytest.raises(ValueError, match="--resume"):
+        script.main(_tiny_run(tiny_model_dir, cut))
+    second = script.main(_tiny_run(tiny_model_dir, cut, "--center-keys", "--window", "4", "--sink", "1", "--resume"))
+    assert second["complete"] and second["resumed_from_step"] == first["step"]
+    resumed = pd.read_csv(cut / "log.csv")
+    assert resumed.train_loss.tolist()[1:] == pytest.approx(log.train_loss.tolist()[1:], rel=1e-6)
+    assert resumed.eval_ppl.dropna().tolist() == pytest.approx(log.eval_ppl.dropna().tolist(), rel=1e-6)
+
+
+def test_script_arguments_are_the_config_fields(script):
+    from dataclasses import fields
+
+    config, run = script.parse_args(["--out", "x"])
+    assert config == FinetuneConfig(batch_size=8)  # the config's defaults, but a GPU-sized batch
+    assert run.seq_len == 1024 and run.train_tokens == 5_000_000 and run.device == "auto"
+    help_text = script.build_parser().format_help()
+    for f in fields(FinetuneConfig):
+        assert "--" + f.name.replace("_", "-") in help_text, f.name
+    config, run = script.parse_args([
+        "--out", "x", "--recipe", "lora", "--bits", "128", "--score", "asym", "--value-bits", "2", "--group-size",
+        "32", "--window", "64", "--sink", "4", "--no-train-temperature", "--lora-targets", "q_proj", "k_proj",
+        "--max-grad-norm", "none", "--center-keys", "--learn-projection", "--distill", "0.5", "--steps", "7"])
+    assert (config.recipe, config.bits, config.score, config.value_bits, config.group_size) == ("lora", 128, "asym", 2, 32)
+    assert (config.window, config.sink, config.train_temperature) == (64, 4, False)
+    assert config.lora_targets == ("q_proj", "k_proj") and config.max_grad_norm is None
+    assert config.center_keys and config.learn_projection and config.distill == 0.5 and run.steps == 7
+    control, _ = script.parse_args(["--out", "x", "--fp16-control", "--seq-len", "256"])
+    assert control.window == 256 and not control.train_temperature
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--seq-len", "1"], "--seq-len"),
+    (["--steps", "0"], "--steps"),
+    (["--eval-every", "0"], "--eval-every"),
+    (["--eval-tokens", "10"], "--eval-tokens"),
+    (["--time-limit", "0"], "--time-limit"),
+    (["--flat-tol", "2"], "--flat-tol"),
+    (["--passkey-depths", "1.5"], "--passkey-depths"),
+    (["--passkey-lengths", "10"], "--passkey-lengths"),
+    (["--bits", "12"], "bits"),
+    (["--distill", "2"], "distill"),
+    (["--lr", "0"], "lr"),
+    (["--learn-projection", "--ste", "expected"], "learn_projection"),
+    (["--fp16-control", "--recipe", "temperature"], "--fp16-control"),
+])
+def test_script_bad_arguments_raise_naming_them(script, argv, match):
+    with pytest.raises(ValueError, match=match):
+        script.parse_args(["--out", "x", *argv])
+
+
+def _data_parallel_worker(rank, world, port, ids, queue):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        ft = H1BFinetuner(tiny_model(), FinetuneConfig(bits=16, lr=1e-2, batch_size=4, window=2), temperature=0.3)
+        hist = ft.train(ids, steps=3, progress=False, log_every=2)
+        queue.put((rank, hist.loss.tolist(), {k: t.tolist() for k, t in ft.adapted_state_dict().items()}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_equals_one_process_with_the_same_global_batch(ids):
+    """Two processes (gloo, CPU) with half the rows each: the same losses and parameters as one process."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    single = H1BFinetuner(tiny_model(), FinetuneConfig(bits=16, lr=1e-2, batch_size=4, window=2), temperature=0.3)
+    expected = single.train(ids, steps=3, progress=False).loss.tolist()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_data_parallel_worker, args=(r, 2, port, ids, queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    results = dict((rank, (loss, state)) for rank, loss, state in (queue.get(timeout=120) for _ in procs))
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    for rank in (0, 1):
+        loss, state = results[rank]
+        assert loss == pytest.approx(expected, rel=1e-5)
+        for name, t in single.adapted_state_dict().items():
+            torch.testing.assert_close(torch.tensor(state[name]), t, rtol=1e-3, atol=1e-4)  # Adam: rounding noise
