@@ -209,9 +209,8 @@ def format_row(r: dict) -> str:
 
 
 def tune(device, gqa_only: bool = False) -> dict:
-    """Time kernel configs on representative shapes (CUDA-graph timing); returns all rows. GQA shapes try
-    both forms: one program per kv head serving its query heads ("shared", ``tl.dot``) and one program per
-    query head (``"per_head"``, the one-head code path; the group's reads after the first hit L2)."""
+    """Time kernel configs on representative shapes (CUDA-graph timing, each checked against the reference);
+    returns all rows."""
     shapes = [
         dict(B=1, Hq=32, Hkv=32, N=32768, bits=128, score="hamming"),
         dict(B=8, Hq=32, Hkv=32, N=32768, bits=128, score="hamming"),
@@ -226,14 +225,13 @@ def tune(device, gqa_only: bool = False) -> dict:
     for shape in shapes:
         gqa = shape["Hq"] > shape["Hkv"]
         if gqa:
-            grid = [("shared", True, "ieee", b) for b in (16, 32)] + [("shared", True, "tf32", b) for b in (16, 32, 64)]
-            grid += [("per_head", False, "ieee", b) for b in (64, 128)]
+            grid = [(True, "ieee", b) for b in (16, 32)] + [(True, "tf32", b) for b in (16, 32, 64)]
         else:
-            grid = [("shared", False, "ieee", b) for b in (32, 64, 128)]
+            grid = [(False, "ieee", b) for b in (32, 64, 128)]
         per_sms = (2, 4) if gqa else (2, 4, 8)
         best = None
-        for (form, use_dot, prec, block_n), warps, per_sm in itertools.product(grid, (4, 8), per_sms):
-            cfg = dict(gqa_form=form, use_dot=use_dot, precision=prec, block_n=block_n, num_warps=warps,
+        for (use_dot, prec, block_n), warps, per_sm in itertools.product(grid, (4, 8), per_sms):
+            cfg = dict(use_dot=use_dot, precision=prec, block_n=block_n, num_warps=warps,
                        programs_per_sm=per_sm, num_stages=1, single_split_max_n=0)
             try:
                 r = bench_h1b(D=128, device=device, config=cfg, eager=False, check=True, **shape)

@@ -210,13 +210,12 @@ def _decode_split_kernel(
     VALUE_BITS: tl.constexpr, SCORE: tl.constexpr,
     GR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
     PER_HEAD_T: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_KQ: tl.constexpr,
-    DIRECT: tl.constexpr, KV_SHARE: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // HKV
-    hk = pid_bh % HKV  # the program's head row: a kv head, or a query head when KV_SHARE > 1
-    hkv = hk // KV_SHARE  # the kv head whose cache it reads
+    hk = pid_bh % HKV
     g = tl.arange(0, GR)
     gmask = g < GROUP
     heads = hk * GROUP + g  # query heads served by this kv head
@@ -244,11 +243,11 @@ def _decode_split_kernel(
         NBC: tl.constexpr = BLOCK_D // PER_BYTE  # value bytes per token, padded
         c = tl.arange(0, NBC)
         cmask = c < D // PER_BYTE
-        kc_base = kc_ptr + b * stride_kcb + hkv * stride_kch
-        kn_base = kn_ptr + b * stride_knb + hkv * stride_knh
-        vd_base = vd_ptr + b * stride_vdb + hkv * stride_vdh
-        vs_base = vs_ptr + b * stride_vsb + hkv * stride_vsh
-        vz_base = vz_ptr + b * stride_vzb + hkv * stride_vzh
+        kc_base = kc_ptr + b * stride_kcb + hk * stride_kch
+        kn_base = kn_ptr + b * stride_knb + hk * stride_knh
+        vd_base = vd_ptr + b * stride_vdb + hk * stride_vdh
+        vs_base = vs_ptr + b * stride_vsb + hk * stride_vsh
+        vz_base = vz_ptr + b * stride_vzb + hk * stride_vzh
         # value column c * PER_BYTE + j accumulates in acc<j>; see _value_update for the shapes
         if USE_DOT:
             acc0 = tl.zeros((GR, NBC), dtype=tl.float32)
@@ -348,8 +347,8 @@ def _decode_split_kernel(
         dmask = d < D
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                     mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        wk_base = wk_ptr + b * stride_wkb + hkv * stride_wkh
-        wv_base = wv_ptr + b * stride_wvb + hkv * stride_wvh
+        wk_base = wk_ptr + b * stride_wkb + hk * stride_wkh
+        wv_base = wv_ptr + b * stride_wvb + hk * stride_wvh
         acc = tl.zeros((GR, BLOCK_D), dtype=tl.float32)
         for w0 in range(0, W, BLOCK_W):
             t = w0 + tl.arange(0, BLOCK_W)
@@ -427,15 +426,20 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
     compiler's register report (no spills up to 512 bits).
 
     One query head per kv head: fp32 multiply-adds into per-row partial sums, 128-key tiles for "hamming"
-    (64 for "cos"/"asym", which need more registers). GQA groups: ``tl.dot`` in fp32 ("ieee": exact fp32
-    FMAs, as fast here as tf32x3 tensor-core passes), 16-key tiles. ``single_split_max_n``: contexts up to
+    (64 for "cos"/"asym", which need more registers). GQA groups: one program serves the group's query heads
+    from one read of the cache, the value products on tensor cores (``tl.dot``, tf32 inputs, fp32
+    accumulation), 64-key tiles: 1.4-1.7x faster than exact fp32 FMAs on 16-key tiles (H200, 32q/8kv, 32k
+    and 128k, ``decode.py --tune``). tf32 keeps 10 mantissa bits of the softmax weights and of the
+    dequantized values (the 4-bit codes are exact), a relative error of at most ~1e-3 per product with fp32
+    sums -- the precision flash attention gives its probabilities (fp16/bf16), and below an fp16 output's
+    own rounding. (One program per query head, each re-reading its kv head's cache, measured 2-4x slower.) ``single_split_max_n``: contexts up to
     this many compressed tokens run as one split per (sequence, kv head) and write the output directly
     (one launch instead of split + combine). Eager decode is bound by the host's launches: on an H200, 7B
     shapes at B = 1, one split made a whole decode step faster at 8k (MHA 29.9 vs 31.9 ms, GQA 35.9 vs
     38.5 ms) but slower at 32k for GQA (52.4 vs 37.5 ms), where one program per kv head has too much to
     read. Under CUDA graphs (no launch cost) splitting is always faster; benchmarks pass 0 there."""
     if group > 1:
-        return {"block_n": 16, "use_dot": True, "precision": "ieee", "num_warps": 8 if score == "asym" else 4,
+        return {"block_n": 64, "use_dot": True, "precision": "tf32", "num_warps": 8 if score == "asym" else 4,
                 "num_stages": 1, "programs_per_sm": 4, "single_split_max_n": 8192}
     return {"block_n": 128 if score == "hamming" else 64, "use_dot": False, "precision": "ieee", "num_warps": 4,
             "num_stages": 1, "programs_per_sm": 4, "single_split_max_n": 8192}
@@ -453,11 +457,7 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     cfg = {**_default_config(score, group, dev), **(config or {})}
     block_n, block_d = cfg["block_n"], max(16, next_pow2(D))
     W = 0 if window_k is None else window_k.shape[2]
-    # GQA forms: "shared" -- one program serves the group's query heads from one read of the cache;
-    # "per_head" -- one program per query head, each reading its kv head's cache (the group's reads after
-    # the first mostly hit L2), with the one-head (MHA) code path
-    kv_share = group if (group > 1 and cfg.get("gqa_form", "shared") == "per_head") else 1
-    rows, heads_per_row = (B * Hq, 1) if kv_share > 1 else (B * Hkv, group)
+    rows = B * Hkv
     splits, chunk = _plan_splits(N, rows, dev, block_n, split_k, cfg["programs_per_sm"], cfg["single_split_max_n"])
     total = splits + (1 if W > 0 else 0)
     direct = total == 1 and W == 0
@@ -492,7 +492,7 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
         m = torch.empty(B * Hq * total, **f32)
         lse = torch.empty(B * Hq * total, **f32)
         acc = torch.empty(B * Hq * total, block_d, **f32)
-    gr, nw_p = next_pow2(heads_per_row), next_pow2(bits // 32)
+    gr, nw_p = next_pow2(group), next_pow2(bits // 32)
     _decode_split_kernel[(rows, total)](
         q, q.stride(0), q.stride(1), projection, out, out.stride(0), out.stride(1),
         q_proj, t_tensor, t_tensor.stride(0) if t_tensor.dim() == 2 else 0, inv_t, cos_table,
@@ -504,12 +504,12 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
         wk, *wk.stride()[:3],
         wv, *wv.stride()[:3],
         m, lse, acc,
-        N, W, rows // B, chunk, splits, total, qk_scale,
-        D=D, BITS=bits, NW_P=nw_p, GROUP=heads_per_row, VALUE_GROUPS=value_scale.shape[-1],
+        N, W, Hkv, chunk, splits, total, qk_scale,
+        D=D, BITS=bits, NW_P=nw_p, GROUP=group, VALUE_GROUPS=value_scale.shape[-1],
         VALUE_BITS=value_bits, SCORE=score_id,
         GR=gr, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_W=max(2, 16 // gr),
         PER_HEAD_T=per_head_t, USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"],
-        BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), DIRECT=direct, KV_SHARE=kv_share,
+        BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), DIRECT=direct,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:

@@ -30,7 +30,7 @@ from h1bkv_lite.kernels import (
     sketch_pack_quantize_into,
 )
 from h1bkv_lite.kernels._common import is_interpreted, use_triton
-from h1bkv_lite.kernels.decode_attention import _decode_split_kernel
+from h1bkv_lite.kernels.decode_attention import _decode_split_kernel, _default_config
 from h1bkv_lite.sketch import unpack_bits
 
 _CUDA = torch.cuda.is_available()
@@ -39,6 +39,10 @@ DEVICES = [
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not _CUDA, reason="needs CUDA")]),
 ]
 NEAR_TIE = 1e-5
+# GQA's value products run on tensor cores in tf32 (on CUDA; the interpreter multiplies in fp32): softmax
+# weights and dequantized values keep 10 mantissa bits (relative rounding <= 2**-11 each) before fp32 sums,
+# so an output, a weighted mean of values, is off by <= ~2**-10 of the values' magnitude (~1 here)
+TF32_TOL = dict(rtol=2**-9, atol=2**-9)
 OUT_TOL = {
     torch.float32: dict(rtol=1e-4, atol=1e-5),
     torch.float16: dict(rtol=2**-9, atol=2**-9),
@@ -298,7 +302,11 @@ def _check_decode(args, kwargs, seed, **launch):
     assert got.shape == q.shape and got.dtype == q.dtype and got.device == q.device
     assert bool(torch.isfinite(got).all()), f"seed={seed}: non-finite output"
     err = (got.float() - ref.float()).abs().max().item()
-    torch.testing.assert_close(got, ref, **OUT_TOL[q.dtype], msg=lambda m: f"seed={seed}, max err {err:.3g}\n{m}")
+    tol = OUT_TOL[q.dtype]
+    config = {**_default_config(kwargs["score"], q.shape[1] // args[1].shape[1], q.device), **launch.get("config", {})}
+    if q.device.type == "cuda" and config["use_dot"] and config["precision"] == "tf32":
+        tol = max(tol, TF32_TOL, key=lambda t: t["rtol"])
+    torch.testing.assert_close(got, ref, **tol, msg=lambda m: f"seed={seed}, max err {err:.3g}\n{m}")
 
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -556,13 +564,3 @@ def test_decode_nothing_to_attend_and_bits_for_triton():
         with pytest.raises(ValueError, match="multiple of 32"):
             h1b_decode_attention(*args, backend="triton", **kwargs)
 
-
-@pytest.mark.parametrize("score", ["hamming", "cos", "asym"])
-@pytest.mark.parametrize("gqa,W,split_k", [(4, 0, None), (8, 3, 2), (2, 0, 3)])
-def test_decode_gqa_per_head_form(device, score, gqa, W, split_k):
-    """GQA with one program per query head (each reads its kv head's cache) equals the reference too."""
-    seed = fresh_seed()
-    args, kwargs, _ = make_cache(seed=seed, device=device, B=2, Hq=2 * gqa, Hkv=2, N=77, W=W, D=64, bits=128,
-                                 score=score)
-    _check_decode(args, kwargs, seed, split_k=split_k,
-                  config={"gqa_form": "per_head", "use_dot": False, "block_n": 32})
