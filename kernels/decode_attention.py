@@ -193,7 +193,7 @@ def _asym_dots(kw, qp_ptr, qrow, gmask, w, wmask, BITS: tl.constexpr, GR: tl.con
         return tl.sum(acc, axis=2)
 
 
-@triton.jit(do_not_specialize=["N", "W", "CHUNK", "NUM_SPLITS", "SPLITS_TOTAL", "inv_t"])
+@triton.jit(do_not_specialize=["N", "W", "CHUNK", "NUM_SPLITS", "SPLITS_TOTAL", "inv_t", "DIRECT"])
 def _decode_split_kernel(
     q_ptr, stride_qb, stride_qh, r_ptr, out_ptr, stride_ob, stride_oh,
     qp_ptr, t_ptr, stride_tb, inv_t, cos_ptr,
@@ -210,8 +210,10 @@ def _decode_split_kernel(
     VALUE_BITS: tl.constexpr, SCORE: tl.constexpr,
     GR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
     PER_HEAD_T: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_KQ: tl.constexpr,
-    DIRECT: tl.constexpr,
+    DIRECT,
 ):
+    # DIRECT (a runtime flag, so one compiled kernel serves both; a context growing past single_split_max_n
+    # triggers no compile mid-generation): this row is one split without a window, write the output itself
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // HKV
@@ -323,7 +325,7 @@ def _decode_split_kernel(
         l_i = tl.sum(l_rows, axis=1)
         zsum = tl.sum(z_rows, axis=1)[:, None]
         smask = gmask[:, None] & cmask[None, :]
-        if DIRECT:  # the only partial of its row: normalise and write the output (no combine launch)
+        if DIRECT != 0:  # the only partial of its row: normalise and write the output (no combine launch)
             inv_l = 1.0 / l_i[:, None]
             o_base = out_ptr + b * stride_ob + heads[:, None] * stride_oh + c[None, :] * PER_BYTE
             o_ty = out_ptr.dtype.element_ty
@@ -362,7 +364,7 @@ def _decode_split_kernel(
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], axis=1)
         tl.store(acc_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
 
-    if not DIRECT:
+    if DIRECT == 0:
         tl.store(m_ptr + part, m_i, mask=gmask)
         tl.store(l_ptr + part, l_i, mask=gmask)
 
@@ -509,7 +511,7 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
         VALUE_BITS=value_bits, SCORE=score_id,
         GR=gr, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_W=max(2, 16 // gr),
         PER_HEAD_T=per_head_t, USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"],
-        BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), DIRECT=direct,
+        BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), DIRECT=int(direct),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
