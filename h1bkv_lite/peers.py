@@ -84,7 +84,8 @@ def unavailable_reason(backend: str) -> str | None:
 
 
 def peer_status() -> pd.DataFrame:
-    """One row per peer library: ``peer, package, version, available, reason`` (reason empty when available)."""
+    """One row per peer library: ``peer, package, version, available, reason`` (version empty when not
+    installed, reason empty when available)."""
     rows = []
     for backend in (*BACKENDS, "kvpress"):
         dist = _PACKAGES[backend][0] if backend in _PACKAGES else "kvpress"
@@ -94,7 +95,7 @@ def peer_status() -> pd.DataFrame:
             version = None
         reason = unavailable_reason(backend)
         rows.append({"peer": "kvpress presses" if backend == "kvpress" else f"QuantizedCache ({backend})",
-                     "package": dist, "version": version, "available": reason is None, "reason": reason or ""})
+                     "package": dist, "version": version or "", "available": reason is None, "reason": reason or ""})
     return pd.DataFrame(rows)
 
 
