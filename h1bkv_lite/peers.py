@@ -48,7 +48,8 @@ PEER_LABELS = {"hf-quanto": "QuantizedCache (quanto)", "hf-hqq": "QuantizedCache
 INSTALL_HINT = "pip install 'h1bkv-lite[peers]'"
 
 KVPRESS_REASON = (
-    "kvpress (NVIDIA) has no release that runs beside transformers >= 5.3 (this package pins 5.23): "
+    "kvpress (NVIDIA) has no release that runs beside transformers >= 5.3 (pinned here: 5.23), so no kvpress "
+    "press is run: "
     "0.5.3-0.5.5 require transformers < 5.3; 0.5.0-0.5.2 set no upper bound on transformers but require "
     "pandas < 3 (pinned here: 3.1) and, installed anyway, fail at the first forward under transformers 5.23 "
     "(KeyError 'cache_position' in kvpress's BasePress.forward_hook: transformers no longer passes "
