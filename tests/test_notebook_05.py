@@ -117,3 +117,30 @@ def test_figures_and_tables_written(run):
     for csv in ("perplexity_sweep", "family_comparison", "passkey_accuracy", "passkey_trials", "agreement",
                 "agreement_prompts"):
         assert (out / f"{csv}.csv").stat().st_size > 0
+
+
+def test_peers_rows_where_installed_reasons_where_not(metrics):
+    """With the [peers] extra: one row per QuantizedCache (backend, bits), bytes measured = the layout's count,
+    each compared with our KIVI at its bits. Without it: no rows, and the reason for each skipped peer."""
+    from h1bkv_lite import peers as P
+
+    peers = metrics["peers"]
+    status = {s["package"]: s for s in peers["status"]}
+    assert set(status) == {"optimum-quanto", "hqq", "kvpress"}
+    assert not status["kvpress"]["available"] and "transformers" in status["kvpress"]["reason"]
+    rows = peers["rows"]
+    for backend, dist in (("quanto", "optimum-quanto"), ("hqq", "hqq")):
+        mine = [r for r in rows if r["backend"] == backend]
+        assert status[dist]["available"] == (P.unavailable_reason(backend) is None)
+        if status[dist]["available"]:
+            assert sorted(r["nbits"] for r in mine) == [2, 4]
+        else:
+            assert not mine and status[dist]["reason"]
+    n = metrics["seq_len"]
+    for r in rows:
+        assert r["bytes_per_token"] == r["predicted_bytes_per_token"]
+        assert r["bytes_per_token"] < memory.kv_cache_bytes(SHAPE, n, 1, memory.FP16()).total / n
+        assert 0.5 * metrics["fp16_ppl"] < r["ppl"] < 10 * metrics["fp16_ppl"]
+    assert len(peers["comparison"]) == len(rows) and peers["lines"]
+    if not rows:
+        assert "No peer rows" in peers["lines"][0]
