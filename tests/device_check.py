@@ -37,6 +37,7 @@ _FACTORIES = {
 _TO_HOST = {torch.Tensor.cpu, torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.numpy}
 _INDEXING = {torch.Tensor.__getitem__}  # a host index into a device tensor is fine on CUDA
 _SETITEM = {torch.Tensor.__setitem__}
+_UNCHECKED = {"_has_compatible_shallow_copy_type", "__set__"}  # nn.Module.to() comparing a parameter with its move
 
 
 def _tensors(tree) -> list[torch.Tensor]:
@@ -81,6 +82,8 @@ class PretendDevice(TorchFunctionMode):
             checked = _tensors(args[:1])
         elif func in _SETITEM:
             checked = _tensors((args[0], args[2:]))
+        elif getattr(func, "__name__", "") in _UNCHECKED:
+            checked = []
         else:
             checked = inputs
         dev = [t for t in checked if self.on_device(t)]
@@ -89,6 +92,9 @@ class PretendDevice(TorchFunctionMode):
             shapes = ", ".join(str(tuple(t.shape)) for t in host[:3])
             raise DeviceMix(f"{name}: device tensor(s) mixed with host tensor(s) of shape {shapes}")
         out = func(*args, **kwargs)
+        if getattr(func, "__name__", "") == "__set__" and len(args) == 2 and isinstance(args[1], torch.Tensor):
+            self._tag(args[0], self.on_device(args[1]))  # param.data = moved (nn.Module.to keeps the Parameter)
+            return out
         if func in _TO_HOST:
             if func is torch.Tensor.cpu and out is args[0]:  # on CPU .cpu() returns its input: a new alias
                 out = out.view_as(out)

@@ -176,3 +176,36 @@ def test_capture_on_the_model_device_feeds_the_analysis_device_clean(dtype):
         for a, b in zip(cap[layer], want[layer]):
             torch.testing.assert_close(a, b)
     assert sweep.kl.notna().all() and errors["mean"].notna().all()
+
+
+# ------------------------------------------------------------------------------------------------ notebook 06: eval, finetune
+def test_notebook_06_calls_are_device_clean(tmp_path):
+    """perplexity (fp16 and H1B), cache.fit_temperature with host token ids (it did not move them to the model's
+    device: found by this test), and the finetuner's train / perplexity / checkpoint reload, all on a model
+    "on the device"."""
+    import functools
+
+    from h1bkv_lite.cache import H1BCache, fit_temperature
+    from h1bkv_lite.eval import perplexity
+    from h1bkv_lite.finetune import FinetuneConfig, H1BFinetuner
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+    ckpt = tmp_path / "c.pt"
+    with PretendDevice() as dev:
+        dev.put(list(model.parameters()) + list(model.buffers()))
+        perplexity(model, ids, "fp16", batch_size=2, progress=False)
+        T = fit_temperature(model, ids[:2], bits=32)
+        assert dev.on_device(T) and not T.requires_grad
+        perplexity(model, ids, functools.partial(H1BCache, bits=32, temperature=T.cpu() * 2), batch_size=2,
+                   progress=False)
+        for recipe in ["paper", "lora"]:
+            ft = H1BFinetuner(model, FinetuneConfig(recipe=recipe, bits=32, batch_size=2, seed=0), temperature=T)
+            ft.train(ids, 2, eval_ids=ids[:2], eval_every=1, eval_batch_size=2, checkpoint=ckpt, progress=False)
+            ft.perplexity(ids[:2], exact=True, batch_size=2)
+            assert not dev.on_device(ft.temperatures())  # host: the notebook plots it
+            ft.temperature_history()
+            ft.restore()
+        reloaded = H1BFinetuner.from_checkpoint(model, ckpt)
+        reloaded.perplexity(ids[:2], batch_size=2)
+        reloaded.restore()
