@@ -1115,10 +1115,12 @@ def fit_temperature(model, input_ids: torch.Tensor, *, bits: int, seed: int = 0,
 
     Runs one exact forward of ``input_ids [B, T]`` with an :class:`H1BCache` (``key_mean`` / ``projection`` as
     there: the temperature of the centered keys / of the given R); pass the result as
-    ``H1BCache(..., temperature=T)`` to score other text without an oracle calibration.
+    ``H1BCache(..., temperature=T)`` to score other text without an oracle calibration. ``input_ids`` may be on
+    the host: they are moved to the model's device, where the result is (no autograd graph is kept).
     """
     cache = H1BCache(model.config, bits=bits, seed=seed, key_mean=key_mean, projection=projection)
-    model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    with torch.no_grad():
+        model(input_ids=input_ids.to(next(model.parameters()).device), past_key_values=cache, use_cache=True)
     return cache.temperatures().mean(dim=1).to(torch.float32)
 
 

@@ -78,6 +78,7 @@ def capture_attention_inputs(
     *,
     attention_mask: torch.Tensor | None = None,
     outputs: bool = False,
+    device: str | torch.device | None = "cpu",
 ) -> dict[int, tuple[torch.Tensor, ...]]:
     """Run ``model(input_ids)`` once and return the attention inputs of the chosen layers.
 
@@ -88,11 +89,13 @@ def capture_attention_inputs(
         layers: layer indices to record (negative ones count from the end); ``None`` = all layers.
         attention_mask: optional ``[B, T]`` padding mask, passed to the model.
         outputs: also return the attention output (before ``o_proj``) as a 4th tensor ``[B, Hq, T, D]``.
+        device: where the copies live: ``"cpu"`` (default), ``None`` (the model's device: on a GPU the
+            analysis of the capture then runs there too), or any device.
 
     Returns:
         ``{layer_idx: (q, k, v)}`` with ``q`` ``[B, Hq, T, D]`` and ``k``, ``v`` ``[B, Hkv, T, D]``
-        (GQA heads not repeated), float32 CPU copies of exactly the tensors the attention function
-        received: after the projections and RoPE; the scale ``1/sqrt(D)`` is not applied.
+        (GQA heads not repeated), float32 copies (on ``device``) of exactly the tensors the attention
+        function received: after the projections and RoPE; the scale ``1/sqrt(D)`` is not applied.
 
     The pass runs under ``torch.no_grad()`` with ``use_cache=False``.  During it attention is computed by
     transformers' SDPA implementation; afterwards the model's attention implementation is restored
@@ -104,11 +107,12 @@ def capture_attention_inputs(
     wanted = set(_normalize_layers(layers, n_layers))
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
-    device = next(model.parameters()).device
+    model_device = next(model.parameters()).device
+    out_device = model_device if device is None else device
     records: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def copy(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().to(device="cpu", dtype=torch.float32, copy=True)
+        return t.detach().to(device=out_device, dtype=torch.float32, copy=True)
 
     def record(module, query, key, value, attn_output):
         idx = getattr(module, "layer_idx", None)
@@ -127,9 +131,9 @@ def capture_attention_inputs(
         model.set_attn_implementation(CAPTURE_IMPLEMENTATION)
         kwargs = {"use_cache": False}
         if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask.to(device)
+            kwargs["attention_mask"] = attention_mask.to(model_device)
         with torch.no_grad():
-            model(input_ids=input_ids.to(device), **kwargs)
+            model(input_ids=input_ids.to(model_device), **kwargs)
     finally:
         _RECORDERS.remove(record)
         for config, impl in saved:

@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["available_cpus", "configure_offline", "configure_threads"]
+__all__ = ["DEVICE_CHOICES", "DTYPE_CHOICES", "available_cpus", "configure_offline", "configure_threads",
+           "device_info", "resolve_device", "resolve_device_dtype", "resolve_dtype"]
 
 # Environment variables read by the thread pools of torch/OpenMP, MKL, OpenBLAS and HF tokenizers (Rayon).
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "RAYON_NUM_THREADS")
@@ -98,3 +99,87 @@ def configure_offline() -> None:
     """
     for var in OFFLINE_ENV_VARS:
         os.environ.setdefault(var, "1")
+
+
+# ------------------------------------------------------------------------------------------------ device and dtype
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N")
+"""What a notebook's ``DEVICE`` parameter accepts: "auto" is CUDA (the current device) when present, else CPU."""
+DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+"""What a notebook's ``DTYPE`` parameter accepts: "auto" is float32 on CPU, bfloat16 on a CUDA device that
+supports it, else float16."""
+
+
+def resolve_device(device="auto", *, name: str = "DEVICE"):
+    """``torch.device`` for ``device`` in :data:`DEVICE_CHOICES` (a ``torch.device`` of those kinds is accepted too).
+
+    Raises ValueError naming ``name`` (the notebook parameter) for anything else -- other device types
+    ("mps", "meta", "gpu"), a malformed index -- and for CUDA asked on a machine without it or an index
+    beyond the visible GPUs.
+    """
+    import torch  # noqa: PLC0415
+
+    allowed = ", ".join(repr(c) for c in DEVICE_CHOICES)
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise ValueError(f"{name} must be one of {allowed}, got {device!r}")
+    text = device.strip().lower()
+    if text == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    kind, _, index = text.partition(":")
+    if kind != "cuda" or (_ and not index.isdigit()):
+        raise ValueError(f"{name} must be one of {allowed}, got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{name}={device!r} but CUDA is not available here; use {name}='auto' or 'cpu'")
+    n = torch.cuda.device_count()
+    if index and int(index) >= n:
+        raise ValueError(f"{name}={device!r} but only {n} CUDA device(s) are visible (cuda:0..cuda:{n - 1})")
+    return torch.device("cuda", int(index)) if index else torch.device("cuda", torch.cuda.current_device())
+
+
+def resolve_dtype(dtype="auto", device=None, *, name: str = "DTYPE"):
+    """``torch.dtype`` for ``dtype`` in :data:`DTYPE_CHOICES` (or a float32/float16/bfloat16 ``torch.dtype``).
+
+    "auto" depends on ``device`` (a resolved ``torch.device``; None = CPU): float32 on CPU, bfloat16 on a
+    CUDA device that supports it, else float16. Raises ValueError naming ``name`` otherwise.
+    """
+    import torch  # noqa: PLC0415
+
+    by_name = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if isinstance(dtype, torch.dtype) and dtype in by_name.values():
+        return dtype
+    if not isinstance(dtype, str) or dtype.strip().lower() not in (*by_name, "auto"):
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in DTYPE_CHOICES)}, got {dtype!r}")
+    text = dtype.strip().lower()
+    if text != "auto":
+        return by_name[text]
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # GPUs of one host: one kind
+
+
+def resolve_device_dtype(device="auto", dtype="auto"):
+    """``(torch.device, torch.dtype)`` from a notebook's ``DEVICE`` and ``DTYPE`` parameters (see
+    :func:`resolve_device`, :func:`resolve_dtype`). Both are validated before anything is loaded."""
+    dev = resolve_device(device)
+    return dev, resolve_dtype(dtype, dev)
+
+
+def device_info(device, dtype) -> dict:
+    """What a notebook's ``metrics.json`` records about where it ran: ``device`` ("cpu", "cuda:0"),
+    ``device_name`` (the GPU's name, or the CPU's), ``dtype`` ("float32", ...)."""
+    import platform  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine() or device.type
+    return {"device": str(device), "device_name": name, "dtype": str(dtype).removeprefix("torch.")}

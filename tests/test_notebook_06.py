@@ -51,3 +51,7 @@ def test_notebook_06_numbers_are_consistent(metrics):
     reload = metrics["checkpoint_reload_ppl"]
     assert reload["reloaded"] == pytest.approx(reload["saved"], rel=1e-6)
     assert reload["values"] == metrics["trainable_params"]["paper"]
+
+
+def test_notebook_06_records_device_and_dtype(metrics):
+    assert metrics["device"] == "cpu" and metrics["dtype"] == "float32" and metrics["device_name"]

@@ -68,3 +68,8 @@ def test_02_metrics_are_sane(fidelity_metrics):
     assert fidelity_metrics["values_only_out_rel_err"] < min(
         v[str(fidelity_metrics["bits"][-1])] for v in fidelity_metrics["out_rel_err"].values()
     )
+
+
+def test_01_02_record_device_and_dtype(lsh_metrics, fidelity_metrics):
+    for m in (lsh_metrics, fidelity_metrics):  # DEVICE="auto", DTYPE="auto" on a CPU-only machine
+        assert m["device"] == "cpu" and m["dtype"] == "float32" and m["device_name"]

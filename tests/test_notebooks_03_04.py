@@ -60,3 +60,8 @@ def test_paper_table_checks(memory_metrics):
     assert rows[("7B", "H1B-KV")]["verdict"].startswith("impossible")
     assert rows[("60M", "H1B-KV")]["verdict"].startswith("impossible")
     assert memory_metrics["h1b_7b_ratio_ours"] < memory_metrics["cap"]["d128_no_scales"] < memory_metrics["h1b_7b_ratio_paper"]
+
+
+def test_03_04_record_device_and_dtype(values_metrics, memory_metrics):
+    assert values_metrics["device"] == "cpu" and values_metrics["dtype"] == "float32"
+    assert memory_metrics["device"] == "cpu" and memory_metrics["dtype"] == "bfloat16"  # 04's default DTYPE

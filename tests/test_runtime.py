@@ -91,3 +91,70 @@ def test_configure_offline_sets_unset_vars_only(clean_env):
     configure_offline()
     assert os.environ["HF_HUB_OFFLINE"] == "0"
     assert all(os.environ[var] == "1" for var in OFFLINE_ENV_VARS[1:])
+
+
+# ------------------------------------------------------------------------------------------------ device / dtype
+from h1bkv_lite.runtime import device_info, resolve_device, resolve_device_dtype, resolve_dtype  # noqa: E402
+
+
+def _fake_cuda(monkeypatch, n=2, bf16=True):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+
+
+def test_auto_without_cuda_is_cpu_float32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device_dtype("auto", "auto") == (torch.device("cpu"), torch.float32)
+    assert resolve_device_dtype() == (torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("bf16,want", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_with_cuda_is_cuda_half(monkeypatch, bf16, want):
+    _fake_cuda(monkeypatch, bf16=bf16)
+    assert resolve_device_dtype("auto", "auto") == (torch.device("cuda", 0), want)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device(" CUDA:1 ") == torch.device("cuda", 1)
+    assert resolve_device_dtype("cpu", "auto") == (torch.device("cpu"), torch.float32)  # auto follows the device
+
+
+@pytest.mark.parametrize("name,want", [("float32", torch.float32), ("float16", torch.float16),
+                                       ("bfloat16", torch.bfloat16), ("BFloat16", torch.bfloat16),
+                                       (torch.bfloat16, torch.bfloat16)])
+def test_explicit_dtypes(name, want):
+    assert resolve_dtype(name, torch.device("cpu")) == want
+    assert resolve_device_dtype("cpu", name)[1] == want
+
+
+@pytest.mark.parametrize("bad", ["gpu", "mps", "meta", "cuda:x", "cuda:", "cuda:-1", "", 0, None, 1.5])
+def test_bad_device_names_the_parameter(bad):
+    with pytest.raises(ValueError, match=r"DEVICE must be one of 'auto', 'cpu', 'cuda', 'cuda:N'"):
+        resolve_device_dtype(bad, "auto")
+
+
+@pytest.mark.parametrize("bad", ["fp32", "half", "float64", "int8", "", None, torch.float64, torch.int8])
+def test_bad_dtype_names_the_parameter(bad):
+    with pytest.raises(ValueError, match=r"DTYPE must be one of 'auto', 'float32', 'float16', 'bfloat16'"):
+        resolve_device_dtype("cpu", bad)
+
+
+def test_cuda_asked_without_cuda_or_beyond_the_visible_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for dev in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match="DEVICE=.* CUDA is not available"):
+            resolve_device_dtype(dev, "auto")
+    _fake_cuda(monkeypatch, n=2)
+    with pytest.raises(ValueError, match=r"only 2 CUDA device\(s\)"):
+        resolve_device("cuda:2")
+
+
+def test_bad_device_fails_before_the_dtype_is_read():
+    with pytest.raises(ValueError, match="DEVICE"):
+        resolve_device_dtype("gpu", "fp32")
+
+
+def test_device_info_records_device_and_dtype():
+    info = device_info(torch.device("cpu"), torch.bfloat16)
+    assert info["device"] == "cpu" and info["dtype"] == "bfloat16" and isinstance(info["device_name"], str)

@@ -211,7 +211,7 @@ def attention_fidelity(
     result = {"kl": _kl(p_ex, p).mean((0, 2))}
     for kk, rec in _topk_recalls(logit_ex, logit, topk, mask).items():
         result[f"recall@{kk}"] = rec.nanmean(2).mean(0)
-    rows = _spread_rows(q.shape[2], rank_rows)
+    rows = _spread_rows(q.shape[2], rank_rows, device=q.device)
     result["spearman"] = spearman_rows(logit_ex[:, :, rows], logit[:, :, rows], mask[rows]).nanmean(2).mean(0)
     result["out_rel_err"] = relative_error(out_ex, out.float()).mean((0, 2))
     if return_maps:
@@ -237,7 +237,7 @@ def temperature_kl_curve(
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=4)
     check_int("max_rows", max_rows, low=1)
-    temps = torch.as_tensor(temperatures, dtype=torch.float32)
+    temps = torch.as_tensor(temperatures, dtype=torch.float32).to(q.device)
     Hq, T = q.shape[1], q.shape[2]
     if temps.dim() == 1:
         temps = temps.unsqueeze(-1).expand(-1, Hq)
@@ -245,9 +245,9 @@ def temperature_kl_curve(
         raise ValueError(f"temperatures must be positive, shape [G] or [G, {Hq}], got {tuple(temps.shape)}")
     if T < 2:
         raise ValueError("need at least 2 positions to fit a temperature")
-    rows = _spread_rows(T, max_rows, first=1)
+    rows = _spread_rows(T, max_rows, first=1, device=q.device)
     a = sketched_logits(q[:, :, rows], sketcher.sketch(k), sketcher=sketcher, score="hamming", temperature=1.0)
-    visible = torch.arange(T).unsqueeze(0) <= rows.unsqueeze(-1)  # [R, T]: row r is position rows[r]
+    visible = torch.arange(T, device=q.device).unsqueeze(0) <= rows.unsqueeze(-1)  # [R, T]: row r is position rows[r]
     p_ex = torch.softmax(_exact_logits(q[:, :, rows], k).masked_fill(~visible, float("-inf")), -1)
     curve = []
     for t in temps:
@@ -273,8 +273,8 @@ def fit_temperature(
     mult = torch.as_tensor(2.0 ** torch.linspace(-3, 3, 25) if multipliers is None else multipliers, dtype=torch.float32)
     if mult.dim() != 1 or not bool((mult > 0).all()):
         raise ValueError("multipliers must be a 1-D sequence of positive numbers")
-    t0 = calibrate_temperature(q, k, sketcher=sketcher)  # [Hq]
-    temps = mult.unsqueeze(-1) * t0.unsqueeze(0)  # [G, Hq]
+    t0 = calibrate_temperature(q, k, sketcher=sketcher)  # [Hq], on q's device
+    temps = mult.to(t0.device).unsqueeze(-1) * t0.unsqueeze(0)  # [G, Hq]
     curve = temperature_kl_curve(q, k, sketcher=sketcher, temperatures=temps, max_rows=max_rows)
     best = curve.argmin(0)
     return temps.gather(0, best.unsqueeze(0)).squeeze(0)
@@ -306,9 +306,9 @@ def head_stats(capture: dict, *, min_position: int = 8, local_window: int = 8) -
                 {
                     "layer": layer,
                     "head": range(q.shape[1]),
-                    "sink": attention_sink_score(p, min_position).mean(0).numpy(),
-                    "local": local_score(p, local_window, min_position).mean(0).numpy(),
-                    "entropy": ent.mean(0).numpy(),
+                    "sink": attention_sink_score(p, min_position).mean(0).cpu().numpy(),
+                    "local": local_score(p, local_window, min_position).mean(0).cpu().numpy(),
+                    "entropy": ent.mean(0).cpu().numpy(),
                 }
             )
         )
@@ -365,9 +365,9 @@ def fidelity_sweep(
                 )
                 row = {"layer": layer, "head": range(q.shape[1]), "bits": bits,
                        "bits_per_element": bits / q.shape[-1], "score": sc,
-                       "temperature": float("nan") if temp is None else temp.numpy(),
+                       "temperature": float("nan") if temp is None else temp.cpu().numpy(),
                        "temperature_source": source if temp is not None else ""}
-                row.update({name: val.numpy() for name, val in res.items()})
+                row.update({name: val.cpu().numpy() for name, val in res.items()})
                 frames.append(pd.DataFrame(row))
     return pd.concat(frames, ignore_index=True)
 
@@ -431,11 +431,11 @@ def _mask_for(x: torch.Tensor, mask) -> torch.Tensor:
     return mask
 
 
-def _spread_rows(T: int, n: int | None, first: int = 0) -> torch.Tensor:
-    """At most ``n`` evenly spaced positions in ``[first, T - 1]`` (all of them when ``n`` is None)."""
+def _spread_rows(T: int, n: int | None, first: int = 0, device=None) -> torch.Tensor:
+    """At most ``n`` evenly spaced positions in ``[first, T - 1]`` (all of them when ``n`` is None), on ``device``."""
     if n is None or n >= T - first:
-        return torch.arange(first, T)
-    return torch.linspace(first, T - 1, n).round().long().unique()
+        return torch.arange(first, T, device=device)
+    return torch.linspace(first, T - 1, n, device=device).round().long().unique()
 
 
 def _late_rows(p: torch.Tensor, min_position: int) -> torch.Tensor:

@@ -178,14 +178,14 @@ def angle_estimates(
                     "bits": b,
                     "bits_per_element": b / D,
                     "pair": np.arange(N),
-                    "theta": theta.numpy(),
-                    "theta_hat": theta_hat.numpy(),
-                    "cos": cos.numpy(),
-                    "cos_hat": torch.cos(theta_hat).numpy(),
-                    "score": (1 - 2 * h / b).numpy(),
-                    "score_target": (1 - 2 * theta / math.pi).numpy(),
-                    "asym_rel": asym_rel.numpy(),
-                    "asym_rel_err": (asym_rel - cos).numpy(),
+                    "theta": theta.cpu().numpy(),
+                    "theta_hat": theta_hat.cpu().numpy(),
+                    "cos": cos.cpu().numpy(),
+                    "cos_hat": torch.cos(theta_hat).cpu().numpy(),
+                    "score": (1 - 2 * h / b).cpu().numpy(),
+                    "score_target": (1 - 2 * theta / math.pi).cpu().numpy(),
+                    "asym_rel": asym_rel.cpu().numpy(),
+                    "asym_rel_err": (asym_rel - cos).cpu().numpy(),
                 }
             )
         )
@@ -317,8 +317,8 @@ def pairs_from_capture(
         ks.append(k[bi, kv, jj].float())
         metas.append(
             pd.DataFrame(
-                {"layer": layer, "batch": bi.numpy(), "q_head": hi.numpy(), "kv_head": kv.numpy(),
-                 "i": ii.numpy(), "j": jj.numpy()}
+                {"layer": layer, "batch": bi.cpu().numpy(), "q_head": hi.cpu().numpy(), "kv_head": kv.cpu().numpy(),
+                 "i": ii.cpu().numpy(), "j": jj.cpu().numpy()}
             )
         )
     return torch.cat(qs), torch.cat(ks), pd.concat(metas, ignore_index=True)
@@ -327,8 +327,8 @@ def pairs_from_capture(
 def _hamming_and_signed_dot(x, y, bits, seed, groups, chunk=8192):
     """Per pair: Hamming distance ``h`` and ``<x R, sign(y R)>`` (float64 ``[N]`` each), R per group."""
     N, D = x.shape
-    h = torch.empty(N, dtype=torch.float64)
-    dot = torch.empty(N, dtype=torch.float64)
+    h = torch.empty(N, dtype=torch.float64, device=x.device)
+    dot = torch.empty(N, dtype=torch.float64, device=x.device)
     for g in torch.unique(groups).tolist():
         sk = SimHashSketcher(D, bits, seed=seed + g)
         idx = (groups == g).nonzero().squeeze(-1)

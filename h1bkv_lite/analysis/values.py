@@ -102,11 +102,11 @@ def channel_stats(values) -> pd.DataFrame:
                     "layer": layer,
                     "head": np.repeat(np.arange(H), D),
                     "channel": np.tile(np.arange(D), H),
-                    "mean": mean.flatten().numpy(),
-                    "std": m2.sqrt().flatten().numpy(),
-                    "absmax": absmax.flatten().numpy(),
-                    "kurtosis": kurt.flatten().numpy(),
-                    "absmax_ratio": ratio.flatten().numpy(),
+                    "mean": mean.flatten().cpu().numpy(),
+                    "std": m2.sqrt().flatten().cpu().numpy(),
+                    "absmax": absmax.flatten().cpu().numpy(),
+                    "kurtosis": kurt.flatten().cpu().numpy(),
+                    "absmax_ratio": ratio.flatten().cpu().numpy(),
                 }
             )
         )
@@ -184,9 +184,9 @@ def reconstruction_errors(
         b_idx, rest = index // (H * T), index % (H * T)
         base = {
             "layer": layer,
-            "batch": b_idx.numpy(),
-            "head": (rest // T).numpy(),
-            "token": (rest % T).numpy(),
+            "batch": b_idx.cpu().numpy(),
+            "head": (rest // T).cpu().numpy(),
+            "token": (rest % T).cpu().numpy(),
         }
         for nb in bits:
             for g in groups:
@@ -198,9 +198,9 @@ def reconstruction_errors(
                             "group_size": D if g is None else g,
                             "scheme": scheme_label(g, D),
                             "bits_per_element": storage_bits_per_element(nb, g, D),
-                            "rel_error": relative_errors(x, nb, g).numpy(),
-                            "range_to_rms": stats["range_to_rms"].numpy(),
-                            "top_channel": stats["top_channel"].numpy(),
+                            "rel_error": relative_errors(x, nb, g).cpu().numpy(),
+                            "range_to_rms": stats["range_to_rms"].cpu().numpy(),
+                            "top_channel": stats["top_channel"].cpu().numpy(),
                         }
                     )
                 )
