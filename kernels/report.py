@@ -124,7 +124,7 @@ def plot_at_context(df, context: int):
 # ---------------------------------------------------------------------------------------------------
 # end to end: benchmarks/generate.py
 
-GENERATE_METRICS = {"peak_over_weights_bytes": "peak memory above the weights", "prefill_s": "prefill time",
+GENERATE_METRICS = {"peak_over_weights_bytes": "peak memory over weights", "prefill_s": "prefill time",
                     "decode_tok_s": "decode tokens/s"}
 
 
@@ -180,5 +180,5 @@ def plot_generate_ratios(df):
     g.set(xlabel="prompt (tokens)", ylabel="H1BCache / DynamicCache")
     g.set_titles("{row_name}: {col_name}")
     _context_ticks(g, df, "prompt_len")
-    g.figure.suptitle(f"generate() end to end on {df['device'].iloc[0]}: H1BCache / DynamicCache, same run", y=1.02)
+    g.figure.suptitle(f"generate() end to end on {df['device'].iloc[0]}: H1BCache / DynamicCache of the same run", y=1.02)
     return g.figure
