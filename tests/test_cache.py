@@ -287,7 +287,13 @@ for score in ("cos", "asym"):
 def test_kernel_and_torch_paths_clamp_out_of_range_keys_alike(tmp_path):
     """Key norms beyond fp16 (an fp32 model): both decode paths clamp them the same way; no NaN."""
     pytest.importorskip("triton")
-    code = _OUT_OF_RANGE_CHECK.format(tests=str(Path(__file__).parent))
+    _run_interpreted(_OUT_OF_RANGE_CHECK, tmp_path)
+
+
+def _run_interpreted(check: str, tmp_path) -> None:
+    """Run a check script in a fresh process with the Triton kernels under the CPU interpreter (Triton fixes
+    interpreter-or-compiled when the kernels are defined, so it cannot be switched inside this process)."""
+    code = check.format(tests=str(Path(__file__).parent))
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "TRITON_INTERPRET": "1"},
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -297,11 +303,7 @@ def test_kernel_and_torch_paths_clamp_out_of_range_keys_alike(tmp_path):
 def test_triton_backend_dispatches_decode_steps_to_the_kernel(tmp_path):
     """backend="triton" sends decode steps to kernels.h1b_decode_attention (Triton's CPU interpreter here)."""
     pytest.importorskip("triton")
-    code = _KERNEL_CHECK.format(tests=str(Path(__file__).parent))
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _run_interpreted(_KERNEL_CHECK, tmp_path)
 
 
 @pytest.mark.gpu
@@ -667,10 +669,7 @@ assert caches[1].nbytes_by_part() == caches[0].nbytes_by_part()
 def test_triton_decode_on_a_sliding_layer_equals_the_torch_path(tmp_path):
     """The decode kernel reads the compressed store from its start offset (entries dropped by the window)."""
     pytest.importorskip("triton")
-    code = _SLIDING_KERNEL_CHECK.format(tests=str(Path(__file__).parent))
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "TRITON_INTERPRET": "1"},
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _run_interpreted(_SLIDING_KERNEL_CHECK, tmp_path)
 
 
 @pytest.mark.gpu
