@@ -207,7 +207,7 @@ class EvictionLayer(HookedLayer):
             self._push(*(x[:, :, t:t + 1] for x in new))
             kept_allowed = allowed[:, :, t:t + 1].expand(B, self.kv_heads, -1, -1).gather(-1, self.pos.unsqueeze(2))
             outs.append(self._step(q[:, :, t:t + 1], kept_allowed, scaling))
-            self._evict()
+            self._evict(next_pos=self.n_seen - q_len + t + 1)
         return torch.cat(outs, dim=2)
 
     def _step(self, q: torch.Tensor, kept_allowed: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -218,23 +218,29 @@ class EvictionLayer(HookedLayer):
             self.score = self.score + probs.reshape(B, self.kv_heads, group * q_len, K).sum(2)
         return weighted_values(probs, self.v)
 
-    def _evict(self, window: bool = False) -> None:
+    def _evict(self, window: bool = False, next_pos: int | None = None) -> None:
         """Keep ``budget`` tokens per (sequence, kv head): sinks and recent first, then by policy; padding last.
 
-        ``window`` (a sliding layer at rest): keep at most ``min(budget, W - 1)``, tokens older than the
-        window last -- a head that evicted some of the window's tokens before keeps a few older ones (masked
-        out of attention), so every head keeps the same count (no host sync, no ragged tensors)."""
+        On a sliding layer, tokens the next query (at ``next_pos``, default: the next token) cannot see go
+        first and are never protected as sinks or recent, so a budget of ``W - 1`` or more keeps every token
+        of the window. ``window`` (a sliding layer at rest): keep at most ``min(budget, W - 1)`` -- a head that
+        evicted some of the window's tokens before keeps a few older ones (masked out of attention), so every
+        head keeps the same count (no host sync, no ragged tensors)."""
         limit, stale = self.budget, None
-        if window:
-            limit = min(limit, self.sliding_window - 1)
-            self.window_start = max(self.window_start, self.n_seen - self.sliding_window + 1)
-            if self.window_start > 0:
-                stale = self.pos < self.window_start
+        if self.sliding_window is not None:
+            first_visible = (self.n_seen if next_pos is None else next_pos) - self.sliding_window + 1
+            if window:
+                limit = min(limit, self.sliding_window - 1)
+                self.window_start = max(self.window_start, first_visible)
+            if first_visible > 0:
+                stale = self.pos < first_visible
         if self.k.shape[2] <= limit:
             return
         rank = self.valid.long().cumsum(-1)  # 1-based rank among real tokens
         n_real = rank[..., -1:]
         protected = self.valid & ((rank <= self.sink) | (n_real - rank < self.recent))
+        if stale is not None:
+            protected = protected & ~stale
         rest = self.score if self.policy == "h2o" else self.pos.float()
         priority = torch.where(protected, torch.full_like(rest, float("inf")), rest)
         priority = torch.where(self.valid, priority, torch.full_like(rest, float("-inf")))

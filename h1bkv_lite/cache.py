@@ -927,6 +927,11 @@ def _triton_serves(backend: str, device: torch.device, bits: int, head_dim: int,
         return False
     from .kernels import HAS_TRITON  # noqa: PLC0415
 
+    if backend == "triton":  # the first update knows the device: CPU tensors need the interpreter (clear error)
+        from .kernels._common import use_triton  # noqa: PLC0415
+        from .kernels.decode_attention import _decode_split_kernel  # noqa: PLC0415
+
+        use_triton(backend, device, _decode_split_kernel)
     return HAS_TRITON and _triton_unserved(bits, head_dim, value_bits, group_size) is None
 
 
@@ -995,8 +1000,8 @@ class H1BCache(HookedCache):
     value_bits : 2, 4 or 8.  group_size : channels per value scale/zero (None: one per token, the paper's).
     window : newest tokens kept exact.  sink : first tokens kept exact (StreamingLLM; with left padding they
         are the first columns, so a padded row's sinks are padding). On a sliding-window layer (window ``W``)
-        both apply within the ``W - 1`` tokens it keeps: sinks leave with the window, and a ``window >= W - 1``
-        keeps that layer entirely exact.
+        both apply within the ``W - 1`` tokens it keeps: sinks leave with the window, and ``window >= W`` keeps
+        that layer entirely exact (a decode query sees ``W`` tokens: the ``W - 1`` kept and its own).
     compressed_prefill : multi-token forwards attend as if decoded token by token (default: exactly).
     seed : layer ``i`` sketches with ``SimHashSketcher(head_dim, bits, seed + i)``.
     key_mean : None (default, the paper's) or float ``[L, Hkv, D]``: sketch ``k - mu`` and add the exact

@@ -102,7 +102,7 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         default = SCRIPT_DEFAULTS.get(field.name, field.default)
         hint = hints[field.name]
         args = typing.get_args(hint)
-        kw: dict = {"dest": field.name, "default": default, "help": f"(default: {default})"}
+        kw: dict = {"dest": field.name, "default": default, "help": "a FinetuneConfig field (see its docstring)"}
         if hint is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             continue
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "book; see the module docstring for the files written.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run = parser.add_argument_group("run")
-    run.add_argument("--out", required=True, help="results folder")
+    run.add_argument("--out", required=True, default=argparse.SUPPRESS, help="results folder")
     run.add_argument("--model", default=BUNDLED_MODEL,
                      help="the bundled model, an HF id, a local folder or a .gguf file (h1bkv_lite.data.load_model)")
     run.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="parameter dtype of the model")
@@ -137,18 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     budget = run.add_mutually_exclusive_group()
     budget.add_argument("--train-tokens", type=int, default=None,
                         help=f"training budget in tokens (steps = ceil(tokens / (batch * seq-len))); "
-                             f"default {DEFAULT_TRAIN_TOKENS:,} unless --steps")
+                             f"None: {DEFAULT_TRAIN_TOKENS:,} unless --steps")
     budget.add_argument("--steps", type=int, default=None, help="training steps (instead of --train-tokens)")
-    run.add_argument("--warmup-steps", type=int, default=None, help="LR warm-up steps (default: 5%% of the steps)")
+    run.add_argument("--warmup-steps", type=int, default=None, help="LR warm-up steps (None: 5%% of the steps)")
     run.add_argument("--eval-every", type=int, default=100, help="held-out evaluation every N steps")
     run.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens per evaluation")
     run.add_argument("--eval-batch-size", type=int, default=4, help="held-out windows per forward")
     run.add_argument("--calibration-windows", type=int, default=4,
                      help="training windows that calibrate the temperature (and key mean)")
     run.add_argument("--max-train-windows", type=int, default=None,
-                     help="use only the first N training windows (default: every window of the five novels)")
+                     help="use only the first N training windows (None: every window of the five novels)")
     run.add_argument("--log-every", type=int, default=10, help="read losses back to the host every N steps")
-    run.add_argument("--checkpoint-every", type=int, default=None, help="default: --eval-every")
+    run.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (None: --eval-every)")
     run.add_argument("--time-limit", type=float, default=None,
                      help="seconds: stop (checkpointed) once this much wall time has passed; continue with --resume")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
@@ -301,6 +301,21 @@ def long_context(model, tokenizer, method, run, progress: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ output
+# run options that decide the data, the schedule or what is evaluated: a resumed run must keep them (the config
+# fields are checked by H1BFinetuner.load)
+RESUME_FIXED = ("model", "seq_len", "train_tokens", "steps", "warmup_steps", "max_train_windows", "calibration_windows",
+                "eval_tokens", "fp16_control", "dtype")
+
+
+def _check_resume_options(saved: dict, now: dict) -> None:
+    """ValueError naming every option in ``RESUME_FIXED`` that differs from the run being resumed."""
+    changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in RESUME_FIXED
+               if k in saved and k in now and saved[k] != now[k]]
+    if changed:
+        raise ValueError("--resume continues a run with its own options; these differ from the run in --out: "
+                         + ", ".join(changed) + " (start a new --out to change them)")
+
+
 def _write_json(path: Path, data) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
@@ -335,6 +350,8 @@ def main(argv=None) -> dict:
     if checkpoint.exists() and not run.resume:
         raise ValueError(f"--out {out} already holds a run (checkpoint.pt): pass --resume to continue it, or choose "
                          "another --out")
+    if run.resume and (out / "config.json").exists():
+        _check_resume_options(json.loads((out / "config.json").read_text())["run"], vars(run))
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / ".gitignore").write_text("# resume state (optimizer, LR schedule): tens of MB, not committed\n"
@@ -379,7 +396,8 @@ def main(argv=None) -> dict:
             "tokens_per_step": tokens_per_step, "train_windows": int(train_ids.shape[0]),
             "train_corpus_tokens": int(train_ids.numel()),
             "eval_windows": 0 if eval_ids is None else int(eval_ids.shape[0]),
-            "device": _device_name(device), "world_size": world, "autocast": str(ft.autocast_dtype),
+            "device": _device_name(device), "world_size": world,
+            "autocast": None if ft.autocast_dtype is None else str(ft.autocast_dtype),
             "n_trainable": ft.n_trainable(), "trainable_fraction": ft.trainable_fraction(),
             "versions": _versions(), "git": _git_commit(), "argv": sys.argv if argv is None else list(argv)})
 

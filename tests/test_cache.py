@@ -700,3 +700,28 @@ def test_cuda_sliding_decode_step_has_no_host_sync():
             H1BLayer._kernel_decode = kernel
     assert len(calls) == 260 * 2 and bool(logits.isfinite().all())
     assert cache.nbytes_by_part() == memory.kv_cache_bytes(model.config, 561, 2, cache.scheme).parts
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors without the interpreter: a machine without CUDA")
+def test_triton_backend_on_cpu_tensors_without_the_interpreter_is_refused_clearly(tmp_path):
+    """backend="triton" with CPU tensors (compiled kernels, no TRITON_INTERPRET) raises a ValueError that says
+    what to do at the first forward, instead of a driver error deep inside Triton; the config is restored."""
+    pytest.importorskip("triton")
+    code = """
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from h1bkv_lite import H1BCache
+cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, attn_implementation="sdpa")
+model = LlamaForCausalLM(cfg).eval()
+try:
+    model(torch.randint(0, 64, (1, 5)), past_key_values=H1BCache(cfg, bits=32, temperature=0.1, backend="triton"))
+    raise SystemExit("no error")
+except ValueError as err:
+    assert "TRITON_INTERPRET=1" in str(err) and "backend='torch'" in str(err), err
+assert cfg._attn_implementation == "sdpa"
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

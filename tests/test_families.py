@@ -261,3 +261,27 @@ def test_sliding_assisted_decoding_matches_dynamic_cache(name):
     if name == "kivi":  # keys quantized per group: a rollback into a group is refused by name
         compressing = functools.partial(KIVICache, bits=2, group_size=4, residual=8)
     assert model.generate(ids, past_key_values=compressing(model.config), **settings).shape == ref.shape
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o"])
+@pytest.mark.parametrize("compressed_prefill", [False, True])
+def test_sliding_eviction_with_a_window_sized_budget_is_exact(policy, compressed_prefill):
+    """A budget of W - 1 tokens keeps every token a sliding window can see: sinks and recent tokens that have
+    left the window are not protected over tokens inside it (a fresh user's report: sinks 0, 1 kept, in-window
+    tokens evicted). Exact against DynamicCache, before and after the window is full."""
+    model = sliding_model()
+    want = scores(model, tf.DynamicCache(config=model.config), new=SLIDING_NEW)
+    cache = EvictionCache(model.config, budget=WINDOW - 1, sink=2, policy=policy, compressed_prefill=compressed_prefill)
+    torch.testing.assert_close(scores(model, cache, new=SLIDING_NEW), want, atol=1e-5, rtol=1e-5)
+    assert cache.layers[0].k.shape[2] == WINDOW - 1
+
+
+def test_h1b_window_of_w_keeps_a_sliding_layer_exact():
+    """The newest ``window`` tokens stay exact; a decode query sees W tokens (W - 1 kept and its own), so
+    ``window >= W`` keeps a sliding layer exact and ``window = W - 1`` compresses the oldest visible one."""
+    model = sliding_model()
+    want = scores(model, tf.DynamicCache(config=model.config), new=SLIDING_NEW)
+    torch.testing.assert_close(scores(model, H1BCache(model.config, bits=32, window=WINDOW), new=SLIDING_NEW), want,
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(scores(model, H1BCache(model.config, bits=32, window=WINDOW - 1), new=SLIDING_NEW),
+                              want, atol=1e-5, rtol=1e-5)

@@ -750,6 +750,9 @@ def test_script_runs_end_to_end_and_resumes_exactly(script, tiny_model_dir, tmp_
     assert not first["complete"] and first["step"] < 4 and "--resume" in first["next"]
     with pytest.raises(ValueError, match="--resume"):
         script.main(_tiny_run(tiny_model_dir, cut))
+    with pytest.raises(ValueError, match=r"--seq-len 32 -> 16, --eval-tokens 64 -> 32"):  # run options are fixed too
+        script.main(_tiny_run(tiny_model_dir, cut, "--center-keys", "--window", "4", "--sink", "1", "--seq-len", "16",
+                              "--eval-tokens", "32", "--resume"))
     second = script.main(_tiny_run(tiny_model_dir, cut, "--center-keys", "--window", "4", "--sink", "1", "--resume"))
     assert second["complete"] and second["resumed_from_step"] == first["step"]
     resumed = pd.read_csv(cut / "log.csv")
