@@ -1108,8 +1108,9 @@ def _layer_temperatures(temperature, score: str, num_layers: int, num_heads: int
             f"temperature must be a float or have shape [{num_heads}] (per head), [{num_layers}, {num_heads}] or "
             f"[{num_layers}, 1] (per layer); got {tuple(t.shape)}"
         )
-    if not bool(torch.isfinite(t).all()) or bool((t <= 0).any()):
-        raise ValueError("temperature must be finite and > 0")
+    bad = ~torch.isfinite(t) | (t <= 0)
+    if bool(bad.any()):
+        raise ValueError(f"temperature must be finite and > 0, got {t[bad].flatten()[0].item()} among its values")
     return [row.clone() for row in t]
 
 

@@ -45,7 +45,7 @@ BACKENDS = ("quanto", "hqq")
 # the distribution and import names of each backend, and the oldest release transformers accepts
 _PACKAGES = {"quanto": ("optimum-quanto", "optimum.quanto", "0.2.5"), "hqq": ("hqq", "hqq.core.quantize", None)}
 PEER_LABELS = {"hf-quanto": "QuantizedCache (quanto)", "hf-hqq": "QuantizedCache (hqq)"}
-INSTALL_HINT = "pip install 'h1bkv-lite[peers]'"
+INSTALL_HINT = "pip install 'h1bkv-lite[peers]', or pip install -e '.[peers]' in a checkout"
 
 KVPRESS_REASON = (
     "kvpress (NVIDIA) has no release that runs beside transformers >= 5.3 (pinned here: 5.23), so no kvpress "
@@ -69,7 +69,7 @@ def unavailable_reason(backend: str) -> str | None:
     """None when ``backend`` ("quanto", "hqq" or "kvpress") can run here, else one sentence saying why not."""
     if backend == "kvpress":
         return KVPRESS_REASON
-    check_choice("backend", backend, BACKENDS)
+    check_choice("backend", backend, (*BACKENDS, "kvpress"))
     dist, module, oldest = _PACKAGES[backend]
     try:
         version = importlib.metadata.version(dist)
