@@ -290,12 +290,16 @@ def test_kernel_and_torch_paths_clamp_out_of_range_keys_alike(tmp_path):
     _run_interpreted(_OUT_OF_RANGE_CHECK, tmp_path)
 
 
-def _run_interpreted(check: str, tmp_path) -> None:
-    """Run a check script in a fresh process with the Triton kernels under the CPU interpreter (Triton fixes
-    interpreter-or-compiled when the kernels are defined, so it cannot be switched inside this process)."""
+def _run_interpreted(check: str, tmp_path, interpret: bool = True) -> None:
+    """Run a check script in a fresh process with the Triton kernels under the CPU interpreter, or compiled
+    (``interpret=False``): Triton fixes interpreter-or-compiled when the kernels are defined, so it cannot be
+    switched inside this process."""
     code = check.format(tests=str(Path(__file__).parent))
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "TRITON_INTERPRET": "1"},
-                            capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -707,7 +711,10 @@ def test_triton_backend_on_cpu_tensors_without_the_interpreter_is_refused_clearl
     """backend="triton" with CPU tensors (compiled kernels, no TRITON_INTERPRET) raises a ValueError that says
     what to do at the first forward, instead of a driver error deep inside Triton; the config is restored."""
     pytest.importorskip("triton")
-    code = """
+    _run_interpreted(_TRITON_ON_CPU_CHECK, tmp_path, interpret=False)
+
+
+_TRITON_ON_CPU_CHECK = """
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from h1bkv_lite import H1BCache
@@ -721,7 +728,3 @@ except ValueError as err:
     assert "TRITON_INTERPRET=1" in str(err) and "backend='torch'" in str(err), err
 assert cfg._attn_implementation == "sdpa"
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
