@@ -151,6 +151,20 @@ def _reduce_rows(acc, USE_DOT: tl.constexpr, GR: tl.constexpr):
 
 
 @triton.jit
+def _store_value_columns(base, acc0, acc1, acc2, acc3, zsum, scale, smask,
+                         PER_BYTE: tl.constexpr, USE_DOT: tl.constexpr, GR: tl.constexpr):
+    """Value column ``c * PER_BYTE + j`` (accumulator ``acc<j>``) to ``base + j``: ``(acc + zsum) * scale`` in
+    the pointers' dtype (the fp32 partial with scale 1, or the output normalised by 1 / l)."""
+    ty = base.dtype.element_ty
+    tl.store(base, ((_reduce_rows(acc0, USE_DOT, GR) + zsum) * scale).to(ty), mask=smask)
+    if PER_BYTE > 1:
+        tl.store(base + 1, ((_reduce_rows(acc1, USE_DOT, GR) + zsum) * scale).to(ty), mask=smask)
+    if PER_BYTE > 2:
+        tl.store(base + 2, ((_reduce_rows(acc2, USE_DOT, GR) + zsum) * scale).to(ty), mask=smask)
+        tl.store(base + 3, ((_reduce_rows(acc3, USE_DOT, GR) + zsum) * scale).to(ty), mask=smask)
+
+
+@triton.jit
 def _load_tile(kc_base, kn_base, vd_base, vs_base, vz_base, n, nmask, w, wmask, c, cmask,
                stride_kcn, stride_knn, stride_vdn, stride_vsn, stride_vzn,
                SCORE: tl.constexpr, VALUE_GROUPS: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -326,23 +340,11 @@ def _decode_split_kernel(
         zsum = tl.sum(z_rows, axis=1)[:, None]
         smask = gmask[:, None] & cmask[None, :]
         if DIRECT != 0:  # the only partial of its row: normalise and write the output (no combine launch)
-            inv_l = 1.0 / l_i[:, None]
-            o_base = out_ptr + b * stride_ob + heads[:, None] * stride_oh + c[None, :] * PER_BYTE
-            o_ty = out_ptr.dtype.element_ty
-            tl.store(o_base, ((_reduce_rows(acc0, USE_DOT, GR) + zsum) * inv_l).to(o_ty), mask=smask)
-            if PER_BYTE > 1:
-                tl.store(o_base + 1, ((_reduce_rows(acc1, USE_DOT, GR) + zsum) * inv_l).to(o_ty), mask=smask)
-            if PER_BYTE > 2:
-                tl.store(o_base + 2, ((_reduce_rows(acc2, USE_DOT, GR) + zsum) * inv_l).to(o_ty), mask=smask)
-                tl.store(o_base + 3, ((_reduce_rows(acc3, USE_DOT, GR) + zsum) * inv_l).to(o_ty), mask=smask)
-        else:
-            out_base = acc_ptr + part[:, None] * BLOCK_D + c[None, :] * PER_BYTE
-            tl.store(out_base, _reduce_rows(acc0, USE_DOT, GR) + zsum, mask=smask)
-            if PER_BYTE > 1:
-                tl.store(out_base + 1, _reduce_rows(acc1, USE_DOT, GR) + zsum, mask=smask)
-            if PER_BYTE > 2:
-                tl.store(out_base + 2, _reduce_rows(acc2, USE_DOT, GR) + zsum, mask=smask)
-                tl.store(out_base + 3, _reduce_rows(acc3, USE_DOT, GR) + zsum, mask=smask)
+            _store_value_columns(out_ptr + b * stride_ob + heads[:, None] * stride_oh + c[None, :] * PER_BYTE,
+                                 acc0, acc1, acc2, acc3, zsum, 1.0 / l_i[:, None], smask, PER_BYTE, USE_DOT, GR)
+        else:  # the partial (fp32, unnormalised) for the combine kernel
+            _store_value_columns(acc_ptr + part[:, None] * BLOCK_D + c[None, :] * PER_BYTE,
+                                 acc0, acc1, acc2, acc3, zsum, 1.0, smask, PER_BYTE, USE_DOT, GR)
     else:
         # ---- exact window: logits q . k / sqrt(D) ----
         d = tl.arange(0, BLOCK_D)
@@ -434,8 +436,9 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
     and 128k, ``decode.py --tune``). tf32 keeps 10 mantissa bits of the softmax weights and of the
     dequantized values (the 4-bit codes are exact), a relative error of at most ~1e-3 per product with fp32
     sums -- the precision flash attention gives its probabilities (fp16/bf16), and below an fp16 output's
-    own rounding. (One program per query head, each re-reading its kv head's cache, measured 2-4x slower.) ``single_split_max_n``: contexts up to
-    this many compressed tokens run as one split per (sequence, kv head) and write the output directly
+    own rounding. (One program per query head, each re-reading its kv head's cache, measured 2-4x slower.)
+    ``single_split_max_n``: contexts up to this many compressed tokens run as one split per (sequence, kv
+    head) and write the output directly
     (one launch instead of split + combine). Eager decode is bound by the host's launches: on an H200, 7B
     shapes at B = 1, one split made a whole decode step faster at 8k (MHA 29.9 vs 31.9 ms, GQA 35.9 vs
     38.5 ms) but slower at 32k for GQA (52.4 vs 37.5 ms), where one program per kv head has too much to
