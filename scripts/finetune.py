@@ -355,7 +355,7 @@ def main(argv=None) -> dict:
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / ".gitignore").write_text("# resume state (optimizer, LR schedule): tens of MB, not committed\n"
-                                        "checkpoint.pt\ncheckpoint.pt.tmp\n*.tmp\n")
+                                        "checkpoint.pt\ncheckpoint.pt.tmp\n*.tmp\nconsole.log\n")
 
     model, tokenizer = load_model(run.model, dtype=DTYPES[run.dtype], device=device)
     train_ids = _windows(tokenizer, load_corpus(split="train"), run.seq_len, run.max_train_windows)
@@ -426,16 +426,15 @@ def main(argv=None) -> dict:
         "held_out_ppl_first": ppl[0] if ppl else None, "held_out_ppl_best": min(ppl) if ppl else None,
         "wall_seconds_this_call": None, "reference": reference,
     }
+    if main_process:  # before the final evaluation, so a failure there loses no training
+        ft.save_adapters(out / "adapters.safetensors")
     if complete:
         final = {"held_out_ppl": ppl[-1] if ppl else None}
         if eval_ids is not None:
             final["held_out_ppl_exact_cache"] = ft.perplexity(eval_ids, exact=True, batch_size=run.eval_batch_size)
         final.update(long_context(model, tokenizer, "fp16" if run.fp16_control else ft.method(), run, main_process))
         summary["final"] = final
-        if main_process:
-            ft.save_adapters(out / "adapters.safetensors")
-    elif main_process:
-        ft.save_adapters(out / "adapters.safetensors")  # the state so far (the checkpoint resumes the run)
+    else:  # adapters.safetensors holds the state so far; the checkpoint resumes the run
         summary["next"] = "incomplete: run the same command with --resume to continue"
     if main_process:
         train_seconds = float(log.seconds.sum()) if log is not None else float("nan")

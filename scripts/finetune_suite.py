@@ -1,0 +1,177 @@
+"""Run a suite of ``scripts/finetune.py`` runs, several at a time on one GPU: the finetune ladder of issue 11.
+
+    python scripts/finetune_suite.py --list                                   # the runs and their options
+    python scripts/finetune_suite.py --parallel 4 --time-limit 540            # start (or continue) every run
+    python scripts/finetune_suite.py --only paper_b128 fp16_paper -- --steps 20   # extra options go to each run
+
+Each run writes its own results folder ``<root>/<name>`` (``--root``, default ``results/finetune``; the files are
+those of ``scripts/finetune.py``) and its console output to ``<root>/<name>/console.log`` (git-ignored). A run
+whose folder holds a checkpoint is continued with ``--resume``; one whose ``summary.json`` says ``complete`` is
+skipped. ``--time-limit`` is handed to every run (each stops checkpointed before it), so the same command, run
+again, continues the suite where it stopped.
+
+The runs share the GPU as separate processes (``--parallel``); their order in :data:`LADDER` is their priority.
+All use the script's defaults -- 5M training tokens at sequence length 1024, 8 sequences per step, cosine LR
+schedule with 5% warm-up, held-out evaluation every 100 steps -- unless their options say otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "finetune.py"
+
+LORA = ("--recipe", "lora", "--distill", "0.5", "--lr", "1e-3")
+GOAL = ("--center-keys", "--window", "64", "--sink", "4")
+LADDER: dict[str, tuple[str, ...]] = {
+    # the FP16 control: the paper's finetune (v_proj) with exact attention, evaluated with an exact cache
+    "fp16_paper": ("--recipe", "paper", "--fp16-control"),
+    # the paper's recipe (T + v_proj, "hamming", no exact window) at 2, 1 and 4 bits per key element
+    "paper_b128": ("--recipe", "paper", "--bits", "128"),
+    "paper_b64": ("--recipe", "paper", "--bits", "64"),
+    "paper_b256": ("--recipe", "paper", "--bits", "256"),
+    # LoRA on q/k/v + T with half the loss the KL to the exact model
+    "lora_b128": (*LORA, "--bits", "128"),
+    # the project's goal setting: LoRA + key centering + 64 exact recent tokens + 4 sinks
+    "goal_b128": (*LORA, *GOAL, "--bits", "128"),
+    # one switch at a time on the paper's recipe (b = 128)
+    "center_b128": ("--recipe", "paper", "--bits", "128", "--center-keys"),
+    "window_b128": ("--recipe", "paper", "--bits", "128", "--window", "64", "--sink", "4"),
+    "learnR_b128": ("--recipe", "paper", "--bits", "128", "--learn-projection"),
+    "asym_b128": ("--recipe", "paper", "--bits", "128", "--score", "asym"),
+    # the same finetune control for LoRA, then the other widths
+    "fp16_lora": (*LORA, "--fp16-control"),
+    "goal_b64": (*LORA, *GOAL, "--bits", "64"),
+    "lora_b64": (*LORA, "--bits", "64"),
+    "lora_b256": (*LORA, "--bits", "256"),
+}
+"""Run name -> its ``scripts/finetune.py`` options, in priority order."""
+
+
+def check_backends(model_name: str | None = None, bits=(64, 128, 256), decode: int = 32, tol: float = 1e-3) -> None:
+    """Pre-flight on a GPU: the long-context evaluation's decode perplexity through ``H1BCache``'s default backend
+    (the Triton kernels where they serve the model's shape) equals the torch path's within ``tol`` (relative), for
+    each ``bits`` on "hamming" and "asym" with a window and sinks. Raises RuntimeError naming the setting that
+    differs. ``tol`` 1e-3: the kernels accumulate in fp32 in another order, and a few 4-bit codes may round the
+    other way; a wrong kernel differs by far more."""
+    import functools  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    from h1bkv_lite.cache import H1BCache  # noqa: PLC0415
+    from h1bkv_lite.data import load_model  # noqa: PLC0415
+    from h1bkv_lite.eval import decode_perplexity  # noqa: PLC0415
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model(model_name, device=device)
+    for b in bits:
+        for extra in ({"score": "hamming"}, {"score": "asym", "window": 16, "sink": 4}):
+            ppl = {}
+            for backend in ("auto", "torch"):
+                method = functools.partial(H1BCache, bits=b, backend=backend, **extra)
+                df = decode_perplexity(model, tokenizer, method, prefill=512, decode=decode, progress=False)
+                ppl[backend] = float(df.ppl.iloc[0])
+            ok = abs(ppl["auto"] / ppl["torch"] - 1) <= tol
+            print(f"check-backends b={b} {extra}: auto {ppl['auto']:.4f} torch {ppl['torch']:.4f} "
+                  f"{'ok' if ok else 'DIFFERS'}", flush=True)
+            if not ok:
+                raise RuntimeError(f"H1BCache's default backend and the torch path disagree (b={b}, {extra}): {ppl}")
+
+
+def state(folder: Path) -> str:
+    """"complete", "resume" (a checkpoint to continue) or "new"."""
+    summary = folder / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("complete"):
+        return "complete"
+    return "resume" if (folder / "checkpoint.pt").is_file() else "new"
+
+
+def command(name: str, root: Path, time_limit: float | None, extra: list[str]) -> list[str]:
+    folder = root / name
+    cmd = [sys.executable, str(SCRIPT), *LADDER[name], "--out", str(folder), *extra]
+    if time_limit is not None:
+        cmd += ["--time-limit", str(time_limit)]
+    if state(folder) == "resume":
+        cmd.append("--resume")
+    return cmd
+
+
+def run_all(names: list[str], root: Path, parallel: int, time_limit: float | None, extra: list[str]) -> dict:
+    """Start the runs, at most ``parallel`` at a time; returns ``{name: exit code}`` (None: skipped, complete)."""
+    pending = [n for n in names if state(root / n) != "complete"]
+    codes: dict[str, int | None] = {n: None for n in names if n not in pending}
+    running: dict[str, tuple[subprocess.Popen, object]] = {}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "30"}
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    while pending or running:
+        while pending and len(running) < parallel:
+            name = pending.pop(0)
+            (root / name).mkdir(parents=True, exist_ok=True)
+            log = open(root / name / "console.log", "a")  # noqa: SIM115 -- closed when the run ends
+            cmd = command(name, root, time_limit, extra)
+            log.write(f"\n$ {' '.join(cmd)}\n")
+            log.flush()
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log)
+            print(f"[{time.strftime('%H:%M:%S')}] started {name}", flush=True)
+        time.sleep(2)
+        for name, (proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                codes[name] = proc.returncode
+                del running[name]
+                print(f"[{time.strftime('%H:%M:%S')}] {name} exited {proc.returncode} ({state(root / name)})",
+                      flush=True)
+    return codes
+
+
+def report(names: list[str], root: Path) -> str:
+    """One line per run: state, steps, tokens, held-out ppl first -> last, final decode ppl and passkey."""
+    lines = [f"{'run':<14} {'state':<9} {'step':>9} {'tokens':>10} {'held-out ppl':>17} {'decode ppl':>10} passkey"]
+    for name in names:
+        folder = root / name
+        s = json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").is_file() else {}
+        final = s.get("final", {})
+        ppl = f"{s.get('held_out_ppl_first', float('nan')):.2f} -> {final.get('held_out_ppl', float('nan')):.2f}"
+        lines.append(f"{name:<14} {state(folder):<9} {s.get('step', 0):>4}/{s.get('steps', 0):<4} "
+                     f"{s.get('tokens', 0):>10,} {ppl:>17} {final.get('decode_ppl', float('nan')):>10.2f} "
+                     f"{final.get('passkey', {})}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--root", default="results/finetune", help="folder of the runs' results folders")
+    parser.add_argument("--only", nargs="+", choices=tuple(LADDER), help="these runs (default: all, in order)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (processes sharing the GPU)")
+    parser.add_argument("--time-limit", type=float, default=None, help="seconds, handed to every run")
+    parser.add_argument("--list", action="store_true", help="print the runs and their options, then exit")
+    parser.add_argument("--check-backends", action="store_true",
+                        help="first check that the evaluation's default cache backend equals the torch path")
+    parser.add_argument("--model", default=None, help="model for --check-backends (default: the bundled one)")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: options for every run")
+    ns = parser.parse_args(argv)
+    if ns.parallel < 1:
+        parser.error(f"--parallel must be >= 1, got {ns.parallel}")
+    names = list(ns.only or LADDER)
+    extra = ns.extra[1:] if ns.extra[:1] == ["--"] else ns.extra
+    root = Path(ns.root)
+    if ns.list:
+        for name in names:
+            print(f"{name:<14} {' '.join(LADDER[name])}")
+        return {}
+    if ns.check_backends:
+        check_backends(ns.model)
+    codes = run_all(names, root, ns.parallel, ns.time_limit, extra)
+    print(report(names, root), flush=True)
+    return codes
+
+
+if __name__ == "__main__":
+    sys.exit(1 if any(main().values()) else 0)
