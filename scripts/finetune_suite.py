@@ -32,21 +32,22 @@ GOAL = ("--center-keys", "--window", "64", "--sink", "4")
 LADDER: dict[str, tuple[str, ...]] = {
     # the FP16 control: the paper's finetune (v_proj) with exact attention, evaluated with an exact cache
     "fp16_paper": ("--recipe", "paper", "--fp16-control"),
-    # the paper's recipe (T + v_proj, "hamming", no exact window) at 2, 1 and 4 bits per key element
+    # the paper's recipe (T + v_proj, "hamming", no exact window) at 2 bits per key element
     "paper_b128": ("--recipe", "paper", "--bits", "128"),
+    # the project's goal setting: LoRA (+ T, half the loss the KL to the exact model) + key centering + 64 exact
+    # recent tokens + 4 sinks; and its control, the same LoRA finetune with exact attention
+    "goal_b128": (*LORA, *GOAL, "--bits", "128"),
+    "fp16_lora": (*LORA, "--fp16-control"),
+    # the paper's recipe at 1 and 4 bits per key element
     "paper_b64": ("--recipe", "paper", "--bits", "64"),
     "paper_b256": ("--recipe", "paper", "--bits", "256"),
-    # LoRA on q/k/v + T with half the loss the KL to the exact model
+    # LoRA alone, then one switch at a time on the paper's recipe (b = 128)
     "lora_b128": (*LORA, "--bits", "128"),
-    # the project's goal setting: LoRA + key centering + 64 exact recent tokens + 4 sinks
-    "goal_b128": (*LORA, *GOAL, "--bits", "128"),
-    # one switch at a time on the paper's recipe (b = 128)
     "center_b128": ("--recipe", "paper", "--bits", "128", "--center-keys"),
     "window_b128": ("--recipe", "paper", "--bits", "128", "--window", "64", "--sink", "4"),
     "learnR_b128": ("--recipe", "paper", "--bits", "128", "--learn-projection"),
     "asym_b128": ("--recipe", "paper", "--bits", "128", "--score", "asym"),
-    # the same finetune control for LoRA, then the other widths
-    "fp16_lora": (*LORA, "--fp16-control"),
+    # the other widths
     "goal_b64": (*LORA, *GOAL, "--bits", "64"),
     "lora_b64": (*LORA, "--bits", "64"),
     "lora_b256": (*LORA, "--bits", "256"),
@@ -162,12 +163,12 @@ def main(argv=None) -> dict:
     names = list(ns.only or LADDER)
     extra = ns.extra[1:] if ns.extra[:1] == ["--"] else ns.extra
     root = Path(ns.root)
+    if ns.check_backends:
+        check_backends(ns.model)
     if ns.list:
         for name in names:
             print(f"{name:<14} {' '.join(LADDER[name])}")
         return {}
-    if ns.check_backends:
-        check_backends(ns.model)
     codes = run_all(names, root, ns.parallel, ns.time_limit, extra)
     print(report(names, root), flush=True)
     return codes
