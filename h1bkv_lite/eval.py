@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 from .baselines import FP16Cache
 
-__all__ = ["decode_perplexity", "generation_agreement", "method_name", "passkey_prompt", "passkey_retrieval",
-           "perplexity"]
+__all__ = ["decode_perplexity", "generation_agreement", "long_context", "method_name", "passkey_prompt",
+           "passkey_retrieval", "perplexity"]
 
 
 def _factory(method):
@@ -245,6 +245,34 @@ def passkey_retrieval(model, tokenizer, method="fp16", lengths=(256, 512), depth
                      "passkey": key, "answer": answer, "correct": str(key) in answer,
                      "exact": _first_number(answer) == str(key)})
     return pd.DataFrame(rows)
+
+
+def long_context(model, tokenizer, method="fp16", *, prefill: int = 1024, decode: int = 128, windows: int = 4,
+                 passkey_lengths=(1024, 2048), passkey_depths=(0.1, 0.5, 0.9), passkey_trials: int = 2,
+                 text: str | None = None, progress: bool = True) -> dict:
+    """The long-context numbers of issue 11 for one ``method``, as ``scripts/finetune.py`` reports them.
+
+    ``decode_ppl``: :func:`decode_perplexity` over ``windows`` held-out windows (``prefill`` tokens prefilled,
+    ``decode`` scored one decode step at a time), pooled over all scored tokens, with ``decode_prefill`` and
+    ``decode_tokens`` (tokens scored); skipped when any of the three is 0. ``passkey``: ``{str(length): exact-match
+    accuracy}`` of :func:`passkey_retrieval` (8 new tokens; ``trials`` keys per length and depth) with
+    ``passkey_trials`` (prompts in all); skipped for no lengths. ``text``: the held-out text of both (default:
+    the Austen validation book); ``tokenizer`` may also be token ids for the decode perplexity alone, as there.
+    Returns a dict of those keys.
+    """
+    out: dict = {}
+    if windows and prefill and decode:
+        df = decode_perplexity(model, tokenizer, method, prefill=prefill, decode=decode, n_windows=windows,
+                               text=text, progress=progress)
+        out.update(decode_ppl=math.exp(df.nll.sum() / df.tokens.sum()), decode_prefill=prefill,
+                   decode_tokens=int(df.tokens.sum()))
+    if passkey_lengths:
+        df = passkey_retrieval(model, tokenizer, method, lengths=tuple(passkey_lengths),
+                               depths=tuple(passkey_depths), trials=passkey_trials, n_new=8, text=text,
+                               progress=progress)
+        out["passkey"] = {str(length): float(g.exact.mean()) for length, g in df.groupby("length")}
+        out["passkey_trials"] = int(len(df))
+    return out
 
 
 def _first_number(text: str) -> str | None:

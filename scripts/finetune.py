@@ -283,21 +283,11 @@ def _windows(tokenizer, text: str, seq_len: int, limit: int | None) -> torch.Ten
 # ------------------------------------------------------------------------------------------------ evaluation
 def long_context(model, tokenizer, method, run, progress: bool) -> dict:
     """Decode perplexity and passkey accuracy of ``method`` (a cache factory or "fp16") on the held-out book."""
-    from h1bkv_lite.eval import decode_perplexity, passkey_retrieval  # noqa: PLC0415
+    from h1bkv_lite.eval import long_context as measure  # noqa: PLC0415
 
-    out: dict = {}
-    if run.decode_windows and run.decode_prefill and run.decode_tokens:
-        df = decode_perplexity(model, tokenizer, method, prefill=run.decode_prefill, decode=run.decode_tokens,
-                               n_windows=run.decode_windows, progress=progress)
-        out.update(decode_ppl=math.exp(df.nll.sum() / df.tokens.sum()), decode_prefill=run.decode_prefill,
-                   decode_tokens=int(df.tokens.sum()))
-    if run.passkey_lengths:
-        df = passkey_retrieval(model, tokenizer, method, lengths=tuple(run.passkey_lengths),
-                               depths=tuple(run.passkey_depths), trials=run.passkey_trials, n_new=8,
-                               progress=progress)
-        out["passkey"] = {str(length): float(g.exact.mean()) for length, g in df.groupby("length")}
-        out["passkey_trials"] = int(len(df))
-    return out
+    return measure(model, tokenizer, method, prefill=run.decode_prefill, decode=run.decode_tokens,
+                   windows=run.decode_windows, passkey_lengths=run.passkey_lengths,
+                   passkey_depths=run.passkey_depths, passkey_trials=run.passkey_trials, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------------ output

@@ -52,7 +52,7 @@ def lab(tmp_path_factory):
     """A JupyterLab server over smoke-parameterised copies of the notebooks; yields its base URL."""
     work = tmp_path_factory.mktemp("lab")
     # Copies sit in work/notebooks/ beside links to the repo's inputs, so relative paths resolve as in the repo.
-    for inputs in ("benchmarks", "data"):
+    for inputs in ("benchmarks", "data", "results"):
         (work / inputs).symlink_to(ROOT / inputs, target_is_directory=True)
     (work / "notebooks").mkdir()
     for name in NOTEBOOKS:

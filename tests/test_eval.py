@@ -9,7 +9,15 @@ from test_cache import VOCAB, tiny_model
 from h1bkv_lite import memory
 from h1bkv_lite.baselines import EvictionCache, KIVICache
 from h1bkv_lite.cache import H1BCache
-from h1bkv_lite.eval import generation_agreement, method_name, passkey_prompt, passkey_retrieval, perplexity
+from h1bkv_lite.eval import (
+    decode_perplexity,
+    generation_agreement,
+    long_context,
+    method_name,
+    passkey_prompt,
+    passkey_retrieval,
+    perplexity,
+)
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. " * 40
 
@@ -102,6 +110,19 @@ def test_passkey_retrieval_runs_and_lossless_cache_agrees(model):
     assert len(fp16) == 8 and fp16.passkey.between(10000, 99999).all()
     lossless = passkey_retrieval(model, tok, functools.partial(H1BCache, bits=16, window=400), **kwargs)
     assert lossless.answer.tolist() == fp16.answer.tolist() and lossless.passkey.tolist() == fp16.passkey.tolist()
+
+
+def test_long_context_pools_decode_perplexity_and_passkey_accuracy(model):
+    tok, method = CharTokenizer(), functools.partial(H1BCache, bits=32, window=4)
+    got = long_context(model, tok, method, prefill=30, decode=5, windows=2, passkey_lengths=(240, 300),
+                       passkey_depths=(0.0, 1.0), passkey_trials=2, text=FILLER, progress=False)
+    df = decode_perplexity(model, tok, method, prefill=30, decode=5, n_windows=2, text=FILLER, progress=False)
+    keys = passkey_retrieval(model, tok, method, lengths=(240, 300), depths=(0.0, 1.0), trials=2, n_new=8,
+                             text=FILLER, progress=False)
+    assert got["decode_ppl"] == pytest.approx(math.exp(df.nll.sum() / df.tokens.sum()), rel=1e-9)
+    assert (got["decode_prefill"], got["decode_tokens"], got["passkey_trials"]) == (30, 10, 8)
+    assert got["passkey"] == {"240": keys[keys.length == 240].exact.mean(), "300": keys[keys.length == 300].exact.mean()}
+    assert long_context(model, tok, method, windows=0, passkey_lengths=(), progress=False) == {}
 
 
 def test_generation_agreement(model):

@@ -15,7 +15,7 @@ from h1bkv_lite.runtime import DEVICE_CHOICES, DTYPE_CHOICES, resolve_device_dty
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 MODEL_NOTEBOOKS = {"01_lsh_cosine_error": "auto", "02_attention_fidelity": "auto", "03_value_quantization": "auto",
                    "04_memory_accounting": "bfloat16", "05_quality_per_byte": "auto",
-                   "06_finetuning": "auto"}  # name -> default DTYPE
+                   "06_finetuning": "auto", "08_closing_the_gap": "auto"}  # name -> default DTYPE
 
 
 def _code_cells(name: str) -> list[dict]:
