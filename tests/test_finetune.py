@@ -856,3 +856,47 @@ def test_data_parallel_equals_one_process_with_the_same_global_batch(ids):
         assert loss == pytest.approx(expected, rel=1e-5)
         for name, t in single.adapted_state_dict().items():
             torch.testing.assert_close(torch.tensor(state[name]), t, rtol=1e-3, atol=1e-4)  # Adam: rounding noise
+
+
+def _suite():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "finetune_suite.py"
+    spec = importlib.util.spec_from_file_location("finetune_suite", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_suite_runs_in_parallel_skips_finished_runs_and_resumes(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    suite = _suite()
+    assert list(suite.LADDER)[:2] == ["fp16_paper", "paper_b128"]
+    tiny = _tiny_run(tiny_model_dir, "unused")
+    at = tiny.index("--out")
+    run_options = tiny[:at] + tiny[at + 2:]
+    argv = ["--root", str(tmp_path), "--only", "paper_b128", "fp16_paper", "--parallel", "2", "--", *run_options]
+    assert suite.main(argv) == {"paper_b128": 0, "fp16_paper": 0}
+    assert "paper_b128" in capsys.readouterr().out
+    for name in ("paper_b128", "fp16_paper"):
+        assert suite.state(tmp_path / name) == "complete"
+        assert (tmp_path / name / "console.log").is_file()
+        assert "console.log" in (tmp_path / name / ".gitignore").read_text()
+    config = json.loads((tmp_path / "paper_b128" / "config.json").read_text())
+    assert config["config"]["bits"] == 16 and config["config"]["recipe"] == "paper"  # the command line wins
+    assert config["run"]["eval_every"] == 2 and not config["run"]["fp16_control"]
+    assert json.loads((tmp_path / "fp16_paper" / "config.json").read_text())["run"]["fp16_control"]
+    # finished runs are skipped; an unfinished one with a checkpoint is resumed
+    assert suite.main(argv) == {"paper_b128": None, "fp16_paper": None}
+    summary = tmp_path / "paper_b128" / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "complete": False}))
+    assert suite.state(tmp_path / "paper_b128") == "resume"
+    cmd = suite.command("paper_b128", tmp_path, 100.0, [])
+    assert cmd[-3:] == ["--time-limit", "100.0", "--resume"]
+    assert cmd[2:6] == list(suite.SUITE_OPTIONS) and cmd[cmd.index("--out") + 1] == str(tmp_path / "paper_b128")
+    assert suite.state(tmp_path / "lora_b128") == "new"
+    with pytest.raises(SystemExit):
+        suite.main(["--parallel", "0"])
