@@ -32,7 +32,7 @@ import torch
 
 from ._validation import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_tensor
 from .quant import VALUE_BITS, quantize_values
-from .sketch import SimHashSketcher
+from .sketch import SimHashSketcher, pack_bits
 
 SCORES = ("hamming", "cos", "asym", "exact")
 
@@ -68,22 +68,32 @@ def sketched_logits(
         check_tensor("key_norms", key_norms, ndim=3)
         if key_norms.shape != key_codes.shape[:3]:
             raise ValueError(f"key_norms must have shape {tuple(key_codes.shape[:3])}, got {tuple(key_norms.shape)}")
-    group = Hq // Hkv
-    qg = q.float().reshape(B, Hkv, group * Tq, D)  # query heads of one kv head side by side
     if score == "hamming":
         if temperature is None:
             raise ValueError("temperature is required for score='hamming' on stored codes")
-        a = sketcher.score(sketcher.sketch(qg), key_codes)  # [B, Hkv, group*Tq, N]
-        logits = a.reshape(B, Hq, Tq, -1) / _temperature_tensor(temperature, Hq, q.device)
-        return logits
+        a = sketched_logits_unchecked(q, key_codes, sketcher, score)
+        return a / _temperature_tensor(temperature, Hq, q.device)
     if key_norms is None:
         raise ValueError(f"key_norms is required for score={score!r}")
+    return sketched_logits_unchecked(q, key_codes, sketcher, score, key_norms)
+
+
+def sketched_logits_unchecked(q: torch.Tensor, key_codes: torch.Tensor, sketcher: SimHashSketcher, score: str,
+                              key_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`sketched_logits` without its argument checks, for the caches' decode path: the checks scan ``q``
+    and the temperature for NaN, host synchronisations on CUDA on every layer and step. "hamming" returns the raw
+    score ``1 - 2 h / b`` (the caller divides by its temperature); shapes are the caller's contract."""
+    B, Hq, Tq, D = q.shape
+    group = Hq // key_codes.shape[1]
+    qg = q.float().reshape(B, key_codes.shape[1], group * Tq, D)  # query heads of one kv head side by side
+    projected = qg @ sketcher.projection_on(q.device)  # [B, Hkv, group*Tq, bits]: sketcher.project, unchecked
+    if score == "hamming":
+        return sketcher.score(pack_bits(projected >= 0), key_codes).reshape(B, Hq, Tq, -1)
     norms = key_norms.float().unsqueeze(-2)  # [B, Hkv, 1, N]
     if score == "cos":
-        cos = sketcher.cosine(sketcher.sketch(qg), key_codes)
+        cos = sketcher.cosine(pack_bits(projected >= 0), key_codes)
         logits = qg.norm(dim=-1, keepdim=True) * norms * cos / math.sqrt(D)
     else:  # asym
-        projected = sketcher.project(qg)  # [B, Hkv, group*Tq, bits]
         dots = projected @ sketcher.signs(key_codes).transpose(-1, -2)
         logits = math.sqrt(math.pi / 2) / sketcher.bits * norms * dots / math.sqrt(D)
     return logits.reshape(B, Hq, Tq, -1)

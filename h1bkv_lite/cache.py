@@ -70,8 +70,10 @@ every key of the row, compressed and exact alike -- which this rule does (exact 
 ``q . k``); adding it to compressed keys only, or dropping it when some keys are exact, would bias the
 softmax between the two groups. Centering changes the estimate, not the target: only ``q . (k - mu)`` is
 approximated. "hamming" temperatures are calibrated on the centered keys (``std(1 - 2h/b) / std(q . (k - mu)
-* scaling)``). Decode steps of a centered cache take the torch path (the Triton decode kernel does not add
-the term); ``mu`` (``L * Hkv * D`` floats) is a model constant, not billed per token.
+* scaling)``). The Triton decode kernel serves centered caches by the same rule shifted: it scores compressed
+keys by ``est`` alone and the exact keys by ``q . (k - mu) * scaling`` (it is handed the window and sinks centered),
+every logit of the row lowered by the same ``q . mu * scaling``, which the softmax ignores. ``mu`` (``L * Hkv *
+D`` floats) is a model constant, not billed per token.
 """
 from __future__ import annotations
 
@@ -88,7 +90,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from . import memory
 from ._validation import check_bool, check_choice, check_int, check_sketch_bits
-from .attention import sampled_temperature_unchecked, sketched_logits
+from .attention import sampled_temperature_unchecked, sketched_logits_unchecked
 from .quant import VALUE_BITS, QuantizedTensor, quantize_values_unchecked
 from .sketch import SimHashSketcher, pack_bits
 from .storage import TokenStore
@@ -815,12 +817,12 @@ class H1BLayer(CompressingLayer):
         return qv.dequantize()
 
     def _compressed_logits(self, q: torch.Tensor, chunk: dict, scaling: float) -> torch.Tensor:
+        # unchecked: sketched_logits' argument checks are host syncs on CUDA (this runs every layer and step)
         if self.score == "hamming":
-            a = sketched_logits(q, chunk["key_codes"], sketcher=self.sketcher, score="hamming", temperature=1.0)
+            a = sketched_logits_unchecked(q, chunk["key_codes"], self.sketcher, "hamming")
             logits = a / self._temperature(q.device).view(-1, q.shape[1], 1, 1)
         else:
-            logits = sketched_logits(q, chunk["key_codes"], sketcher=self.sketcher, score=self.score,
-                                     key_norms=chunk["key_norms"])
+            logits = sketched_logits_unchecked(q, chunk["key_codes"], self.sketcher, self.score, chunk["key_norms"])
             rescale = scaling * math.sqrt(q.shape[-1])  # sketched_logits assumes scaling = 1/sqrt(D)
             logits = logits if rescale == 1.0 else logits * rescale
         return logits if self.key_mean is None else logits + self._mean_term(q, scaling)
@@ -863,11 +865,10 @@ class H1BLayer(CompressingLayer):
 
     def _attend_fast(self, q, attention_mask, scaling: float) -> torch.Tensor | None:
         """The Triton decode kernel, for what it serves: one query, some compressed tokens, a batch without
-        padding, scaling 1/sqrt(D), a temperature known (given or calibrated), keys not centred (the kernel
-        has no mean term), and (sliding layers) nothing held outside the query's window (the kernel has no
-        mask; past recording may hold more). Decided from host state only: no sync."""
+        padding, scaling 1/sqrt(D), a temperature known (given or calibrated), and (sliding layers) nothing
+        held outside the query's window (the kernel has no mask; past recording may hold more). Centered keys
+        too (see :meth:`_kernel_decode`). Decided from host state only: no sync."""
         if not (self._use_triton and q.shape[2] == 1 and self.held_compressed > 0 and not self._padded
-                and self.key_mean is None
                 and scaling == q.shape[-1] ** -0.5
                 and (self.sliding_window is None or self.n_seen - self.window_start <= self.sliding_window)
                 and (self.score != "hamming" or self.temperature is not None or self.calibrated is not None)):
@@ -875,10 +876,15 @@ class H1BLayer(CompressingLayer):
         return self._kernel_decode(q)
 
     def _kernel_decode(self, q: torch.Tensor) -> torch.Tensor:
+        """One decode step through the Triton kernel. Centered keys: the kernel scores compressed keys by the
+        estimate of ``q . (k - mu)`` alone (no mean term) and is given the exact keys centered too (``k - mu``,
+        float32), so every logit of a query row is the module docstring's logit minus the same ``q . mu *
+        scaling``, which the softmax ignores: the same attention as the torch path, in O(window) more work."""
         from .kernels import decode_attention as kernel  # noqa: PLC0415 -- optional (Triton)
 
         stored = self.stored
         window_k = self.recent_k if self.sink_k.shape[2] == 0 else torch.cat([self.sink_k, self.recent_k], dim=2)
+        window_k = self._centered(window_k) if window_k.shape[2] else window_k  # (empty: nothing to shift)
         window_v = self.recent_v if self.sink_v.shape[2] == 0 else torch.cat([self.sink_v, self.recent_v], dim=2)
         args = (q[:, :, 0], stored["key_codes"], stored["values"], stored["value_scales"], stored["value_zeros"])
         kwargs = dict(projection=self.sketcher.projection_on(q.device), score=self.score,

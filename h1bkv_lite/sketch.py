@@ -18,7 +18,6 @@ import torch
 
 from ._validation import check_int, check_same_device, check_sketch_bits, check_tensor
 
-_BIT_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.int32)
 _POPCOUNT_TABLE = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
 
 
@@ -134,10 +133,16 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     if bits.shape[-1] % 8:
         raise ValueError(f"bits last dim must be a multiple of 8, got {bits.shape[-1]}")
     grouped = bits.reshape(*bits.shape[:-1], bits.shape[-1] // 8, 8).to(torch.int32)
-    return (grouped * _BIT_WEIGHTS.to(bits.device)).sum(-1).to(torch.uint8)
+    return (grouped << _bit_shifts(bits.device)).sum(-1).to(torch.uint8)
 
 
 def unpack_bits(codes: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: ``uint8 [..., B]`` -> ``bool [..., 8 * B]``."""
-    expanded = codes.to(torch.int32).unsqueeze(-1).bitwise_and(_BIT_WEIGHTS.to(codes.device)) != 0
+    expanded = ((codes.to(torch.int32).unsqueeze(-1) >> _bit_shifts(codes.device)) & 1) != 0
     return expanded.reshape(*codes.shape[:-1], codes.shape[-1] * 8)
+
+
+def _bit_shifts(device) -> torch.Tensor:
+    """int32 ``[0, 1, ..., 7]`` made on ``device`` (a fill, not a copy of a host constant: on CUDA a host-to-device
+    copy would synchronise the host on every call, i.e. on every decode step of the torch path)."""
+    return torch.arange(8, dtype=torch.int32, device=device)

@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakTensorKeyDictionary
 
-__all__ = ["DeviceMix", "PretendDevice"]
+__all__ = ["DeviceMix", "HostSyncs", "PretendDevice"]
 
 
 class DeviceMix(AssertionError):
@@ -128,3 +128,37 @@ class PretendDevice(TorchFunctionMode):
             return x
 
         tree_map(mark, out)
+
+
+_READS_BACK = {
+    torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
+    torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.nonzero, torch.nonzero,
+    torch.Tensor.masked_select, torch.masked_select, torch.Tensor.unique, torch.unique,
+}
+_COPYING_FACTORIES = {torch.tensor, torch.as_tensor}
+
+
+class HostSyncs(PretendDevice):
+    """:class:`PretendDevice` that also records (in :attr:`syncs`, by call name) what would make the host wait for
+    a CUDA device: reading a device tensor back (``item``, ``bool(t)``, ``tolist``, ``cpu``, ``nonzero``, ...),
+    and blocking host-to-device copies (``host_tensor.to(device)``, ``torch.tensor(data, device=device)``: torch
+    synchronises the stream after copying pageable host memory). Factories that fill on the device
+    (``torch.arange(n, device=...)``, ``zeros``, ``full``) are not copies. Clear :attr:`syncs` to start counting."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__qualname__", getattr(func, "__name__", repr(func)))
+        inputs = _tensors((args, kwargs))
+        if func in _READS_BACK and any(self.on_device(t) for t in inputs):
+            self.syncs.append(f"{name} of a device tensor")
+        elif func is torch.Tensor.to and isinstance(_device_arg(args, kwargs), torch.device) \
+                and not self.on_device(args[0]) and args[0].numel() > 0:
+            self.syncs.append(f"{name}: host-to-device copy of shape {tuple(args[0].shape)}")
+        elif func in _COPYING_FACTORIES and isinstance(kwargs.get("device"), torch.device) \
+                and not any(self.on_device(t) for t in inputs):
+            self.syncs.append(f"{name}: host-to-device copy")
+        return super().__torch_function__(func, types, args, kwargs)

@@ -310,6 +310,73 @@ def test_triton_backend_dispatches_decode_steps_to_the_kernel(tmp_path):
     _run_interpreted(_KERNEL_CHECK, tmp_path)
 
 
+_CENTERED_KERNEL_CHECK = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_cache import greedy, tiny_model
+from h1bkv_lite.cache import H1BCache, H1BLayer
+calls = []
+kernel = H1BLayer._kernel_decode
+H1BLayer._kernel_decode = lambda self, q: calls.append(1) or kernel(self, q)
+model = tiny_model()
+ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+mu = torch.randn(2, 2, 32, generator=torch.Generator().manual_seed(2))  # [L, Hkv, D]
+for score in ("hamming", "cos", "asym"):
+    kw = dict(bits=64, score=score, window=3, sink=2, key_mean=mu)
+    ref, ref_scores = greedy(model, ids, H1BCache(model.config, backend="torch", **kw), n_new=4)
+    assert not calls
+    out, scores = greedy(model, ids, H1BCache(model.config, backend="triton", **kw), n_new=4)
+    assert len(calls) == 6, (score, calls)  # 3 decode steps x 2 layers
+    calls.clear()
+    assert torch.equal(out, ref), score
+    finite = ref_scores.isfinite()
+    torch.testing.assert_close(scores[finite], ref_scores[finite], atol=1e-4, rtol=1e-4)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA no-sync test covers the kernel")
+def test_triton_backend_serves_centered_decode_steps_with_a_window_and_sinks(tmp_path):
+    """Key centering (key_mean) with an exact window and sinks: decode steps go to the Triton kernel (given the
+    window and sinks centered; the softmax ignores the per-row shift), not to the torch path, and give the torch
+    path's tokens and logits. (Before, centered caches always decoded through the torch path, which made host
+    syncs on CUDA in every layer and step.) Without the centered window the logits differ by ~8 here, so this
+    fails on a kernel path that drops the mean term."""
+    pytest.importorskip("triton")
+    _run_interpreted(_CENTERED_KERNEL_CHECK, tmp_path)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(window=3, sink=2, key_mean=True),
+                                    dict(score="cos", window=3, key_mean=True),
+                                    dict(score="asym", sink=2, key_mean=True)])
+def test_torch_decode_step_makes_no_host_sync(kwargs):
+    """The torch decode path (CPU; on CUDA: padded batches, formats the kernels do not serve, backend="torch")
+    neither reads a device tensor back nor copies a host tensor to the device after the first decode step:
+    device_check.HostSyncs finds, on CPU, what would be a host synchronisation on CUDA (sketched_logits'
+    NaN checks and temperature checks, host bit-weight tables moved per call: 8-9 per layer and step before)."""
+    from device_check import HostSyncs
+
+    config = tiny_model().config
+    gen = torch.Generator().manual_seed(0)
+    if kwargs.get("key_mean"):
+        kwargs = {**kwargs, "key_mean": torch.randn(2, 2, 32, generator=gen)}
+    T, P = 24, 16
+    q, k, v = (torch.randn(1, h, T, 32, generator=gen) for h in (4, 2, 2))
+    cache = H1BCache(config, bits=64, backend="torch", **kwargs)
+    layer = cache.layers[0]
+    with HostSyncs() as dev:
+        q, k, v = dev.put((q, k, v))
+        for t0, t1 in [(0, P), (P, P + 1)]:  # the prompt, and a first decode step (constants reach the device)
+            cache.update(k[:, :, t0:t1], v[:, :, t0:t1], 0)
+            layer.attend(q[:, :, t0:t1])
+        dev.syncs.clear()
+        for t in range(P + 1, T):
+            cache.update(k[:, :, t:t + 1], v[:, :, t:t + 1], 0)
+            out = layer.attend(q[:, :, t:t + 1])
+        assert dev.on_device(out)
+    assert layer.held_compressed > 0
+    assert dev.syncs == []
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("score", ["hamming", "cos", "asym"])
@@ -349,14 +416,17 @@ def _cuda_model(layers=4, heads=4, kv_heads=4, head_dim=64, dtype=torch.float16)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kwargs", [dict(bits=128), dict(bits=256, score="asym", window=8, sink=4),
-                                    dict(bits=64, score="cos", window=3)])
+                                    dict(bits=64, score="cos", window=3),
+                                    dict(bits=128, window=64, sink=4, temperature=0.05, key_mean=True)])
 @pytest.mark.parametrize("kv_heads", [4, 1])
 def test_cuda_decode_step_has_no_host_sync(kwargs, kv_heads):
     """After the first decode step, a decode forward through H1BCache makes no host synchronisation
-    (torch.cuda.set_sync_debug_mode('error') raises on any), and runs the Triton kernel."""
+    (torch.cuda.set_sync_debug_mode('error') raises on any), and runs the Triton kernel (key centering too)."""
     from h1bkv_lite.cache import H1BLayer
 
     model = _cuda_model(kv_heads=kv_heads)
+    if kwargs.get("key_mean"):
+        kwargs = {**kwargs, "key_mean": torch.randn(model.config.num_hidden_layers, kv_heads, 64)}
     cache = H1BCache(model.config, **kwargs)
     ids = torch.randint(0, VOCAB, (2, 300), device="cuda")
     with torch.no_grad():
