@@ -26,10 +26,12 @@ cache that keeps its last ``window`` tokens uncompressed would serve them at dec
 """
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
 
+from ._device import to_device
 from ._validation import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_tensor
 from .quant import VALUE_BITS, quantize_values
 from .sketch import SimHashSketcher, pack_bits
@@ -120,6 +122,8 @@ CALIBRATION_QUERIES = 512
 """Query rows :func:`sampled_temperature` uses by default (evenly spaced over the prompt)."""
 CALIBRATION_KEYS = 4096
 """Keys :func:`sampled_temperature` reads at most per query row by default (every ``ceil(Tk / 4096)``-th)."""
+CALIBRATION_BLOCK = 1 << 24
+"""float32 values one key block of :func:`sampled_temperature` holds at most by default (64 MiB; see there)."""
 
 
 @torch.no_grad()
@@ -132,7 +136,7 @@ def sampled_temperature(
     max_queries: int = CALIBRATION_QUERIES,
     max_keys: int = CALIBRATION_KEYS,
     scaling: float | None = None,
-    block_elements: int = 1 << 21,
+    block_elements: int = CALIBRATION_BLOCK,
 ) -> torch.Tensor:
     """:func:`calibrate_temperature` per sequence, on a bounded sample of query rows, in bounded memory.
 
@@ -147,10 +151,19 @@ def sampled_temperature(
     the same fraction of its pairs, so rows are weighted as in the full calibration). With ``Tq <=
     max_queries`` and ``Tk <= max_keys`` every pair is used and the result equals
     :func:`calibrate_temperature` run on each sequence alone. Work and memory are O(``max_queries *
-    max_keys``) per sequence and head whatever the prompt length, computed in key blocks of about
-    ``block_elements`` scores; never ``Tq x Tk``. Moments are summed in float64. The sample's effect on the
-    result is measured on the bundled model in ``tests/test_cache.py`` (within 3% of the full calibration
-    at 512 of 2048 rows, 0.7% on average).
+    max_keys``) per sequence and head whatever the prompt length; never ``Tq x Tk``. Moments are summed in
+    float64. The sample's effect on the result is measured on the bundled model in ``tests/test_cache.py``
+    (within 3% of the full calibration at 512 of 2048 rows, 0.7% on average).
+
+    Memory: keys are walked in blocks of at most ``block_elements`` float32 values each (the block's scores of
+    one kind, ``B * Hq * rows * n`` for ``n`` keys and the ``rows`` that see them, plus the keys' float32 copy and
+    projection, ``B * Hkv * n * (D + bits + 1)``; at least 64 keys a block). Beyond the block the sample's query
+    features stay allocated, ``4 * B * Hq * Q * (D + bits + 1)`` bytes (``Q <= max_queries`` rows), and a bool
+    mask of ``Q * K`` bytes (``B * Q * K`` with ``valid``; ``K <= max_keys`` keys read). The default block,
+    :data:`CALIBRATION_BLOCK` = 2**24 values, is 64 MiB: Llama-2-7B's shape (32 heads, D = 128, B = 1) at
+    ``bits=128`` holds about 64 + 16 + 3 MiB at its peak (block, query features, mask and per-row sums; the
+    blocks of 2**21 scores before it held ~50 MiB) and walks 512 rows x 4096 keys in 5 blocks (4 with 8 kv
+    heads; 1 block of 48 MiB with 4 heads). The number of blocks grows with ``B * Hq`` (and with ``bits``).
     """
     _check_qk(q, k, sketcher)
     check_int("max_queries", max_queries, low=1)
@@ -165,44 +178,94 @@ def sampled_temperature(
 @torch.no_grad()
 def sampled_temperature_unchecked(q, k, sketcher, valid=None, max_queries: int = CALIBRATION_QUERIES,
                                   max_keys: int = CALIBRATION_KEYS, scaling: float | None = None,
-                                  block_elements: int = 1 << 21) -> torch.Tensor:
+                                  block_elements: int = CALIBRATION_BLOCK) -> torch.Tensor:
     """:func:`sampled_temperature` without its argument checks (which scan q and k for NaN: a device sync),
-    for the cache's prefill, whose inputs come from the model."""
+    for the cache's prefill, whose inputs come from the model.
+
+    How (the prefill pays it on every layer, so it is written for few launches and no host sync). The sample is
+    planned on the host: the rows (``linspace`` on the host, as documented; on CUDA their index travels through
+    pinned memory, :func:`~h1bkv_lite._device.to_device`), the keys read, and which rows see which keys. Each
+    query row becomes two feature rows, ``[2 s_q, -sum(s_q)]`` (``s_q`` its +-1 signs) and ``q * scaling``, and
+    each key ``[b_k, 1]`` (``b_k`` its 0/1 sign bits) and ``k``, so one ``bmm`` gives the integers ``bits * (1 -
+    2h/bits) = s_q . s_k`` and one the exact logits. Keys are walked in blocks of at most ``block_elements`` float32
+    values (the block's scores, one score kind at a time in one buffer, and its keys' projections);
+    a block multiplies only the query rows that see some of its keys (rows are sorted by position), and masks
+    only when some of them miss part of it. Per block: 3 launches for the keys, 4 per score kind (``bmm``, mask,
+    sum, norm into a preallocated float32 table), so a layer issues a few dozen launches whatever the prompt
+    length. The block sums are accumulated in float64 at the end; the pair count is a host int (a device one
+    with ``valid``).
+    """
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    group, dev = Hq // Hkv, q.device
-    rows = torch.arange(Tq) if Tq <= max_queries else torch.linspace(0, Tq - 1, max_queries).round().long()
+    G, dev, bits = Hq // Hkv, q.device, sketcher.bits
+    R = sketcher.projection_on(dev)
+    # -- the sample, on the host: query rows, keys read (every `stride`-th), keys each row sees
+    all_rows = Tq <= max_queries
+    rows = torch.arange(Tq) if all_rows else torch.linspace(0, Tq - 1, max_queries).round().long()
     Q = rows.numel()
-    qpos = (rows + (Tk - Tq)).to(dev)  # absolute positions of the sampled queries
-    rows = rows.to(dev)
-    qg = q[:, :, rows].float().reshape(B, Hkv, group * Q, D)  # query heads of one kv head side by side
-    projection = sketcher.projection_on(dev)
-    q_signs = torch.where(qg @ projection >= 0, 1.0, -1.0)
-    q_ok = None if valid is None else valid[:, qpos][:, None, None, :, None]  # [B, 1, 1, Q, 1]
-    sums = torch.zeros(5, B, Hkv, group, dtype=torch.float64, device=dev)  # count, sum a, a^2, e, e^2
     stride = -(-Tk // max_keys)
-    kpos_all = torch.arange(0, Tk, stride, device=dev)  # the keys read
-    kb = max(64, block_elements // max(1, B * Hq * Q))
-    for k0 in range(0, kpos_all.numel(), kb):
-        kpos = kpos_all[k0:k0 + kb]
-        kblk = (k[:, :, k0 * stride:(k0 + kb) * stride:stride] if stride > 1 else k[:, :, k0:k0 + kb]).float()
-        k_signs = torch.where(kblk @ projection >= 0, 1.0, -1.0)
-        shape = (B, Hkv, group, Q, kblk.shape[2])
-        a = (q_signs @ k_signs.transpose(-1, -2)).div_(sketcher.bits).reshape(shape)  # 1 - 2h/b
-        e = (qg @ kblk.transpose(-1, -2)).mul_(D**-0.5 if scaling is None else scaling).reshape(shape)
-        mask = kpos <= qpos[:, None]  # [Q, n] causal
-        if valid is not None:
-            mask = mask & q_ok & valid[:, None, None, None, kpos]
-        a, e = torch.where(mask, a, 0.0), torch.where(mask, e, 0.0)
-        count = mask.sum((-1, -2), dtype=torch.float64).expand(B, Hkv, group)  # [Q, n] or [B, 1, 1, Q, n] masks
-        # block sums in float32 (pairwise reductions), accumulated in float64
-        sums += torch.stack([count, a.sum((-1, -2)).double(), a.square_().sum((-1, -2)).double(),
-                             e.sum((-1, -2)).double(), e.square_().sum((-1, -2)).double()])
-    count = sums[0].clamp_min(1)
-    var_a = (sums[2] / count - (sums[1] / count) ** 2).clamp_min(0)
-    var_e = (sums[4] / count - (sums[3] / count) ** 2).clamp_min(0)
-    t = var_a.sqrt() / var_e.sqrt().clamp_min(1e-6)
+    K = -(-Tk // stride)  # keys read: positions 0, stride, 2 stride, ... < Tk
+    seen = ((rows + (Tk - Tq)) // stride + 1).clamp_(max=K).tolist()  # keys row r sees: 0 .. seen[r] - 1 (sorted)
+    blocks, k0 = [], 0
+    while k0 < K:  # (k0, n, r0, masked): keys k0 .. k0 + n - 1, rows r0 .. Q - 1 (those that see key k0)
+        r0 = bisect.bisect_right(seen, k0)
+        n = min(K - k0, max(64, block_elements // (B * (Hq * (Q - r0) + Hkv * (D + bits + 1)))))
+        blocks.append((k0, n, r0, valid is not None or seen[r0] < k0 + n))
+        k0 += n
+    # -- the query side: rows in (position, head of the kv group) order, so that a block's rows are contiguous
+    if all_rows:
+        qsel, qpos = q, torch.arange(Tk - Tq, Tk, device=dev)
+    else:
+        rows_dev = to_device(rows, dev)
+        qsel, qpos = q.index_select(2, rows_dev), rows_dev + (Tk - Tq)
+    r_aug = torch.cat([R, R.new_zeros(D, 1)], dim=1)  # x @ r_aug >= 0: [x's sign bits, 1]
+    qf = _contiguous_float(qsel.reshape(B, Hkv, G, Q, D).transpose(2, 3)).view(B * Hkv, Q * G, D)
+    xa = (qf @ r_aug).ge_(0).mul_(4).sub_(2)  # [2 s_q, 2], built in place (bits + 1 floats a row)
+    xa[..., bits].copy_(xa[..., :bits].sum(-1).mul_(-0.5))  # [2 s_q, -sum(s_q)] . [b_k, 1] = s_q . s_k (integers)
+    xe = qf * (D**-0.5 if scaling is None else scaling)
+    del qsel, qf
+    # -- which pairs count: causal, and (valid) neither the query nor the key is padding
+    kpos = torch.arange(0, Tk, stride, device=dev)
+    hidden = kpos > qpos[:, None]  # [Q, K]
+    if valid is None:
+        count = float(sum(seen))
+    else:
+        q_ok = valid[:, Tk - Tq:] if all_rows else valid.index_select(1, qpos)
+        hidden = hidden | ~(q_ok[:, :, None] & valid[:, ::stride, None].transpose(1, 2))  # [B, Q, K]
+        count = (~hidden).sum((1, 2), dtype=torch.float64).view(B, 1, 1, 1)
+    hidden = hidden.view(-1, 1, Q, 1, K)
+    # -- the blocks: float32 sums and norms of each score kind, per (sequence, kv head, group member)
+    # per block and query row: sum a, |a|, sum e, |e| (a in units of 1/bits); rows a block skips stay 0. Row by
+    # row, so that each float32 reduction runs over one contiguous row of at most n scores (accurate on CPU too)
+    partials = torch.zeros(len(blocks), B, Hkv, Q, 4, G, dtype=torch.float32, device=dev)
+    for i, (k0, n, r0, masked) in enumerate(blocks):
+        kf = _contiguous_float(k[:, :, k0 * stride:(k0 + n) * stride:stride]).view(B * Hkv, n, D)
+        kb = (kf @ r_aug).ge_(0)  # [b_k, 1] as 0/1 floats
+        scores = torch.empty(B * Hkv, (Q - r0) * G, n, dtype=torch.float32, device=dev)  # one kind at a time
+        grid = scores.view(B, Hkv, Q - r0, G, n)
+        hid = hidden[:, :, r0:, :, k0:k0 + n] if masked else None
+        outs = partials[i, :, :, r0:].unbind(-2)
+        for j, (x, y) in enumerate(((xa, kb), (xe, kf))):
+            torch.bmm(x[:, r0 * G:], y.mT, out=scores)
+            if masked:
+                grid.masked_fill_(hid, 0.0)
+            torch.sum(grid, -1, out=outs[2 * j])
+            torch.linalg.vector_norm(grid, 2, -1, out=outs[2 * j + 1])
+        del kf, kb, y, scores, grid  # before the next block's
+    sums = partials.double()
+    sums[..., 1::2, :].square_()
+    count = count.clamp_min(1) if isinstance(count, torch.Tensor) else max(count, 1.0)
+    moments = sums.sum((0, 3)).div_(count).view(B, Hkv, 2, 2, G)  # E[x], E[x^2] of x = a * bits and x = e
+    std = (moments[:, :, :, 1] - moments[:, :, :, 0].square()).clamp_min_(0).sqrt_()  # [B, Hkv, 2 (a * bits, e), G]
+    t = std[:, :, 0].div(bits) / std[:, :, 1].clamp_min(1e-6)
     return t.clamp_min(1e-6).reshape(B, Hq).float()
+
+
+def _contiguous_float(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as contiguous float32: one copy at most (``x`` itself when it already is)."""
+    if x.dtype != torch.float32:
+        return x.to(torch.float32, memory_format=torch.contiguous_format)
+    return x.contiguous()
 
 
 def h1b_attention(

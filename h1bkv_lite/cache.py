@@ -89,6 +89,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from . import memory
+from ._device import to_device
 from ._validation import check_bool, check_choice, check_int, check_sketch_bits
 from .attention import sampled_temperature_unchecked, sketched_logits_unchecked
 from .quant import VALUE_BITS, QuantizedTensor, quantize_values_unchecked
@@ -758,7 +759,7 @@ class H1BLayer(CompressingLayer):
     def _mean_on(self, device) -> torch.Tensor:
         """``mu`` float32 ``[1, Hkv, 1, D]`` on ``device`` (cached)."""
         if self._key_mean_dev is None or self._key_mean_dev.device != torch.device(device):
-            self._key_mean_dev = self.key_mean.to(device)[None, :, None, :]
+            self._key_mean_dev = to_device(self.key_mean, device)[None, :, None, :]
         return self._key_mean_dev
 
     def _centered(self, k: torch.Tensor) -> torch.Tensor:
@@ -834,7 +835,7 @@ class H1BLayer(CompressingLayer):
         if device is None:
             return self.temperature
         if self._temperature_dev is None or self._temperature_dev.device != torch.device(device):
-            self._temperature_dev = self.temperature.to(device)
+            self._temperature_dev = to_device(self.temperature, device)
         return self._temperature_dev
 
     # ---- attention

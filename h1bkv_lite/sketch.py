@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from ._device import to_device
 from ._validation import check_int, check_same_device, check_sketch_bits, check_tensor
 
 _POPCOUNT_TABLE = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
@@ -65,10 +66,10 @@ class SimHashSketcher:
         return self.bits // 8
 
     def projection_on(self, device: torch.device) -> torch.Tensor:
-        """R as float32 on ``device`` (cached)."""
+        """R as float32 on ``device`` (cached; copied there without a host sync, the first prefill needs it)."""
         device = torch.device(device)
         if device not in self._projection_cache:
-            self._projection_cache[device] = self.projection.to(device)
+            self._projection_cache[device] = to_device(self.projection, device)
         return self._projection_cache[device]
 
     def project(self, x: torch.Tensor) -> torch.Tensor:

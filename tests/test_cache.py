@@ -662,6 +662,121 @@ def test_calibration_matches_the_models_logit_scale():
     torch.testing.assert_close(cache.layers[0].calibrated, base * (32**-0.5 / 0.5))
 
 
+class _OpCounter:
+    """Counts the aten ops that reach dispatch (on CUDA each one that is not a view is a kernel launch, ~5-20 us of
+    host time) and, among them, host-to-device transfers: ops whose output is on the meta device and that read a
+    host tensor of more than one element (0-dim host tensors are wrapped Python scalars, not copies)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                counter.ops += 1
+                ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+                outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+                if any(t.device.type == "meta" for t in outs) and any(
+                        t.device.type == "cpu" and t.numel() > 1 for t in ins):
+                    counter.transfers += 1
+                return out
+
+        self.ops = self.transfers = 0
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+# Llama-2-7B's and Llama-3-8B's attention (32 query heads of 128 channels; 32 / 8 kv heads), b = 128: the shapes of
+# benchmarks/generate.py, where the prefill at 8k paid ~20 ms of host time per layer beyond DynamicCache.
+@pytest.mark.parametrize("kv_heads", [32, 8])
+def test_prefill_calibration_issues_a_bounded_number_of_ops_and_no_blocking_copy(kv_heads, monkeypatch):
+    """The "hamming" calibration of one layer's prefill issues a bounded number of torch ops, the same at 8k and
+    128k tokens, and moves nothing to the device except its row index, through ``to_device`` (pinned, no host
+    sync on CUDA). Counted on the meta device (shapes only: nothing is computed). Measured: 181 / 155 ops (32 / 8 kv
+    heads: 5 / 4 key blocks) and 1 transfer; the calibration walked in 2**21-score blocks issued 1577 ops (32
+    blocks) and made 2 blocking copies (``.to(device)`` of the rows and of their positions)."""
+    from h1bkv_lite import SimHashSketcher
+    from h1bkv_lite import attention
+
+    calls = []
+    to_device = attention.to_device
+    monkeypatch.setattr(attention, "to_device", lambda t, device: calls.append(t.shape) or to_device(t, device))
+    sk = SimHashSketcher(128, 128, seed=0)
+    sk.projection_on("meta")  # copied once per layer and device (see test_cuda_prefill_of_a_layer_has_no_host_sync)
+    ops = {}
+    for T in (8192, 131072):
+        q = torch.empty(1, 32, T, 128, dtype=torch.float16, device="meta")
+        k = torch.empty(1, kv_heads, T, 128, dtype=torch.float16, device="meta")
+        calls.clear()
+        with _OpCounter() as counted:
+            t = attention.sampled_temperature_unchecked(q, k, sk)
+        assert t.shape == (1, 32)
+        assert counted.transfers == len(calls) == 1 and calls == [torch.Size([512])], (counted.transfers, calls)
+        ops[T] = counted.ops
+    assert ops[8192] == ops[131072] <= 250, ops
+
+
+@pytest.mark.parametrize("kv_heads", [32, 8])
+def test_prefill_of_one_layer_issues_a_bounded_number_of_ops(kv_heads):
+    """One layer's whole prefill (store the prompt, exact attention, calibration, compression into the store) at
+    Llama-2-7B / Llama-3-8B attention shapes: at most 400 torch ops whatever the prompt length (meta device;
+    measured 280 / 262, SDPA's math path and the torch compression path included; before: 1676 / 1684)."""
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=256, intermediate_size=256, num_attention_heads=32,
+                         num_key_value_heads=kv_heads, head_dim=128, vocab_size=VOCAB, attn_implementation="sdpa")
+    ops = {}
+    for T in (8192, 131072):
+        cache = H1BCache(config, bits=128)
+        layer = cache.layers[0]
+        layer.sketcher.projection_on("meta")
+        q = torch.empty(1, 32, T, 128, dtype=torch.float16, device="meta")
+        k, v = (torch.empty(1, kv_heads, T, 128, dtype=torch.float16, device="meta") for _ in range(2))
+        with _OpCounter() as counted:
+            cache.update(k, v, 0)
+            out = layer.attend(q)
+        assert out.shape == q.shape and layer.held_compressed == T and layer.calibrated.shape == (1, 32)
+        ops[T] = counted.ops
+    assert ops[8192] == ops[131072] <= 400, ops
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kwargs", [dict(bits=128), dict(bits=128, key_mean=True), dict(bits=256, score="asym")])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cuda_prefill_of_a_layer_has_no_host_sync(kwargs, batch):
+    """A layer's prefill on a fresh cache (its R, and mu when centering, go to the GPU here; 512 of 1000 query
+    rows sampled for the calibration, their index copied through pinned memory) makes no host synchronisation."""
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=256, intermediate_size=256, num_attention_heads=8,
+                         num_key_value_heads=2, head_dim=128, vocab_size=VOCAB, attn_implementation="sdpa")
+    if kwargs.get("key_mean"):
+        kwargs = {**kwargs, "key_mean": torch.randn(1, 2, 128)}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(batch, 8, 1000, 128, device="cuda", dtype=torch.float16, generator=gen)
+    k, v = (torch.randn(batch, 2, 1000, 128, device="cuda", dtype=torch.float16, generator=gen) for _ in range(2))
+    warm = H1BCache(config, **kwargs)  # compiles the append kernel
+    warm.update(k, v, 0)
+    warm.layers[0].attend(q)
+    cache = H1BCache(config, **kwargs)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cache.update(k, v, 0)
+        out = cache.layers[0].attend(q)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == q.shape and bool(out.isfinite().all())
+    if cache.score == "hamming":
+        torch.testing.assert_close(cache.layers[0].calibrated, warm.layers[0].calibrated)
+
+
 def test_attention_switch_fast_path_matches_the_setter():
     """The per-layer switch of ``_attn_implementation`` writes transformers' internal attribute directly only
     where that is what the property reads and there are no sub-configs to follow; otherwise the setter runs."""
