@@ -242,7 +242,7 @@ def test_bad_config():
         H1BCache(memory.PRESETS["smollm2-135m"])
 
 
-_KERNEL_CHECK = """
+_KERNEL_SPY = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 from test_cache import greedy, tiny_model
@@ -252,6 +252,9 @@ kernel = H1BLayer._kernel_decode
 H1BLayer._kernel_decode = lambda self, q: calls.append(1) or kernel(self, q)
 model = tiny_model()
 ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+"""  # counts the decode steps that reach the kernel
+
+_KERNEL_CHECK = _KERNEL_SPY + """
 ref, ref_scores = greedy(model, ids, H1BCache(model.config, bits=64, window=3, backend="torch"), n_new=4)
 assert not calls
 out, scores = greedy(model, ids, H1BCache(model.config, bits=64, window=3, backend="triton"), n_new=4)
@@ -310,16 +313,7 @@ def test_triton_backend_dispatches_decode_steps_to_the_kernel(tmp_path):
     _run_interpreted(_KERNEL_CHECK, tmp_path)
 
 
-_CENTERED_KERNEL_CHECK = """
-import sys, torch
-sys.path.insert(0, {tests!r})
-from test_cache import greedy, tiny_model
-from h1bkv_lite.cache import H1BCache, H1BLayer
-calls = []
-kernel = H1BLayer._kernel_decode
-H1BLayer._kernel_decode = lambda self, q: calls.append(1) or kernel(self, q)
-model = tiny_model()
-ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+_CENTERED_KERNEL_CHECK = _KERNEL_SPY + """
 mu = torch.randn(2, 2, 32, generator=torch.Generator().manual_seed(2))  # [L, Hkv, D]
 for score in ("hamming", "cos", "asym"):
     kw = dict(bits=64, score=score, window=3, sink=2, key_mean=mu)

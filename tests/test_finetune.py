@@ -682,15 +682,20 @@ def test_passkey_through_the_adapted_cache_counts_exact_matches(ids):
 
 
 # ------------------------------------------------------------------------------------------------ the script
-def _script():
+def _load_script(name: str):
+    """``scripts/<name>.py`` as a module (the scripts are not a package)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "scripts" / "finetune.py"
-    spec = importlib.util.spec_from_file_location("h1bkv_finetune_script", path)
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"h1bkv_script_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _script():
+    return _load_script("finetune")
 
 
 @pytest.fixture(scope="module")
@@ -859,14 +864,7 @@ def test_data_parallel_equals_one_process_with_the_same_global_batch(ids):
 
 
 def _suite():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "scripts" / "finetune_suite.py"
-    spec = importlib.util.spec_from_file_location("finetune_suite", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_script("finetune_suite")
 
 
 @pytest.mark.slow
