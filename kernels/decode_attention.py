@@ -433,10 +433,18 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
     (64 for "cos"/"asym", which need more registers). GQA groups: one program serves the group's query heads
     from one read of the cache, the value products on tensor cores (``tl.dot``, tf32 inputs, fp32
     accumulation), 64-key tiles: 1.4-1.7x faster than exact fp32 FMAs on 16-key tiles (H200, 32q/8kv, 32k
-    and 128k, ``decode.py --tune``). tf32 keeps 10 mantissa bits of the softmax weights and of the
-    dequantized values (the 4-bit codes are exact), a relative error of at most ~1e-3 per product with fp32
-    sums -- the precision flash attention gives its probabilities (fp16/bf16), and below an fp16 output's
-    own rounding. (One program per query head, each re-reading its kv head's cache, measured 2-4x slower.)
+    and 128k, ``decode.py --tune``). tf32 keeps 10 mantissa bits of the fp32 operands, and Triton's tf32
+    MMA drops the other 13 (truncation toward zero, not round-to-nearest: triton-lang/triton#4574; the CPU
+    interpreter multiplies in fp32). Per token (one value group) the tf32 operand is ``p * scale`` (the 4-bit
+    codes are exact; ``p * zero`` and the softmax sum stay fp32), so each weight loses 0 to 2**-10 of itself,
+    ~3.5e-4 on average, always downward: every output moves toward the attended tokens' zero points (group
+    minima) by that fraction of ``v - zero``. On SmolLM2-135M's caches this is ~1.5e-3 of an attention
+    output (rms), one-signed, against ~1.5e-4 unbiased had the weights been rounded to nearest; in decode
+    perplexity it is worth ~2% on an H1B-finetuned model (H200: 120.8 vs 118.4 through ``backend="torch"``;
+    the same truncation emulated on the CPU: 120.1 vs 117.6; round-to-nearest emulated: 118.7), about twice
+    the spread (<= 1%) that a handful of flipped near-tie sketch bits gives. ``config={"precision": "tf32x3"}``
+    or ``"ieee"`` gives fp32-accurate products. (One program per query head, each re-reading its kv head's
+    cache, measured 2-4x slower.)
     ``single_split_max_n``: contexts up to this many compressed tokens run as one split per (sequence, kv
     head) and write the output directly
     (one launch instead of split + combine). Eager decode is bound by the host's launches: on an H200, 7B
