@@ -898,3 +898,13 @@ def test_suite_runs_in_parallel_skips_finished_runs_and_resumes(tiny_model_dir, 
     assert suite.state(tmp_path / "lora_b128") == "new"
     with pytest.raises(SystemExit):
         suite.main(["--parallel", "0"])
+
+
+@pytest.mark.slow
+def test_suite_backend_preflight_compares_outputs_per_layer():
+    """On the CPU the default backend is the torch path (ratio 0); a tolerance nothing meets raises, naming it."""
+    suite = _suite()
+    worst = suite.check_backends(bits=(64,), prefill=48, decode=2)
+    assert worst == {"b=64 hamming": 0.0, "b=64 asym+window+sink+key_mean": 0.0}
+    with pytest.raises(RuntimeError, match=r"disagree \(b=64 hamming\)"):
+        suite.check_backends(bits=(64,), prefill=48, decode=1, tol=-1.0)
