@@ -42,6 +42,13 @@ own implementation is put back on exit). Its forward is :func:`~h1bkv_lite.atten
 Values outside the window are quantized in the forward, exactly as the cache stores them, and passed straight
 through (identity) in the backward, the usual estimator for rounding.
 
+Memory and speed. A chunk whose keys are all exact (the FP16 control) and a chunk whose keys are all sketched
+("hamming" or "asym" with the clipped surrogate, no window or sinks: the paper's recipe, LoRA, key centering, a
+learned R) run through torch SDPA, so on CUDA no ``[B, Hq, T, T]`` matrix is built (:func:`_sketched_sdpa` says
+how the logits become dot products); windows, sinks, "cos" and the "expected" surrogate mix exact and sketched
+logits per pair and build it. The two forms agree to float32 rounding, gradients included (tested). The GPU
+runs in ``results/finetune/`` predate the SDPA form; its training speed on a GPU is not measured yet.
+
 Loss: ``(1 - distill) * CE + distill * KL(p_exact || p_h1b)`` per predicted token, where ``p_exact`` is the
 *un-adapted* model with exact attention (original ``v_proj`` / LoRA disabled), computed without gradient.
 
@@ -93,6 +100,7 @@ from .cache import (
     fit_key_mean,
     fit_temperature,
     masked_softmax,
+    prompt_attention,
     text_config,
     weighted_values,
 )
@@ -336,11 +344,49 @@ def _train_attention(q, k, v, sketcher, score, temperature, scaling, value_bits,
                      attention_mask, projection, key_mean) -> torch.Tensor:
     if score == "hamming":
         temperature = torch.as_tensor(temperature, dtype=torch.float32, device=q.device).expand(q.shape[1])
+    D, Tq, N = q.shape[-1], q.shape[2], k.shape[2]
+    scaling = D**-0.5 if scaling is None else scaling
+    exactness = _exactness(window, sink, N)
+    if Tq == N and exactness == "all":  # exact attention of a chunk over itself: torch SDPA
+        return prompt_attention(q.float(), k.float(), v.float(), attention_mask, scaling).to(q.dtype)
+    if Tq == N and exactness == "none" and ste == "clipped" and score in ("hamming", "asym"):
+        v_in = v if value_bits is None else _substitute(
+            quantize_values_unchecked(v.detach(), value_bits, group_size or D).dequantize(), v)
+        return _sketched_sdpa(q, k, v_in, sketcher, score, temperature, scaling, projection, key_mean,
+                              attention_mask).to(q.dtype)
+    return _materialized_attention(q, k, v, sketcher, score, temperature, scaling, value_bits, group_size, window,
+                                   sink, ste, attention_mask, projection, key_mean, exactness)
+
+
+def _sketched_sdpa(q, k, v, sketcher, score, temperature, scaling, projection, key_mean, attention_mask):
+    """Every key through its sketch, as torch SDPA (no ``T x T`` matrix on CUDA's memory-efficient kernel):
+    "hamming"'s logits ``(1 - 2 h / b) / T`` are the dot products of ``q' = sign(qR) / (b T)`` with
+    ``k' = sign(kR)``, and "asym"'s ``sqrt(pi / 2) / b * |k| * (R^T q) . sign(kR) * scaling`` those of
+    ``q' = (qR) * sqrt(pi / 2) / b * scaling`` with ``k' = |k| sign(kR)``; SDPA's scale is 1. Key centering's
+    exact term ``q . mu * scaling`` is the same for every key of a query row, so the softmax drops it. The
+    clipped straight-through surrogates are those of :func:`compressed_logits` (the signs carry them), so the
+    gradients equal the materialized form's up to float rounding (tested)."""
+    qf, kf = q.float(), k.float()
+    if key_mean is not None:
+        kf = kf - key_mean[None, :, None, :]
+    R = sketcher.projection_on(q.device) if projection is None else projection
+    bits = sketcher.bits
+    sk = _signs(kf, R, "clipped")  # [B, Hkv, N, b]
+    if score == "hamming":
+        q_feat = _signs(qf, R, "clipped") / (bits * temperature.view(1, -1, 1, 1))
+        k_feat = sk
+    else:  # asym
+        q_feat = (qf @ R) * (math.sqrt(math.pi / 2) / bits * scaling)
+        k_feat = sk * _key_norms(kf).unsqueeze(-1)
+    return prompt_attention(q_feat, k_feat, v.float(), attention_mask, 1.0)
+
+
+def _materialized_attention(q, k, v, sketcher, score, temperature, scaling, value_bits, group_size, window, sink,
+                            ste, attention_mask, projection, key_mean, exactness) -> torch.Tensor:
+    """The general form: the ``[B, Hq, Tq, N]`` logits built, exact and sketched keys mixed per pair."""
     B, Hq, Tq, D = q.shape
     N = k.shape[2]
-    scaling = D**-0.5 if scaling is None else scaling
     allowed = allowed_mask(attention_mask, B, Tq, N, q.device)  # [B, 1, Tq, N]
-    exactness = _exactness(window, sink, N)
     if exactness == "all":
         return weighted_values(masked_softmax(exact_logits(q, k, scaling), allowed), v).to(q.dtype)
     comp = compressed_logits(q, k, sketcher=sketcher, score=score, scaling=scaling, temperature=temperature,

@@ -908,3 +908,49 @@ def test_suite_backend_preflight_compares_outputs_per_layer():
     assert worst == {"b=64 hamming": 0.0, "b=64 asym+window+sink+key_mean": 0.0}
     with pytest.raises(RuntimeError, match=r"disagree \(b=64 hamming\)"):
         suite.check_backends(bits=(64,), prefill=48, decode=1, tol=-1.0)
+
+
+@pytest.mark.parametrize("score,window,center,value_bits,padded", [
+    ("hamming", 0, False, 4, False), ("hamming", 0, True, None, True), ("asym", 0, False, 4, True),
+    ("asym", 0, True, 2, False), ("hamming", 64, False, 4, True),  # window >= T: every key exact
+])
+def test_training_attention_through_sdpa_equals_the_materialized_form(score, window, center, value_bits, padded):
+    """The SDPA forms (every key sketched, or every key exact) give the materialized logits' outputs and
+    gradients -- q, k, v, temperature, a learned projection -- up to float32 summation order."""
+    from h1bkv_lite.finetune import _exactness, _materialized_attention, h1b_train_attention
+    from h1bkv_lite.sketch import SimHashSketcher
+
+    gen = torch.Generator().manual_seed(11)
+    B, Hq, Hkv, T, D, bits = 2, 4, 2, 37, 16, 64
+    sketcher = SimHashSketcher(D, bits, seed=3)
+
+    def leaves():
+        q, k, v = (torch.randn(B, h, T, D, generator=gen) for h in (Hq, Hkv, Hkv))
+        t = torch.rand(Hq, generator=gen) * 0.2 + 0.05
+        R = sketcher.projection.clone()
+        return [x.clone().requires_grad_(True) for x in (q, k, v, t, R)]
+
+    mu = torch.randn(Hkv, D, generator=gen) if center else None
+    mask = None
+    if padded:  # 2D padding: row 0 starts 5 tokens in (its first query rows see nothing)
+        mask = torch.ones(B, T, dtype=torch.long)
+        mask[0, :5] = 0
+    kw = dict(sketcher=sketcher, score=score, scaling=D**-0.5, value_bits=value_bits, group_size=None,
+              window=window, sink=0, ste="clipped", attention_mask=mask, key_mean=mu)
+    grads = []
+    for form in ("sdpa", "materialized"):
+        gen.manual_seed(11)
+        q, k, v, t, R = leaves()
+        temperature = t if score == "hamming" else None
+        if form == "sdpa":
+            out = h1b_train_attention(q, k, v, temperature=temperature, projection=R, **kw)
+        else:
+            out = _materialized_attention(q, k, v, kw["sketcher"], score, temperature, kw["scaling"], value_bits,
+                                          None, window, 0, "clipped", mask, R, mu, _exactness(window, 0, T))
+        (out * torch.linspace(-1, 1, D)).sum().backward()
+        grads.append([out.detach()] + [x.grad for x in (q, k, v, t, R)])
+    for name, a, b in zip(("out", "q", "k", "v", "temperature", "projection"), *grads):
+        if b is None:  # unused: temperature of "asym", R and q/k surrogates of an all-exact chunk
+            assert a is None or not a.abs().any(), name
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
