@@ -350,12 +350,18 @@ def _train_attention(q, k, v, sketcher, score, temperature, scaling, value_bits,
     if Tq == N and exactness == "all":  # exact attention of a chunk over itself: torch SDPA
         return prompt_attention(q.float(), k.float(), v.float(), attention_mask, scaling).to(q.dtype)
     if Tq == N and exactness == "none" and ste == "clipped" and score in ("hamming", "asym"):
-        v_in = v if value_bits is None else _substitute(
-            quantize_values_unchecked(v.detach(), value_bits, group_size or D).dequantize(), v)
+        v_in = v if value_bits is None else _stored_values(v, value_bits, group_size)
         return _sketched_sdpa(q, k, v_in, sketcher, score, temperature, scaling, projection, key_mean,
                               attention_mask).to(q.dtype)
     return _materialized_attention(q, k, v, sketcher, score, temperature, scaling, value_bits, group_size, window,
                                    sink, ste, attention_mask, projection, key_mean, exactness)
+
+
+def _stored_values(v: torch.Tensor, value_bits: int, group_size: int | None) -> torch.Tensor:
+    """``v`` as the cache stores it (quantized to ``value_bits`` per ``group_size``, default the head), with the
+    identity as its gradient (the straight-through estimator for rounding)."""
+    quantized = quantize_values_unchecked(v.detach(), value_bits, group_size or v.shape[-1]).dequantize()
+    return _substitute(quantized, v)
 
 
 def _sketched_sdpa(q, k, v, sketcher, score, temperature, scaling, projection, key_mean, attention_mask):
@@ -400,7 +406,7 @@ def _materialized_attention(q, k, v, sketcher, score, temperature, scaling, valu
         probs = masked_softmax(torch.where(keep, exact_logits(q, k, scaling), comp), allowed)
     if value_bits is None:
         return weighted_values(probs, v).to(q.dtype)
-    v_hat = _substitute(quantize_values_unchecked(v.detach(), value_bits, group_size or D).dequantize(), v)
+    v_hat = _stored_values(v, value_bits, group_size)
     if exactness == "none":
         return weighted_values(probs, v_hat).to(q.dtype)
     out = weighted_values(probs * ~keep, v_hat) + weighted_values(probs * keep, v)
