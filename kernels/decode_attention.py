@@ -76,14 +76,14 @@ def _query_words(q_ptr, r_ptr, q_off, gmask, D, BITS: tl.constexpr, GR: tl.const
 
 
 @triton.jit
-def _mm(a, b, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """fp32 ``a [M, K] @ b [K, N]``: ``tl.dot``, or broadcast multiply-adds (leaner when M == 1)."""
-    if USE_DOT:
-        return tl.dot(a, b, input_precision=PRECISION)
-    elif a.shape[0] == 1:  # one query head: keep the tiles 2-D
-        return tl.sum(tl.reshape(a, (a.shape[1],))[:, None] * b, axis=0)[None, :]
-    else:
-        return tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+def _round_to_tf32(x):
+    """fp32 ``x`` rounded to the nearest tf32 value (10 mantissa bits kept, ties away from zero), as fp32.
+
+    Triton's tf32 ``tl.dot`` drops an operand's low 13 mantissa bits (truncation toward zero,
+    triton-lang/triton#4574): a one-signed error of 0 to 2**-10 relative. Rounded first, the operand is
+    exactly representable, so what the product loses is this rounding: at most 2**-11 relative, either sign."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)  # -8192 = 0xFFFFE000: clear the low 13 bits
 
 
 @triton.jit
@@ -122,6 +122,10 @@ def _value_update(acc, p, pv, vbytes, vs_base, vz_base, n, nmask, c, stride_vsn,
         wgt = p
         vals = zr + vals * (sc * inv_u)
     if USE_DOT:
+        if PRECISION == "tf32":  # round to nearest instead of the MMA's truncation (codes alone are exact)
+            wgt = _round_to_tf32(wgt)
+            if VALUE_GROUPS != 1:
+                vals = _round_to_tf32(vals)
         return acc + tl.dot(wgt, vals, input_precision=PRECISION)
     elif GR == 1:
         return acc + tl.reshape(wgt, (wgt.shape[1],))[:, None] * vals
@@ -436,14 +440,14 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
     and 128k, ``decode.py --tune``). tf32 keeps 10 mantissa bits of the fp32 operands, and Triton's tf32
     MMA drops the other 13 (truncation toward zero, not round-to-nearest: triton-lang/triton#4574; the CPU
     interpreter multiplies in fp32). Per token (one value group) the tf32 operand is ``p * scale`` (the 4-bit
-    codes are exact; ``p * zero`` and the softmax sum stay fp32), so each weight loses 0 to 2**-10 of itself,
-    ~3.5e-4 on average, always downward: every output moves toward the attended tokens' zero points (group
-    minima) by that fraction of ``v - zero``. On SmolLM2-135M's caches this is ~1.5e-3 of an attention
-    output (rms), one-signed, against ~1.5e-4 unbiased had the weights been rounded to nearest; in decode
-    perplexity it is worth ~2% on an H1B-finetuned model (H200: 120.8 vs 118.4 through ``backend="torch"``;
-    the same truncation emulated on the CPU: 120.1 vs 117.6; round-to-nearest emulated: 118.7), about twice
-    the spread (<= 1%) that a handful of flipped near-tie sketch bits gives. ``config={"precision": "tf32x3"}``
-    or ``"ieee"`` gives fp32-accurate products. (One program per query head, each re-reading its kv head's
+    codes are exact; ``p * zero`` and the softmax sum stay fp32). Truncated, each weight lost 0 to 2**-10 of
+    itself, ~3.5e-4 on average, always downward: every output moved toward the attended tokens' zero points
+    by that fraction of ``v - zero``, ~1.5e-3 of an attention output (rms) on SmolLM2-135M's caches and ~2% in
+    the decode perplexity of an H1B-finetuned model (H200: 120.8 vs 118.4 through ``backend="torch"``; the
+    truncation emulated on the CPU: 120.1 vs 117.6, round-to-nearest emulated: 118.7). So the kernel rounds
+    the operands to nearest tf32 itself (:func:`_round_to_tf32`, two integer ops per weight; per-group values
+    too): at most 2**-11 relative, either sign. ``config={"precision": "tf32x3"}`` or ``"ieee"`` gives
+    fp32-accurate products. (One program per query head, each re-reading its kv head's
     cache, measured 2-4x slower.)
     ``single_split_max_n``: contexts up to this many compressed tokens run as one split per (sequence, kv
     head) and write the output directly
