@@ -1,8 +1,9 @@
-"""Run a suite of ``scripts/finetune.py`` runs, several at a time on one GPU: the finetune ladder of issue 11.
+"""Run a suite of ``scripts/finetune.py`` runs, several at a time on one or more GPUs: the finetune ladder of issue 11.
 
     python scripts/finetune_suite.py --list                                   # the runs and their options
     python scripts/finetune_suite.py --parallel 4 --time-limit 540            # start (or continue) every run
     python scripts/finetune_suite.py --only paper_b128 fp16_paper -- --steps 20   # extra options go to each run
+    python scripts/finetune_suite.py --parallel 4 --gpus 0 1                  # two at a time on each of two GPUs
 
 Each run writes its own results folder ``<root>/<name>`` (``--root``, default ``results/finetune``; the files are
 those of ``scripts/finetune.py``) and its console output to ``<root>/<name>/console.log`` (git-ignored). A run
@@ -10,7 +11,8 @@ whose folder holds a checkpoint is continued with ``--resume``; one whose ``summ
 skipped. ``--time-limit`` is handed to every run (each stops checkpointed before it), so the same command, run
 again, continues the suite where it stopped.
 
-The runs share the GPU as separate processes (``--parallel``); their order in :data:`LADDER` is their priority.
+The runs share the GPU as separate processes (``--parallel``; with ``--gpus`` each process gets the least busy
+of those GPUs as its only visible device); their order in :data:`LADDER` is their priority.
 All use the script's defaults -- 5M training tokens at sequence length 1024, 8 sequences per step, cosine LR
 schedule with 5% warm-up -- and :data:`SUITE_OPTIONS` (held-out evaluation every 200 steps on 32 windows) unless
 their options say otherwise. (The first committed runs, fp16_paper and paper_b128, evaluated every 100 steps on
@@ -134,11 +136,21 @@ def command(name: str, root: Path, time_limit: float | None, extra: list[str]) -
     return cmd
 
 
-def run_all(names: list[str], root: Path, parallel: int, time_limit: float | None, extra: list[str]) -> dict:
-    """Start the runs, at most ``parallel`` at a time; returns ``{name: exit code}`` (None: skipped, complete)."""
+def pick_gpu(gpus: list[str] | None, busy: list[str]) -> str | None:
+    """The GPU of ``gpus`` (indices as ``CUDA_VISIBLE_DEVICES`` names them) running the fewest of ``busy``
+    (the GPUs of the running runs), the first on ties; None when no GPUs are given (every run sees all)."""
+    if not gpus:
+        return None
+    return min(gpus, key=lambda g: busy.count(g))
+
+
+def run_all(names: list[str], root: Path, parallel: int, time_limit: float | None, extra: list[str],
+            gpus: list[str] | None = None) -> dict:
+    """Start the runs, at most ``parallel`` at a time, each on the least busy of ``gpus`` (its
+    ``CUDA_VISIBLE_DEVICES``) when given; returns ``{name: exit code}`` (None: skipped, complete)."""
     pending = [n for n in names if state(root / n) != "complete"]
     codes: dict[str, int | None] = {n: None for n in names if n not in pending}
-    running: dict[str, tuple[subprocess.Popen, object]] = {}
+    running: dict[str, tuple[subprocess.Popen, object, str | None]] = {}
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "30"}
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     while pending or running:
@@ -147,12 +159,16 @@ def run_all(names: list[str], root: Path, parallel: int, time_limit: float | Non
             (root / name).mkdir(parents=True, exist_ok=True)
             log = open(root / name / "console.log", "a")  # noqa: SIM115 -- closed when the run ends
             cmd = command(name, root, time_limit, extra)
-            log.write(f"\n$ {' '.join(cmd)}\n")
+            gpu = pick_gpu(gpus, [g for _, _, g in running.values()])
+            run_env = env if gpu is None else {**env, "CUDA_VISIBLE_DEVICES": gpu}
+            log.write(f"\n$ {'' if gpu is None else f'CUDA_VISIBLE_DEVICES={gpu} '}{' '.join(cmd)}\n")
             log.flush()
-            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log)
-            print(f"[{time.strftime('%H:%M:%S')}] started {name}", flush=True)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=run_env, cwd=ROOT)
+            running[name] = (proc, log, gpu)
+            print(f"[{time.strftime('%H:%M:%S')}] started {name}{'' if gpu is None else f' on GPU {gpu}'}",
+                  flush=True)
         time.sleep(2)
-        for name, (proc, log) in list(running.items()):
+        for name, (proc, log, _) in list(running.items()):
             if proc.poll() is not None:
                 log.close()
                 codes[name] = proc.returncode
@@ -182,6 +198,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--root", default="results/finetune", help="folder of the runs' results folders")
     parser.add_argument("--only", nargs="+", choices=tuple(LADDER), help="these runs (default: all, in order)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (processes sharing the GPU)")
+    parser.add_argument("--gpus", nargs="+", default=None,
+                        help="GPU indices to spread the runs over (each run gets the least busy one as its "
+                             "CUDA_VISIBLE_DEVICES; default: every run sees every GPU)")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds, handed to every run")
     parser.add_argument("--list", action="store_true", help="print the runs and their options, then exit")
     parser.add_argument("--check-backends", action="store_true",
@@ -191,6 +210,8 @@ def main(argv=None) -> dict:
     ns = parser.parse_args(argv)
     if ns.parallel < 1:
         parser.error(f"--parallel must be >= 1, got {ns.parallel}")
+    if ns.gpus is not None and not all(g.isdigit() for g in ns.gpus):
+        parser.error(f"--gpus takes GPU indices (0 1 ...), got {' '.join(ns.gpus)}")
     names = list(ns.only or LADDER)
     extra = ns.extra[1:] if ns.extra[:1] == ["--"] else ns.extra
     root = Path(ns.root)
@@ -200,7 +221,7 @@ def main(argv=None) -> dict:
         for name in names:
             print(f"{name:<14} {' '.join(LADDER[name])}")
         return {}
-    codes = run_all(names, root, ns.parallel, ns.time_limit, extra)
+    codes = run_all(names, root, ns.parallel, ns.time_limit, extra, ns.gpus)
     print(report(names, root), flush=True)
     return codes
 

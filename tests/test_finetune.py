@@ -876,9 +876,12 @@ def test_suite_runs_in_parallel_skips_finished_runs_and_resumes(tiny_model_dir, 
     tiny = _tiny_run(tiny_model_dir, "unused")
     at = tiny.index("--out")
     run_options = tiny[:at] + tiny[at + 2:]
-    argv = ["--root", str(tmp_path), "--only", "paper_b128", "fp16_paper", "--parallel", "2", "--", *run_options]
+    argv = ["--root", str(tmp_path), "--only", "paper_b128", "fp16_paper", "--parallel", "2", "--gpus", "0", "1",
+            "--", *run_options]
     assert suite.main(argv) == {"paper_b128": 0, "fp16_paper": 0}
-    assert "paper_b128" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "started paper_b128 on GPU 0" in out and "started fp16_paper on GPU 1" in out
+    assert "$ CUDA_VISIBLE_DEVICES=1 " in (tmp_path / "fp16_paper" / "console.log").read_text()
     for name in ("paper_b128", "fp16_paper"):
         assert suite.state(tmp_path / name) == "complete"
         assert (tmp_path / name / "console.log").is_file()
@@ -898,6 +901,16 @@ def test_suite_runs_in_parallel_skips_finished_runs_and_resumes(tiny_model_dir, 
     assert suite.state(tmp_path / "lora_b128") == "new"
     with pytest.raises(SystemExit):
         suite.main(["--parallel", "0"])
+
+
+def test_suite_spreads_runs_over_the_given_gpus():
+    suite = _suite()
+    assert suite.pick_gpu(None, ["0"]) is None
+    assert suite.pick_gpu(["0", "1"], []) == "0"
+    assert suite.pick_gpu(["0", "1"], ["0"]) == "1"
+    assert suite.pick_gpu(["0", "1"], ["0", "1", "1"]) == "0"
+    with pytest.raises(SystemExit):
+        suite.main(["--gpus", "cuda:0", "--list"])
 
 
 @pytest.mark.slow
