@@ -291,7 +291,8 @@ def sketch_pack_quantize_into(k: torch.Tensor, v: torch.Tensor, projection: torc
     _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group_size)
 
 
-def _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group_size) -> None:
+def _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group_size, config=None) -> None:
+    """``config``: launch overrides for benchmarks (``block_m`` >= 16, a power of two; ``num_warps``)."""
     B, H, m, d = k.shape
     n = v.shape[-1]
     M = B * H * m
@@ -305,7 +306,8 @@ def _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group
     nbytes, groups = projection.shape[1] // 8, n // group_size
     data_bytes = n * value_bits // 8
     groups_p, group_p = next_pow2(groups), max(next_pow2(group_size), 8 // value_bits)
-    BLOCK_M = max(16, min(32, 4096 // (groups_p * group_p)))
+    config = config or {}
+    BLOCK_M = config.get("block_m", max(16, min(32, 4096 // (groups_p * group_p))))
     BLOCK_K = max(16, min(64, next_pow2(d)))
     BLOCK_BYTES = max(2, min(16, next_pow2(nbytes)))
     _sketch_pack_quantize_kernel[(cdiv(M, BLOCK_M),)](
@@ -315,7 +317,7 @@ def _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group
         _bh_stride(codes, m), _bh_stride(data, m), _bh_stride(scale, m), _bh_stride(zero, m),
         groups, group_size, data_bytes, _FP16_MAX / 2,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_BYTES=BLOCK_BYTES,
-        GROUPS_P=groups_p, GROUP_P=group_p, VALUE_BITS=value_bits,
+        GROUPS_P=groups_p, GROUP_P=group_p, VALUE_BITS=value_bits, num_warps=config.get("num_warps", 4),
     )
 
 
