@@ -441,6 +441,23 @@ def test_decode_matmul_forms(device, use_dot, precision):
         _check_decode(args, kwargs, seed, config={"use_dot": use_dot, "precision": precision, "block_n": 32})
 
 
+def test_decode_tf32_products_take_rounded_weights(device):
+    """The default GQA form (tf32 dots) rounds its operands (on the interpreter too, which then multiplies in
+    fp32): its fp32 output differs from the exact "ieee" form's, by no more than TF32_TOL, and is unbiased."""
+    seed = fresh_seed()
+    args, kwargs, _ = make_cache(seed=seed, device=device, B=2, Hq=16, Hkv=2, N=700, W=0, D=64, bits=128)
+    args = (args[0].float(), *args[1:])
+    assert _default_config("hamming", 8, device)["precision"] == "tf32"
+    tf32 = h1b_decode_attention(*args, backend="triton", **kwargs)
+    exact = h1b_decode_attention(*args, backend="triton", **kwargs, config={"precision": "ieee"})
+    assert not torch.equal(tf32, exact), f"seed={seed}: the tf32 operands were not rounded"
+    torch.testing.assert_close(tf32, exact, **TF32_TOL, msg=lambda m: f"seed={seed}\n{m}")
+    # unbiased: each head's columns share its weights' errors, so count heads. Truncation moved every head the
+    # same way (all 32 negative); round-to-nearest leaves ~half of them positive (P(<= 3 or >= 29) ~ 3e-6).
+    positive = int(((tf32 - exact).mean(-1) > 0).sum())
+    assert 4 <= positive <= 28, f"seed={seed}: {positive} of 32 heads moved up (one-signed error)"
+
+
 @pytest.mark.parametrize("trend", ["rising", "falling"])
 def test_decode_rebases_running_max(device, trend):
     """Logits that climb across the context force the lazily moved softmax maximum to re-base many times."""
