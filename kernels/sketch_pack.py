@@ -307,7 +307,10 @@ def _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group
     data_bytes = n * value_bits // 8
     groups_p, group_p = next_pow2(groups), max(next_pow2(group_size), 8 // value_bits)
     config = config or {}
-    BLOCK_M = config.get("block_m", max(16, min(32, 4096 // (groups_p * group_p))))
+    # 16 rows per program (tl.dot's minimum): at head_dim 128, 32 rows with 4 warps took 123-230 us per
+    # launch against 8-12 us for 16 (H200, one decode token per kv head, benchmarks/append.py): a program
+    # that large is latency-bound on one SM however few rows are real
+    BLOCK_M = config.get("block_m", 16)
     BLOCK_K = max(16, min(64, next_pow2(d)))
     BLOCK_BYTES = max(2, min(16, next_pow2(nbytes)))
     _sketch_pack_quantize_kernel[(cdiv(M, BLOCK_M),)](
