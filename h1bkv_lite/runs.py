@@ -148,27 +148,38 @@ def _rung(name: str, cfg: dict | None, numbers: dict, shape: memory.ModelShape, 
 
 
 def ladder(runs: dict[str, Run], shape="smollm2-135m", context: int = 2048) -> dict:
-    """The issue-11 ladder from complete runs: ``{"rungs": [...], "fp16": {...}, "fp16_same_finetune": {...}}``.
+    """The issue-11 ladder from complete runs: ``{"rungs": [...], "fp16": {...}, "fp16_same_finetune": {...},
+    "fp16_same_finetune_by_recipe": {recipe: {...}}, "context": context}``.
 
     ``rungs``: for each complete H1B run, ``"<run> (un-adapted)"`` (``train_tokens`` 0) and ``"<run>"``, sorted by
-    bits then name. ``fp16``: from the first run's reference (every run measures the same un-adapted model);
-    ``fp16_same_finetune``: the complete ``--fp16-control`` run (the first by name when there are several; None
-    without one). ``shape``: a :data:`h1bkv_lite.memory.PRESETS` name, ``ModelShape`` or config (the model the
+    bits then name; a finetuned rung also has ``recipe`` and ``same_finetune_decode_ppl``, the decode perplexity
+    of the complete ``--fp16-control`` run with its recipe (the same finetune with exact attention; None without
+    one). ``fp16``: from the first run's reference (every run measures the same un-adapted model).
+    ``fp16_same_finetune_by_recipe``: per recipe, its complete control (the first by name when there are
+    several); ``fp16_same_finetune``: the "paper" recipe's (the paper's claim), else the first by name (None
+    without any). ``shape``: a :data:`h1bkv_lite.memory.PRESETS` name, ``ModelShape`` or config (the model the
     runs trained). Raises ValueError without a complete run."""
     shape = memory.model_shape(shape)
     complete = {n: r for n, r in runs.items() if r.complete}
     if not complete:
         raise ValueError("no complete run to build the ladder from (summary.json with complete: true)")
-    rungs, control = [], None
+    controls: dict[str, dict] = {}
+    for name, run in complete.items():
+        if run.fp16_control and run.settings["recipe"] not in controls:
+            controls[run.settings["recipe"]] = _rung("fp16_same_finetune", None, run.summary["final"], shape,
+                                                     context, run.summary["tokens"], name, True)
+    rungs = []
     for name, run in complete.items():
         if run.fp16_control:
-            control = control or _rung("fp16_same_finetune", None, run.summary["final"], shape, context,
-                                       run.summary["tokens"], name, True)
             continue
         cfg = run.settings
+        control = controls.get(cfg["recipe"])
         rungs.append(_rung(f"{name} (un-adapted)", cfg, run.reference["unadapted"], shape, context, 0, name, False))
-        rungs.append(_rung(name, cfg, run.summary["final"], shape, context, run.summary["tokens"], name, True))
+        rungs.append({**_rung(name, cfg, run.summary["final"], shape, context, run.summary["tokens"], name, True),
+                      "recipe": cfg["recipe"], "same_finetune_decode_ppl": control and control["decode_ppl"]})
     rungs.sort(key=lambda r: (r["bits"], r["run"], r["adapted"]))
     first = next(iter(complete.values()))
     fp16 = _rung("fp16", None, first.reference["fp16"], shape, context, 0, first.name, False)
-    return {"rungs": rungs, "fp16": fp16, "fp16_same_finetune": control, "context": context}
+    main_control = controls.get("paper") or next(iter(controls.values()), None)
+    return {"rungs": rungs, "fp16": fp16, "fp16_same_finetune": main_control,
+            "fp16_same_finetune_by_recipe": controls, "context": context}

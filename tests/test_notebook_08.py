@@ -31,6 +31,20 @@ def test_notebook_08_ladder_is_the_committed_runs(metrics):
     summary = json.loads((ROOT / "results" / "finetune" / "paper_b128" / "summary.json").read_text())
     assert b128["decode_ppl"] == summary["final"]["decode_ppl"] and b128["train_tokens"] == summary["tokens"]
     assert metrics["fp16"]["bits_per_key_element"] == 16.0 and metrics["fp16_same_finetune"]["train_tokens"] > 0
+    assert metrics["fp16_same_finetune"]["run"] == "fp16_paper"  # the paper's claim: its recipe's control
+    assert set(metrics["fp16_same_finetune_by_recipe"]) == set(expected["fp16_same_finetune_by_recipe"])
+
+
+def test_notebook_08_reports_runs_in_progress_against_their_control(metrics):
+    """Incomplete committed runs (a device session's time limit) are reported at their last held-out evaluation,
+    beside their recipe's FP16 control at the same step; complete runs are not listed there."""
+    runs = read_runs(ROOT / "results" / "finetune")
+    incomplete = {n for n, r in runs.items() if not r.complete and len(r.log.eval_ppl.dropna()) > 1}
+    assert set(metrics["in_progress"]) == incomplete
+    for name, entry in metrics["in_progress"].items():
+        last = runs[name].log.dropna(subset=["eval_ppl"]).iloc[-1]
+        assert entry["step"] == last.step and entry["held_out_ppl"] == pytest.approx(last.eval_ppl)
+        assert entry["step"] < entry["steps"]
 
 
 def test_notebook_08_measures_the_switches_on_the_same_windows(metrics):

@@ -55,6 +55,28 @@ def test_ladder_rungs_follow_the_schema_and_the_byte_accounting(committed):
     assert unadapted["train_tokens"] == 0 and unadapted["decode_ppl"] > b128["decode_ppl"]
 
 
+def test_each_finetuned_rung_names_the_control_with_its_recipe(committed):
+    """fp16_same_finetune is the paper recipe's control (the paper's claim), whatever sorts first by name (the
+    committed fp16_lora does); every finetuned rung carries its own recipe's control."""
+    lad = ladder(committed)
+    assert {"paper", "lora"} <= set(lad["fp16_same_finetune_by_recipe"])
+    assert lad["fp16_same_finetune"]["run"] == "fp16_paper"
+    assert lad["fp16_same_finetune_by_recipe"]["lora"]["run"] == "fp16_lora"
+    b128 = next(r for r in lad["rungs"] if r["name"] == "paper_b128")
+    assert b128["recipe"] == "paper"
+    assert b128["same_finetune_decode_ppl"] == committed["fp16_paper"].summary["final"]["decode_ppl"]
+    assert "goal_b128" in committed and not committed["goal_b128"].complete  # partial: listed, not a rung
+    assert "goal_b128" not in [r["run"] for r in lad["rungs"]]
+
+
+def test_a_rung_without_its_recipes_control_says_none(tmp_path):
+    for name in ("paper_b128", "fp16_lora"):
+        shutil.copytree(COMMITTED / name, tmp_path / name)
+    lad = ladder(read_runs(tmp_path))
+    assert lad["fp16_same_finetune"]["run"] == "fp16_lora"  # the only control
+    assert next(r for r in lad["rungs"] if r["name"] == "paper_b128")["same_finetune_decode_ppl"] is None
+
+
 def test_windows_and_norms_cost_bytes(tmp_path):
     src = COMMITTED / "paper_b128"
     for name, change in {"w": {"window": 64, "sink": 4}, "asym": {"score": "asym"}}.items():
