@@ -223,12 +223,12 @@ def _decode_split_kernel(
     wk_ptr, stride_wkb, stride_wkh, stride_wkn,
     wv_ptr, stride_wvb, stride_wvh, stride_wvn,
     m_ptr, l_ptr, acc_ptr,
-    N, W, HKV, CHUNK, NUM_SPLITS, SPLITS_TOTAL, qk_scale,
+    N, W, HKV, CHUNK, NUM_SPLITS, SPLITS_TOTAL, qk_scale, n_ptr,
     D: tl.constexpr, BITS: tl.constexpr, NW_P: tl.constexpr, GROUP: tl.constexpr, VALUE_GROUPS: tl.constexpr,
     VALUE_BITS: tl.constexpr, SCORE: tl.constexpr,
     GR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
     PER_HEAD_T: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_KQ: tl.constexpr,
-    DIRECT,
+    N_ON_DEVICE: tl.constexpr, DIRECT,
 ):
     # DIRECT (a runtime flag, so one compiled kernel serves both; a context growing past single_split_max_n
     # triggers no compile mid-generation): this row is one split without a window, write the output itself
@@ -281,7 +281,10 @@ def _decode_split_kernel(
         l_rows = tl.zeros((GR, BLOCK_N), dtype=tl.float32)  # per-row sums of p, reduced at the end
         z_rows = tl.zeros((GR, BLOCK_N), dtype=tl.float32)  # per-row sums of p * zero (per-token values)
         start = split * CHUNK
-        end = tl.minimum(start + CHUNK, N)
+        if N_ON_DEVICE:  # N slots were planned for; the first n_ptr[0] hold tokens (a static-capacity cache)
+            end = tl.minimum(start + CHUNK, tl.load(n_ptr))
+        else:
+            end = tl.minimum(start + CHUNK, N)
         # software pipelining by hand: the loads of tile i + 1 are issued before tile i is processed
         n_next = start + tl.arange(0, BLOCK_N)
         nmask_next = n_next < end
@@ -463,9 +466,10 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
 
 
 def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
-            projection, score, temperature, value_bits, split_k, config):
+            projection, score, temperature, value_bits, split_k, config, n_valid=None):
     """Launch order: (``"asym"`` only) the query-projection kernel, the split kernel, and the combine kernel
-    unless the split kernel wrote the output itself (one split, no window)."""
+    unless the split kernel wrote the output itself (one split, no window). ``n_valid``: see
+    :func:`h1b_decode_attention` (the splits are planned for all ``N`` slots)."""
     B, Hq, D = q.shape
     _, Hkv, N, _ = key_codes.shape
     bits = projection.shape[1]
@@ -521,12 +525,12 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
         wk, *wk.stride()[:3],
         wv, *wv.stride()[:3],
         m, lse, acc,
-        N, W, Hkv, chunk, splits, total, qk_scale,
+        N, W, Hkv, chunk, splits, total, qk_scale, q if n_valid is None else n_valid,
         D=D, BITS=bits, NW_P=nw_p, GROUP=group, VALUE_GROUPS=value_scale.shape[-1],
         VALUE_BITS=value_bits, SCORE=score_id,
         GR=gr, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_W=max(2, 16 // gr),
         PER_HEAD_T=per_head_t, USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"],
-        BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), DIRECT=int(direct),
+        BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=n_valid is not None, DIRECT=int(direct),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:
@@ -543,13 +547,18 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
 
 def h1b_decode_attention_reference(
     q, key_codes, values_packed, value_scale, value_zero, *, projection, score, temperature=None,
-    key_norms=None, window_k=None, window_v=None, value_bits=4,
+    key_norms=None, window_k=None, window_v=None, value_bits=4, n_valid=None,
 ) -> torch.Tensor:
     """Plain torch, fp32: the same inputs and result as :func:`h1b_decode_attention` (no checks).
 
     Logits follow ``h1bkv_lite.attention.sketched_logits``; values are dequantized in fp32 (not cast
-    back to the original dtype).
+    back to the original dtype). ``n_valid``: attend to the first ``int(n_valid)`` compressed slots only.
     """
+    if n_valid is not None:
+        n = int(n_valid.reshape(-1)[0])
+        key_codes, values_packed, value_scale, value_zero = (
+            t[:, :, :n] for t in (key_codes, values_packed, value_scale, value_zero))
+        key_norms = None if key_norms is None else key_norms[:, :, :n]
     B, Hq, D = q.shape
     Hkv, N = key_codes.shape[1], key_codes.shape[2]
     bits = projection.shape[1]
@@ -596,6 +605,7 @@ def h1b_decode_attention(
     split_k: int | None = None,
     backend: str = "auto",
     config: dict | None = None,
+    n_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new query token per sequence and head over an H1B-KV cache.
 
@@ -619,6 +629,10 @@ def h1b_decode_attention(
     split_k : number of context chunks per (sequence, kv head); ``None`` picks enough to fill the GPU.
     backend : ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
     config : tuning overrides for the Triton path (keys of ``_default_config``); for benchmarks.
+    n_valid : int32 tensor of one element on q's device, or None (all ``N``). Only the first ``n_valid`` of
+        the ``N`` compressed slots hold tokens; the splits are planned for all ``N``, so the call's arguments
+        and launch grid stay the same while a static-capacity cache fills (what a CUDA graph replays). Its
+        value is read on the device, not checked: ``1 <= n_valid <= N`` (or ``0 <= n_valid`` with a window).
 
     Returns
     -------
@@ -632,11 +646,16 @@ def h1b_decode_attention(
     temperature = _check_temperature(temperature, score, Hq, q.device, B)
     if split_k is not None:
         check_int("split_k", split_k, low=1)
+    if n_valid is not None:
+        check_tensor("n_valid", n_valid, dtypes=(torch.int32,), finite=False)
+        if n_valid.numel() != 1 or n_valid.device != q.device:
+            raise ValueError(f"n_valid must be one int32 element on q's device ({q.device}), got shape "
+                             f"{tuple(n_valid.shape)} on {n_valid.device}")
     if not use_triton(backend, q.device, _decode_split_kernel):
         return h1b_decode_attention_reference(
             q, key_codes, values_packed, value_scale, value_zero, projection=projection, score=score,
             temperature=temperature, key_norms=key_norms, window_k=window_k, window_v=window_v,
-            value_bits=value_bits,
+            value_bits=value_bits, n_valid=n_valid,
         )
     if not decode_kernel_serves(projection.shape[1]):
         raise ValueError(
@@ -648,17 +667,18 @@ def h1b_decode_attention(
         if t is not None and t.shape[-1] > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
     return _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
-                   projection.contiguous(), score, temperature, value_bits, split_k, config)
+                   projection.contiguous(), score, temperature, value_bits, split_k, config, n_valid)
 
 
 def h1b_decode_attention_unchecked(q, key_codes, values_packed, value_scale, value_zero, *, projection, score,
-                                   temperature, key_norms, window_k, window_v, value_bits) -> torch.Tensor:
+                                   temperature, key_norms, window_k, window_v, value_bits,
+                                   n_valid=None) -> torch.Tensor:
     """:func:`h1b_decode_attention` on the Triton path without its argument checks (the cache's decode hot
     path, after its first step went through the checked entry point with the same layout). ``temperature``
     as :func:`h1b_decode_attention` returns it from its checks: None, a float or a float32 CUDA tensor
     ``[Hq]`` / ``[B, Hq]``; ``projection`` contiguous float32 ``[D, bits]``."""
     return _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
-                   projection, score, temperature, value_bits, None, None)
+                   projection, score, temperature, value_bits, None, None, n_valid)
 
 
 def decode_kernel_serves(bits: int) -> bool:

@@ -89,15 +89,16 @@ def _sketch_pack_quantize_kernel(
     M, D, NBYTES, SEQ, HEADS,
     stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_cbh, stride_dbh, stride_sbh, stride_zbh,
-    GROUPS, GROUP_SIZE, DATA_BYTES, V_LIMIT,
+    GROUPS, GROUP_SIZE, DATA_BYTES, V_LIMIT, pos_ptr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_BYTES: tl.constexpr,
-    GROUPS_P: tl.constexpr, GROUP_P: tl.constexpr, VALUE_BITS: tl.constexpr,
+    GROUPS_P: tl.constexpr, GROUP_P: tl.constexpr, VALUE_BITS: tl.constexpr, POS_ON_DEVICE: tl.constexpr,
 ):
     """Row ``r`` of the ``M = B * HEADS * SEQ`` new tokens is token ``t = r % SEQ`` of head ``h`` and
     sequence ``b`` (``r // SEQ = b * HEADS + h``); inputs are read through their strides and outputs
     written at ``out + (r // SEQ) * stride_?bh + t * row_width``, so the outputs may be slots of a larger
-    preallocated store (the cache's in-place append). Values are clamped to +-``V_LIMIT`` (the fp16
-    scale/zero range; the checked entry point rejects larger ones before launching)."""
+    preallocated store (the cache's in-place append); with ``POS_ON_DEVICE`` token ``t`` goes to slot
+    ``pos_ptr[0] + t`` of the outputs instead (a static-capacity store). Values are clamped to +-``V_LIMIT``
+    (the fp16 scale/zero range; the checked entry point rejects larger ones before launching)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -105,6 +106,10 @@ def _sketch_pack_quantize_kernel(
     tok = rows % SEQ
     k_off = (bh // HEADS) * stride_kb + (bh % HEADS) * stride_kh + tok * stride_kt
     v_off = (bh // HEADS) * stride_vb + (bh % HEADS) * stride_vh + tok * stride_vt
+    if POS_ON_DEVICE:
+        slot = tok + tl.load(pos_ptr)
+    else:
+        slot = tok
 
     # keys -> sign bits, BLOCK_BYTES bytes of the code at a time
     for b0 in range(0, NBYTES, BLOCK_BYTES):
@@ -112,7 +117,7 @@ def _sketch_pack_quantize_kernel(
                              BLOCK_M, BLOCK_K, BLOCK_BYTES * 8)
         packed = pack_sign_bytes(proj, BLOCK_M, BLOCK_BYTES)
         nbytes = b0 + tl.arange(0, BLOCK_BYTES)
-        tl.store(codes_ptr + (bh * stride_cbh + tok * NBYTES)[:, None] + nbytes[None, :], packed.to(tl.uint8),
+        tl.store(codes_ptr + (bh * stride_cbh + slot * NBYTES)[:, None] + nbytes[None, :], packed.to(tl.uint8),
                  mask=row_mask[:, None] & (nbytes < NBYTES)[None, :])
 
     # values -> per-group affine codes; tile [BLOCK_M, GROUPS_P, GROUP_P], element (g, j) = column g*gs + j
@@ -145,11 +150,11 @@ def _sketch_pack_quantize_kernel(
     jb = tl.arange(0, GROUP_P // PER_BYTE)
     byte_col = g[:, None] * (GROUP_SIZE // PER_BYTE) + jb[None, :]
     byte_ok = (g < GROUPS)[:, None] & (jb < GROUP_SIZE // PER_BYTE)[None, :]
-    tl.store(data_ptr + (bh * stride_dbh + tok * DATA_BYTES)[:, None, None] + byte_col[None, :, :], packed_v.to(tl.uint8),
+    tl.store(data_ptr + (bh * stride_dbh + slot * DATA_BYTES)[:, None, None] + byte_col[None, :, :], packed_v.to(tl.uint8),
              mask=row_mask[:, None, None] & byte_ok[None, :, :])
     gmask = row_mask[:, None] & (g < GROUPS)[None, :]
-    tl.store(scale_ptr + (bh * stride_sbh + tok * GROUPS)[:, None] + g[None, :], scale, mask=gmask)
-    tl.store(zero_ptr + (bh * stride_zbh + tok * GROUPS)[:, None] + g[None, :], zero, mask=gmask)
+    tl.store(scale_ptr + (bh * stride_sbh + slot * GROUPS)[:, None] + g[None, :], scale, mask=gmask)
+    tl.store(zero_ptr + (bh * stride_zbh + slot * GROUPS)[:, None] + g[None, :], zero, mask=gmask)
 
 
 def _check_projection(x: torch.Tensor, projection: torch.Tensor) -> int:
@@ -277,7 +282,7 @@ def append_kernel_serves(n: int, value_bits: int, group_size: int | None) -> boo
 
 def sketch_pack_quantize_into(k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, *, codes: torch.Tensor,
                               data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, value_bits: int,
-                              group_size: int) -> None:
+                              group_size: int, pos: torch.Tensor | None = None) -> None:
     """The cache's in-place append (one launch, no device sync): sketch ``k`` and quantize ``v`` into
     given slots of a preallocated store.
 
@@ -287,11 +292,17 @@ def sketch_pack_quantize_into(k: torch.Tensor, v: torch.Tensor, projection: torc
     last two dims are contiguous; written in place. Values beyond +-32752 (half the fp16 maximum) are
     clamped instead of checked, as :func:`h1bkv_lite.quant.quantize_values_unchecked` does.
     Shapes are the caller's contract (not checked: this is the decode hot path).
+
+    pos : None, or an int32 tensor of one element on the device: then the outputs are whole store buffers
+        ``[B, H, C, ...]`` and the ``m`` tokens go to slots ``pos .. pos + m - 1`` (a static-capacity store
+        whose fill level lives on the device, so the launch is the same every decode step; ``pos + m <= C``
+        is the caller's contract, not checked).
     """
-    _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group_size)
+    _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group_size, pos=pos)
 
 
-def _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group_size, config=None) -> None:
+def _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group_size, config=None,
+                   pos=None) -> None:
     """``config``: launch overrides for benchmarks (``block_m`` >= 16, a power of two; ``num_warps``)."""
     B, H, m, d = k.shape
     n = v.shape[-1]
@@ -317,10 +328,11 @@ def _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group
         k, projection, codes, v, data, scale, zero,
         M, d, nbytes, m, H,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        _bh_stride(codes, m), _bh_stride(data, m), _bh_stride(scale, m), _bh_stride(zero, m),
-        groups, group_size, data_bytes, _FP16_MAX / 2,
+        *(_bh_stride(t, m if pos is None else t.shape[2]) for t in (codes, data, scale, zero)),
+        groups, group_size, data_bytes, _FP16_MAX / 2, k if pos is None else pos,
         BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_BYTES=BLOCK_BYTES,
-        GROUPS_P=groups_p, GROUP_P=group_p, VALUE_BITS=value_bits, num_warps=config.get("num_warps", 4),
+        GROUPS_P=groups_p, GROUP_P=group_p, VALUE_BITS=value_bits, POS_ON_DEVICE=pos is not None,
+        num_warps=config.get("num_warps", 4),
     )
 
 

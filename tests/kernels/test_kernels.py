@@ -175,10 +175,12 @@ def test_sketch_pack_quantize_rounding_edges(device):
     assert qt.codes()[0, 2:8].tolist() == [0, 2, 2, 4, 8, 14]
 
 
+@pytest.mark.parametrize("where", ["slice", "device pos"])
 @pytest.mark.parametrize("value_bits,group_size", [(4, None), (2, 16), (8, 32)])
-def test_sketch_pack_quantize_into_writes_store_slots(device, value_bits, group_size):
+def test_sketch_pack_quantize_into_writes_store_slots(device, value_bits, group_size, where):
     """The cache's in-place append: strided inputs (k transposed as the model makes it), outputs written
-    into slots [L, L + m) of larger buffers; everything else in the buffers is left untouched."""
+    into slots [L, L + m) of larger buffers, given as slices of them or (a static-capacity store) as the whole
+    buffers and L on the device; everything else in the buffers is left untouched."""
     seed = fresh_seed()
     gen = _gen(seed)
     B, H, m, D, bits, cap, L = 2, 3, 5, 64, 96, 17, 7
@@ -191,8 +193,14 @@ def test_sketch_pack_quantize_into_writes_store_slots(device, value_bits, group_
             "scale": torch.full((B, H, cap, D // gs), 7.0, dtype=torch.float16, device=device),
             "zero": torch.full((B, H, cap, D // gs), 7.0, dtype=torch.float16, device=device)}
     before = {name: t.clone() for name, t in bufs.items()}
-    sketch_pack_quantize_into(k, v, sk.projection_on(device), value_bits=value_bits, group_size=gs,
-                              **{name: t[:, :, L:L + m] for name, t in bufs.items()})
+    if where == "slice":
+        sketch_pack_quantize_into(k, v, sk.projection_on(device), value_bits=value_bits, group_size=gs,
+                                  **{name: t[:, :, L:L + m] for name, t in bufs.items()})
+    else:
+        pos = torch.tensor([L], dtype=torch.int32, device=device)
+        sketch_pack_quantize_into(k, v, sk.projection_on(device), value_bits=value_bits, group_size=gs, pos=pos,
+                                  **bufs)
+        assert int(pos) == L  # the position is read, not advanced
     ref = _quantize_on_cpu(v, value_bits, group_size)
     msg = f"seed={seed}"
     assert torch.equal(bufs["data"][:, :, L:L + m], ref.data), msg
@@ -456,6 +464,44 @@ def test_decode_tf32_products_take_rounded_weights(device):
     # same way (all 32 negative); round-to-nearest leaves ~half of them positive (P(<= 3 or >= 29) ~ 3e-6).
     positive = int(((tf32 - exact).mean(-1) > 0).sum())
     assert 4 <= positive <= 28, f"seed={seed}: {positive} of 32 heads moved up (one-signed error)"
+
+
+@pytest.mark.parametrize("split_k", [None, 3, 7])
+@pytest.mark.parametrize("gqa,score,W", [(1, "hamming", 0), (4, "hamming", 0), (3, "asym", 4), (2, "cos", 0)])
+def test_decode_n_valid_reads_only_the_filled_slots(device, split_k, gqa, score, W):
+    """A static-capacity cache: N slots, the first n_valid (a device int) hold tokens and the rest garbage. The
+    output equals the reference over the first n_valid slots (and the checked call with only those slots),
+    whatever the split plan over N; one compiled kernel serves every n_valid (a CUDA graph replays it)."""
+    seed = fresh_seed()
+    gen = _gen(seed)
+    N, n = 300, int(torch.randint(1, 300, (1,), generator=gen))
+    args, kwargs, _ = make_cache(seed=seed, device=device, B=2, Hq=2 * gqa, Hkv=2, N=N, W=W, D=64, bits=128,
+                                 score=score)
+    q, codes, data, scale, zero = args
+    junk = torch.randint(0, 256, codes[:, :, n:].shape, generator=gen, dtype=torch.uint8).to(device)
+    codes[:, :, n:] = junk  # what a later decode step would write there: must not be read
+    data[:, :, n:] = 255
+    scale[:, :, n:] = 1e4
+    n_valid = torch.tensor([n], dtype=torch.int32, device=device)
+    got = h1b_decode_attention(*args, backend="triton", split_k=split_k, n_valid=n_valid, **kwargs)
+    short = {k: (v[:, :, :n] if k == "key_norms" else v) for k, v in kwargs.items()}
+    ref = h1b_decode_attention_reference(q, codes[:, :, :n], data[:, :, :n], scale[:, :, :n], zero[:, :, :n],
+                                         **short)
+    tol = OUT_TOL[q.dtype]
+    if _default_config(score, gqa, device)["use_dot"]:
+        tol = max(tol, TF32_TOL, key=lambda t: t["rtol"])
+    torch.testing.assert_close(got, ref, **tol, msg=lambda m: f"seed={seed}, n={n}\n{m}")
+    assert torch.equal(h1b_decode_attention_reference(*args, n_valid=n_valid, **kwargs), ref)
+
+
+def test_decode_n_valid_is_checked(device):
+    args, kwargs, _ = make_cache(seed=fresh_seed(), device=device, B=1, Hq=2, Hkv=2, N=20, W=0, D=64, bits=64)
+    with pytest.raises(TypeError, match="n_valid must be a torch.Tensor"):
+        h1b_decode_attention(*args, **kwargs, n_valid=5)
+    with pytest.raises(ValueError, match="n_valid must be one int32 element"):
+        h1b_decode_attention(*args, **kwargs, n_valid=torch.tensor([5, 6], dtype=torch.int32, device=device))
+    with pytest.raises(TypeError, match="n_valid must have dtype in \(int32\)"):
+        h1b_decode_attention(*args, **kwargs, n_valid=torch.tensor([5], device=device))
 
 
 @pytest.mark.parametrize("trend", ["rising", "falling"])
