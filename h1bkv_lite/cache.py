@@ -731,8 +731,9 @@ class H1BLayer(CompressingLayer):
 
     def __init__(self, config, layer_idx: int, *, sketcher: SimHashSketcher, score: str, temperature,
                  value_bits: int, group_size: int | None, window: int, sink: int, compressed_prefill: bool,
-                 backend: str, key_mean: torch.Tensor | None = None):
+                 backend: str, key_mean: torch.Tensor | None = None, max_cache_len: int | None = None):
         super().__init__(config, layer_idx, sink=sink, compressed_prefill=compressed_prefill)
+        self.max_cache_len = max_cache_len  # None: the store grows; else a static capacity (see H1BCache)
         self.sketcher, self.score, self.temperature = sketcher, score, temperature
         self.key_mean = key_mean  # float32 [Hkv, D] (centering) or None
         self._key_mean_dev = None
@@ -748,6 +749,15 @@ class H1BLayer(CompressingLayer):
         dev = key_states.device
         self._use_triton = _triton_serves(self.backend, dev, self.sketcher.bits, self.head_dim, self.value_bits,
                                           self.group_size)
+        self._filled_dev = None  # static capacity: compressed tokens stored, int32 [1] on the device
+        if self.max_cache_len is not None:
+            if not self._use_triton:
+                raise ValueError(
+                    f"max_cache_len (a static-capacity cache) needs the Triton kernels, which do not serve these "
+                    f"{dev.type} tensors with backend={self.backend!r}: use CUDA (or backend='triton' on the CPU "
+                    "under TRITON_INTERPRET=1, for tests)")
+            self.store.reserve(self._slot_shapes(key_states), self.max_cache_len)
+            self._filled_dev = torch.zeros(1, dtype=torch.int32, device=dev)
 
     def _compressed_at(self, n: int) -> int:
         return max(0, n - self.sink - self.window)
@@ -786,6 +796,8 @@ class H1BLayer(CompressingLayer):
     def _store_compressed(self, k: torch.Tensor, v: torch.Tensor) -> None:
         if not self._use_triton:
             return super()._store_compressed(k, v)
+        if self.max_cache_len is not None:
+            return self._store_at_device_position(k, v)
         from .kernels.sketch_pack import sketch_pack_quantize_into  # noqa: PLC0415 -- optional (Triton)
 
         m = k.shape[2]
@@ -798,6 +810,42 @@ class H1BLayer(CompressingLayer):
         if self.score != "hamming":
             slots["key_norms"].copy_(_key_norms(k))
         self.store.commit(m)
+
+    def _store_at_device_position(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Static capacity: the ``m`` tokens go to slots ``filled .. filled + m - 1`` of the fixed buffers, the
+        fill level read and advanced on the device, so a decode step launches the same work with the same
+        arguments every time (capturable by a CUDA graph). The capacity is checked on host counts."""
+        from .kernels.sketch_pack import sketch_pack_quantize_into  # noqa: PLC0415 -- optional (Triton)
+
+        m = k.shape[2]
+        if self.held_compressed + m > self.max_cache_len:
+            raise ValueError(
+                f"layer {self.layer_idx} would hold {self.held_compressed + m} compressed tokens, more than "
+                f"max_cache_len={self.max_cache_len}; build the cache with a larger max_cache_len")
+        bufs = self.store.buffers()
+        k = self._centered(k)
+        sketch_pack_quantize_into(
+            k, v, self.sketcher.projection_on(k.device), codes=bufs["key_codes"], data=bufs["values"],
+            scale=bufs["value_scales"], zero=bufs["value_zeros"], value_bits=self.value_bits,
+            group_size=self.group_size or self.head_dim, pos=self._filled_dev)
+        if self.score != "hamming":
+            slots = self._filled_dev.long() + torch.arange(m, device=k.device)
+            bufs["key_norms"].index_copy_(2, slots, _key_norms(k))
+        self._filled_dev.add_(m)
+        self.store.commit(m)
+
+    def _crop(self, remove: int) -> None:
+        super()._crop(remove)
+        if self._filled_dev is not None:
+            self._filled_dev.fill_(self.held_compressed)
+
+    def replayed(self, steps: int) -> None:
+        """Host bookkeeping for ``steps`` decode steps that ran on the device without Python (replays of a
+        captured CUDA graph): the token counts advance as the steps' ``update`` calls would have advanced them.
+        Only for a static-capacity layer past its prompt whose every token is compressed (window 0, no sinks)."""
+        self.n_seen += steps
+        self.n_compressed += steps
+        self.store.commit(steps)
 
     def _slot_shapes(self, k: torch.Tensor) -> dict[str, torch.Tensor]:
         """Zero-token tensors with the stored fields' shapes and dtypes (to size the store's buffers)."""
@@ -883,7 +931,8 @@ class H1BLayer(CompressingLayer):
         scaling``, which the softmax ignores: the same attention as the torch path, in O(window) more work."""
         from .kernels import decode_attention as kernel  # noqa: PLC0415 -- optional (Triton)
 
-        stored = self.stored
+        # static capacity: the whole buffers, and the fill level on the device (the same arguments every step)
+        stored = self.stored if self._filled_dev is None else self.store.buffers()
         window_k = self.recent_k if self.sink_k.shape[2] == 0 else torch.cat([self.sink_k, self.recent_k], dim=2)
         window_k = self._centered(window_k) if window_k.shape[2] else window_k  # (empty: nothing to shift)
         window_v = self.recent_v if self.sink_v.shape[2] == 0 else torch.cat([self.sink_v, self.recent_v], dim=2)
@@ -891,7 +940,7 @@ class H1BLayer(CompressingLayer):
         kwargs = dict(projection=self.sketcher.projection_on(q.device), score=self.score,
                       temperature=self._temperature(q.device) if self.score == "hamming" else None,
                       key_norms=stored.get("key_norms"), window_k=window_k, window_v=window_v,
-                      value_bits=self.value_bits)
+                      value_bits=self.value_bits, n_valid=self._filled_dev)
         if self._kernel_checked:
             out = kernel.h1b_decode_attention_unchecked(*args, **kwargs)
         else:
@@ -1019,6 +1068,14 @@ class H1BCache(HookedCache):
         multiple of 32, value groups of whole bytes; torch otherwise), "torch", or "triton" (the kernels
         also on CPU under ``TRITON_INTERPRET=1``, for tests; a format they do not serve raises ValueError
         here, at construction).
+    max_cache_len : None (default: the compressed store grows as tokens come) or a static capacity in tokens
+        (prompt + new tokens): every layer's store is allocated once at the first forward, new tokens are
+        written at a fill level kept on the device, and the decode kernel reads it there, so a decode step
+        launches the same work with the same arguments every time -- what a CUDA graph captures
+        (:func:`h1bkv_lite.graphs.generate_greedy`), as transformers' ``StaticCache`` does for fp16. Needs
+        the Triton kernels (CUDA; ``backend="triton"`` under ``TRITON_INTERPRET=1`` on the CPU), ``window=0``,
+        ``sink=0`` and a model without sliding-window layers; more tokens than ``max_cache_len`` raise
+        ValueError.
 
     Raises NotImplementedError for a config with layers the caches do not implement (chunked attention,
     other layer types; :func:`memory.layer_windows`).
@@ -1027,7 +1084,7 @@ class H1BCache(HookedCache):
     def __init__(self, config, *, bits: int = 256, score: str = "hamming", temperature=None, value_bits: int = 4,
                  group_size: int | None = None, window: int = 0, sink: int = 0, compressed_prefill: bool = False,
                  seed: int = 0, backend: str = "auto", key_mean: torch.Tensor | None = None,
-                 projection: torch.Tensor | None = None):
+                 projection: torch.Tensor | None = None, max_cache_len: int | None = None):
         config = text_config(config)
         shape = memory.model_shape(config)
         check_sketch_bits(bits)
@@ -1046,6 +1103,10 @@ class H1BCache(HookedCache):
         check_choice("backend", backend, BACKENDS)
         if backend == "triton":
             _refuse_unserved_triton(bits, shape.head_dim, value_bits, group_size)
+        if max_cache_len is not None:
+            _check_static_capacity(config, max_cache_len, window, sink, backend, bits, shape.head_dim, value_bits,
+                                   group_size)
+        self.max_cache_len = max_cache_len
         temps = _layer_temperatures(temperature, score, shape.num_layers, shape.num_heads)
         means = _per_layer("key_mean", key_mean, (shape.num_layers, shape.num_kv_heads, shape.head_dim))
         projections = _per_layer("projection", projection, (shape.num_layers, shape.head_dim, bits))
@@ -1055,10 +1116,21 @@ class H1BCache(HookedCache):
         layers = [
             H1BLayer(config, i, sketcher=SimHashSketcher(shape.head_dim, bits, seed + i, projection=projections[i]),
                      score=score, temperature=temps[i], value_bits=value_bits, group_size=group_size, window=window,
-                     sink=sink, compressed_prefill=compressed_prefill, backend=backend, key_mean=means[i])
+                     sink=sink, compressed_prefill=compressed_prefill, backend=backend, key_mean=means[i],
+                     max_cache_len=max_cache_len)
             for i in range(shape.num_layers)
         ]
         super().__init__(layers)
+
+    def replayed(self, steps: int = 1) -> None:
+        """Host bookkeeping after ``steps`` decode steps replayed from a captured CUDA graph (static capacity):
+        every layer's token counts advance as the steps' forwards would have advanced them (the device state,
+        the stored tokens and their fill level, was written by the replays)."""
+        if self.max_cache_len is None:
+            raise ValueError("replayed() is for a static-capacity cache (H1BCache(..., max_cache_len=...))")
+        check_int("steps", steps, low=0)
+        for layer in self.layers:
+            layer.replayed(steps)
 
     @property
     def scheme(self) -> memory.H1B:
@@ -1070,6 +1142,24 @@ class H1BCache(HookedCache):
         if self.score != "hamming" or not all(layer.is_initialized for layer in self.layers):
             return None
         return torch.stack([layer._temperature().expand(layer.batch, -1) for layer in self.layers])
+
+
+def _check_static_capacity(config, max_cache_len, window, sink, backend, bits, head_dim, value_bits,
+                           group_size) -> None:
+    """What ``H1BCache(max_cache_len=...)`` needs, checked at construction (ValueError naming the argument)."""
+    check_int("max_cache_len", max_cache_len, low=1)
+    if window or sink:
+        raise ValueError(f"max_cache_len (a static-capacity cache) needs window=0 and sink=0 (the exact tokens are "
+                         f"not kept in static storage yet), got window={window}, sink={sink}")
+    if backend == "torch":
+        raise ValueError("max_cache_len (a static-capacity cache) needs the Triton kernels: backend 'auto' or "
+                         "'triton', got 'torch'")
+    reason = _triton_unserved(bits, head_dim, value_bits, group_size)
+    if reason:
+        raise ValueError(f"max_cache_len (a static-capacity cache) needs the Triton kernels, which need {reason}")
+    if any(w is not None for w in memory.layer_windows(config)):
+        raise ValueError("max_cache_len (a static-capacity cache) does not support sliding-window layers yet "
+                         "(this config has some)")
 
 
 def _refuse_unserved_triton(bits: int, head_dim: int, value_bits: int, group_size: int | None) -> None:

@@ -74,6 +74,21 @@ class TokenStore:
             like = self._buffers
         return {name: self._reserve(name, t, n) for name, t in like.items()}
 
+    def reserve(self, like: dict[str, torch.Tensor], capacity: int) -> None:
+        """Allocate every field's buffer for ``capacity`` entries (rounded up to a multiple of 256) now, empty:
+        a static-capacity store, whose buffers keep their addresses as long as appends stay within it (what a
+        CUDA graph that writes into them needs). ``like``: tensors with the fields' shapes and dtypes. Raises
+        ValueError on a store that already holds buffers."""
+        if self._buffers:
+            raise ValueError("reserve() needs an empty store")
+        for name, t in like.items():
+            self._buffers[name] = t.new_empty((*t.shape[:2], _round_up(capacity), *t.shape[3:]))
+            self._filled[name] = self._start[name] = 0
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Every field's whole buffer (filled part first, then spare capacity), not copies."""
+        return dict(self._buffers)
+
     def commit(self, n: int) -> None:
         """Count ``n`` entries of every field returned by :meth:`slots` as filled."""
         self._filled = {name: filled + n for name, filled in self._filled.items()}

@@ -73,3 +73,16 @@ def test_drop_front_keeps_a_window_without_growing_and_equals_the_tail():
     assert torch.equal(store.view()["codes"], torch.cat([c["codes"] for c in history], dim=2)[:, :, -7:-4])
     store.drop_front({"codes": 1, "half": 2})
     assert store.view()["codes"].shape[2] == 2 and store.view()["half"].shape[2] == 1
+
+
+def test_reserve_allocates_a_static_capacity_that_appends_keep():
+    store = TokenStore()
+    store.reserve({"codes": torch.zeros(2, 3, 0, 16, dtype=torch.uint8), "scales": torch.zeros(2, 3, 0).half()}, 300)
+    assert store.capacity == 512 and len(store) == 0 and store.nbytes() == {"codes": 0, "scales": 0}
+    pointers = {name: t.data_ptr() for name, t in store.buffers().items()}
+    for n in (200, 1, 1, 100):  # within the capacity: written in place, the buffers never move
+        store.append({"codes": torch.ones(2, 3, n, 16, dtype=torch.uint8), "scales": torch.ones(2, 3, n).half()})
+    assert len(store) == 302 and {name: t.data_ptr() for name, t in store.buffers().items()} == pointers
+    assert store.buffers()["codes"].shape == (2, 3, 512, 16)
+    with pytest.raises(ValueError, match="needs an empty store"):
+        store.reserve({"codes": torch.zeros(2, 3, 0, 16, dtype=torch.uint8)}, 10)
