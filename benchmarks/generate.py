@@ -19,6 +19,10 @@ random prompt and records:
   counted with ``torch.cuda.set_sync_debug_mode("warn")``: the model's and the cache's, not generate()'s loop;
 - ``oom``: the call ran out of GPU memory (recorded, the benchmark goes on).
 
+``--graphs`` adds rows ``cache="h1b-graph"``: ``H1BCache(..., max_cache_len=prompt + N)`` decoded greedily by
+:func:`h1bkv_lite.graphs.generate_greedy`, each decode step one replayed CUDA graph (its ``prefill_s`` and
+decode time come from the function's own ``timings``; a replay makes no host sync by construction).
+
 ``max_batch_32k`` maps each model and cache to the largest batch (of 1, 2, 4, 8, 12, 16, 24, 32, 48, 64) whose
 32k-token prompt and two decode steps fit. Attention of the fp16 caches: SDPA with cuDNN off (flash and
 memory-efficient enabled); the kernels that ran are listed under ``sdpa_kernels``.
@@ -38,6 +42,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaConfig, LogitsProcessor, StaticCache
 
 from h1bkv_lite import H1BCache
+from h1bkv_lite.graphs import generate_greedy
 
 PRESETS = {
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -76,6 +81,9 @@ def make_cache(spec: dict, model):
         return DynamicCache(config=model.config)
     if spec["cache"] == "StaticCache":
         return StaticCache(config=model.config, max_cache_len=spec["prompt_len"] + spec["new_tokens"])
+    if spec["cache"] == "h1b-graph":
+        return H1BCache(model.config, bits=spec["bits"], score=spec["score"],
+                        max_cache_len=spec["prompt_len"] + spec["new_tokens"])
     return H1BCache(model.config, bits=spec["bits"], score=spec["score"])
 
 
@@ -123,17 +131,23 @@ def run_generate(model, spec: dict, *, count_syncs: bool = True) -> dict:
     cache = out = None
     try:
         cache = make_cache(spec, model)
-        first = _FirstLogits()
-        t0 = time.perf_counter()
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=N, min_new_tokens=N,
-                             do_sample=False, logits_processor=[first], pad_token_id=0)
-        torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        row.update(prefill_s=first.t_first - t0, decode_tok_s=(N - 1) / (t1 - first.t_first),
+        if spec["cache"] == "h1b-graph":  # greedy decoding, each decode step one replayed CUDA graph
+            times = {}
+            out = generate_greedy(model, ids, cache, N, cuda_graph=True, timings=times)
+            prefill_s, decode_s = times["prefill_s"], times["decode_s"]
+        else:
+            first = _FirstLogits()
+            t0 = time.perf_counter()
+            out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=N,
+                                 min_new_tokens=N, do_sample=False, logits_processor=[first], pad_token_id=0)
+            torch.cuda.synchronize()
+            prefill_s, decode_s = first.t_first - t0, time.perf_counter() - first.t_first
+        row.update(prefill_s=prefill_s, decode_tok_s=(N - 1) / decode_s,
                    peak_over_weights_bytes=torch.cuda.max_memory_allocated() - base,
                    held_after_bytes=torch.cuda.memory_allocated() - base, cache_bytes=cache_nbytes(cache))
-        if count_syncs:
-            row["syncs_per_decode_step"] = count_decode_syncs(model, cache, out, mask)
+        if count_syncs:  # a replayed graph makes none by construction (its capture would have failed)
+            row["syncs_per_decode_step"] = (0 if spec["cache"] == "h1b-graph"
+                                            else count_decode_syncs(model, cache, out, mask))
     except torch.OutOfMemoryError as err:
         row.update(oom=True, error=str(err).splitlines()[0][:300])
     finally:
@@ -189,11 +203,13 @@ def max_batch(model, spec: dict, start_fits: int | None = None) -> int:
     return best
 
 
-def cache_specs(static: bool, bits=(128, 256), scores=("hamming", "asym")) -> list[dict]:
+def cache_specs(static: bool, bits=(128, 256), scores=("hamming", "asym"), graphs: bool = False) -> list[dict]:
     specs = [dict(cache="dynamic", bits=None, score=None)]
     if static:
         specs.append(dict(cache="StaticCache", bits=None, score=None))
     specs += [dict(cache="h1b", bits=b, score=s) for s in scores for b in bits]
+    if graphs:
+        specs += [dict(cache="h1b-graph", bits=b, score=s) for s in scores for b in bits]
     return specs
 
 
@@ -207,6 +223,8 @@ def main():
     parser.add_argument("--bits", nargs="+", type=int, default=[128, 256])
     parser.add_argument("--scores", nargs="+", default=["hamming", "asym"])
     parser.add_argument("--static", action="store_true", help="add transformers' StaticCache (compiled decode step)")
+    parser.add_argument("--graphs", action="store_true", help="add H1BCache(max_cache_len=...) decoded by "
+                        "h1bkv_lite.graphs.generate_greedy (each decode step one replayed CUDA graph)")
     parser.add_argument("--max-batch-len", type=int, default=32768, help="prompt length of the max-batch search "
                         "(0: skip)")
     parser.add_argument("--quick", action="store_true", help="tiny model, short prompts (a smoke run)")
@@ -225,7 +243,7 @@ def main():
     tag = re.sub(r"[^a-z0-9]+", "_", name.lower().replace("nvidia", "")).strip("_")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"generate_{tag}_{'_'.join(args.model)}.json"
-    specs = cache_specs(args.static, args.bits, args.scores)
+    specs = cache_specs(args.static, args.bits, args.scores, args.graphs)
     for model_name in args.model:
         model = build_model(model_name, dev)
         result["sdpa_kernels"][model_name] = sdpa_kernels(model)
@@ -251,7 +269,7 @@ def main():
                     path.write_text(json.dumps(result, indent=1))
         if args.max_batch_len:
             result["max_batch_32k"][model_name] = {}
-            for spec in (s for s in specs if s["cache"] != "StaticCache" and s["bits"] in (None, 128)
+            for spec in (s for s in specs if s["cache"] in ("dynamic", "h1b") and s["bits"] in (None, 128)
                          and s["score"] in (None, "hamming")):
                 ran = [r for r in result["rows"] if r["model"] == model_name and r["cache"] == spec["cache"]
                        and r["bits"] == spec["bits"] and r["score"] == spec["score"]

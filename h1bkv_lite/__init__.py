@@ -12,6 +12,8 @@ With transformers (imported lazily, on first use of these names):
 - :class:`H1BCache` -- a drop-in ``transformers`` cache holding keys as sketches and values as 4-bit.
 - :class:`FP16Cache`, :class:`KIVICache`, :class:`EvictionCache`, :class:`LokiCache` -- the baselines.
 - :func:`load_model`, :func:`load_corpus` -- the bundled offline model and text.
+- :func:`generate_greedy` -- greedy decoding over ``H1BCache(max_cache_len=...)``, each decode step one replayed
+  CUDA graph (:mod:`h1bkv_lite.graphs`).
 """
 import importlib
 
@@ -29,6 +31,7 @@ _LAZY = {
     "calibrate_loki": "baselines",
     "load_model": "data",
     "load_corpus": "data",
+    "generate_greedy": "graphs",
 }
 
 

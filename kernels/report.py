@@ -128,6 +128,13 @@ GENERATE_METRICS = {"peak_over_weights_bytes": "peak memory over weights", "pref
                     "decode_tok_s": "decode tokens/s"}
 
 
+def _label(row) -> str:
+    """A row's cache and its settings: "dynamic", "h1b b=128 hamming", "h1b-graph b=128 hamming"..."""
+    if str(row["cache"]).startswith("h1b"):
+        return f"{row['cache']} b={int(row['bits'])} {row['score']}"
+    return row["cache"]
+
+
 def load_generate_results(paths) -> "pandas.DataFrame":
     """Rows of ``benchmarks/generate.py`` JSON files (one or several), each with ``label`` (the cache and its
     settings) and, for every metric of ``GENERATE_METRICS``, ``<metric>_vs_dynamic``: its ratio to the
@@ -142,8 +149,7 @@ def load_generate_results(paths) -> "pandas.DataFrame":
         df["device"] = result.get("device")
         frames.append(df)
     df = pd.concat(frames, ignore_index=True)
-    df["label"] = df.apply(lambda r: r["cache"] if r["cache"] != "h1b" else f"h1b b={int(r['bits'])} {r['score']}",
-                           axis=1)
+    df["label"] = df.apply(_label, axis=1)
     key = ["model", "batch", "prompt_len"]
     dynamic = df[(df["cache"] == "dynamic") & ~df["oom"]].set_index(key)
     for metric in GENERATE_METRICS:

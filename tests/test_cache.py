@@ -261,7 +261,9 @@ out, scores = greedy(model, ids, H1BCache(model.config, bits=64, window=3, backe
 assert len(calls) == 6, calls  # 3 decode steps x 2 layers (the prefill takes the torch path)
 assert torch.equal(out, ref)
 finite = ref_scores.isfinite()
-torch.testing.assert_close(scores[finite], ref_scores[finite], atol=1e-4, rtol=1e-4)
+# GQA (4 q / 2 kv heads): the kernel's value products take tf32-rounded weights (<= 2**-11 relative, the
+# interpreter rounds them too), which moves the logits by up to ~1e-3 here
+torch.testing.assert_close(scores[finite], ref_scores[finite], atol=2**-9, rtol=2**-9)
 """
 
 
@@ -324,7 +326,9 @@ for score in ("hamming", "cos", "asym"):
     calls.clear()
     assert torch.equal(out, ref), score
     finite = ref_scores.isfinite()
-    torch.testing.assert_close(scores[finite], ref_scores[finite], atol=1e-4, rtol=1e-4)
+    # tf32-rounded weights (see above), through two layers whose centred keys and sinks give larger value ranges:
+    # up to ~5e-3 here; a kernel path that dropped the mean term would be off by ~8
+    torch.testing.assert_close(scores[finite], ref_scores[finite], atol=1e-2, rtol=1e-2)
 """
 
 
@@ -843,7 +847,7 @@ out, scores = greedy(model, ids, caches[1], n_new=6)
 assert len(calls) == 10, calls  # 5 decode steps x 2 layers, over a store that dropped its oldest entries
 assert torch.equal(out, ref) and caches[1].layers[0].store._start["key_codes"] > 0
 finite = ref_scores.isfinite()
-torch.testing.assert_close(scores[finite], ref_scores[finite], atol=1e-4, rtol=1e-4)
+torch.testing.assert_close(scores[finite], ref_scores[finite], atol=2**-9, rtol=2**-9)  # GQA: tf32-rounded weights
 assert caches[1].nbytes_by_part() == caches[0].nbytes_by_part()
 """
 

@@ -1,0 +1,196 @@
+"""Greedy decoding whose decode step is one captured CUDA graph, over a static-capacity :class:`H1BCache`.
+
+An eager ``generate()`` decode step is bound by the host: Python issues a few hundred launches per step
+(transformers' layers, the cache's append and attention kernels) while the GPU waits (``benchmarks/README.md``:
+11 ms of GPU work in a 41 ms step at 8k tokens). A CUDA graph records one step's launches once and replays them
+with a single call. That needs every launch of a step to have the same arguments every time, which
+``H1BCache(max_cache_len=...)`` provides (fixed buffers, the fill level on the device), and the step's inputs in
+fixed tensors: the token ids and their positions here. transformers' ``StaticCache`` with a compiled forward
+is the fp16 counterpart.
+
+    cache = H1BCache(model.config, bits=128, max_cache_len=prompt_len + new_tokens)
+    ids = generate_greedy(model, input_ids, cache, max_new_tokens=new_tokens)   # [B, prompt_len + new]
+
+The step replayed is ``model(input_ids=ids, position_ids=pos, past_key_values=cache)`` followed by the argmax
+that feeds the next step; the host only counts (``H1BCache.replayed``). Without CUDA (or with
+``cuda_graph=False``) the same step runs eagerly, which is how the CPU tests check its tokens.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ._validation import check_bool, check_int, check_tensor
+from .cache import H1BCache
+
+__all__ = ["generate_greedy"]
+
+EOS_CHECK_EVERY = 16
+"""Decode steps between checks for end of sequence (each check is one device sync)."""
+
+
+def generate_greedy(model, input_ids: torch.Tensor, cache: H1BCache, max_new_tokens: int, *,
+                    cuda_graph: bool | None = None, eos_token_id: int | None = None,
+                    pad_token_id: int | None = None, warmup_steps: int = 2,
+                    timings: dict | None = None) -> torch.Tensor:
+    """Greedy decoding (the argmax token each step, as ``model.generate(do_sample=False)``), every decode step
+    after ``warmup_steps`` eager ones replayed from one CUDA graph.
+
+    Parameters
+    ----------
+    model : a transformers causal LM whose attention goes through the cache (built from ``model.config``).
+    input_ids : int64 ``[B, T]`` on the model's device; every row a whole prompt (no padding, no mask).
+    cache : a fresh ``H1BCache(..., max_cache_len=L)`` with ``L >= T + max_new_tokens``.
+    max_new_tokens : >= 1.
+    cuda_graph : None (default: on CUDA), True or False (every step eager: the same arithmetic, for CPU tests
+        and for comparing).
+    eos_token_id : stop once every row has produced it (checked every ``EOS_CHECK_EVERY`` steps, so up to that
+        many steps more run); tokens after a row's end are ``pad_token_id`` (default ``eos_token_id``).
+    warmup_steps : eager decode steps before the capture (Triton compiles, allocator and cuBLAS state), >= 1.
+    timings : None, or a dict that receives ``prefill_s`` (the prompt's forward, to its logits) and ``decode_s``
+        (every decode step after it, capture included), seconds of wall time; asking for them costs two device
+        syncs (after the prefill and at the end), for benchmarks.
+
+    Returns
+    -------
+    int64 ``[B, T + n]``: the prompt and ``n <= max_new_tokens`` new tokens.
+
+    Raises
+    ------
+    TypeError / ValueError for a cache that is not a fresh static-capacity ``H1BCache``, too small a capacity, or
+    bad arguments; RuntimeError naming the step if the capture fails (``cuda_graph=False`` runs eagerly).
+    """
+    B, T = _check(model, input_ids, cache, max_new_tokens, cuda_graph, eos_token_id, pad_token_id, warmup_steps)
+    if cuda_graph is None:
+        cuda_graph = input_ids.device.type == "cuda"
+    clock = _Clock(timings, input_ids.device)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        clock.lap("prefill_s")
+        ids = logits.argmax(-1, keepdim=True)  # the step's input token ...
+        pos = torch.full((B, 1), T, dtype=torch.long, device=input_ids.device)  # ... and its position
+        new = [ids.clone()]
+        step = _Step(model, cache, ids, pos)
+        side = torch.cuda.Stream() if cuda_graph else None  # warm-up off the capture's stream (torch.cuda.graph)
+        graph = None
+        for i in range(1, max_new_tokens):
+            if eos_token_id is not None and i % EOS_CHECK_EVERY == 0 and _all_ended(new, eos_token_id):
+                break
+            if not cuda_graph:
+                step()
+            elif i <= warmup_steps:
+                with _on(side):
+                    step()
+            elif graph is None:
+                graph = step.capture()  # records this step (the host counts advance once); the replay runs it
+                graph.replay()
+            else:
+                cache.replayed(1)  # what the replay's update() calls would have counted
+                graph.replay()
+            new.append(ids.clone())
+        clock.lap("decode_s")
+    out = torch.cat(new, dim=1)
+    if eos_token_id is not None:
+        out = _pad_after_end(out, eos_token_id, eos_token_id if pad_token_id is None else pad_token_id)
+    return torch.cat([input_ids, out], dim=1)
+
+
+class _Step:
+    """One decode step on fixed tensors: logits of ``ids`` at ``pos``, then ``ids`` <- argmax, ``pos`` += 1."""
+
+    def __init__(self, model, cache, ids, pos):
+        self.model, self.cache, self.ids, self.pos = model, cache, ids, pos
+
+    def __call__(self) -> None:
+        logits = self.model(input_ids=self.ids, position_ids=self.pos, past_key_values=self.cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.ids.copy_(logits.argmax(-1, keepdim=True))
+        self.pos.add_(1)
+
+    def capture(self) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self()
+        except Exception as err:  # noqa: BLE001 -- re-raised with what to do
+            raise RuntimeError(
+                "capturing the decode step as a CUDA graph failed (something in the model's forward synchronises "
+                "with the host or changes its launches from step to step); run generate_greedy(..., "
+                "cuda_graph=False) to decode eagerly") from err
+        return graph
+
+
+class _Clock:
+    """Wall-time laps into ``timings`` (a device sync each), or nothing when ``timings`` is None."""
+
+    def __init__(self, timings: dict | None, device: torch.device):
+        self.timings, self.device, self.t = timings, device, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[name] = now - self.t
+        self.t = now
+
+
+class _on:
+    """``with _on(stream)``: run on ``stream``, then make the current stream wait for it."""
+
+    def __init__(self, stream: torch.cuda.Stream):
+        self.stream = stream
+
+    def __enter__(self):
+        self.stream.wait_stream(torch.cuda.current_stream())
+        self._ctx = torch.cuda.stream(self.stream)
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return False
+
+
+def _all_ended(new: list[torch.Tensor], eos_token_id: int) -> bool:
+    return bool((torch.cat(new, dim=1) == eos_token_id).any(dim=1).all())  # one sync, every EOS_CHECK_EVERY
+
+
+def _pad_after_end(out: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """Tokens after each row's first ``eos_token_id`` replaced by ``pad_token_id``; rows trimmed to the last end."""
+    ended = (out == eos_token_id).cumsum(dim=1)
+    after = (ended - (out == eos_token_id).long()) > 0  # strictly after the first eos
+    out = out.masked_fill(after, pad_token_id)
+    if bool(ended[:, -1].gt(0).all()):
+        last = int((ended == 0).sum(dim=1).max()) + 1  # the longest row up to and with its eos
+        out = out[:, :last]
+    return out
+
+
+def _check(model, input_ids, cache, max_new_tokens, cuda_graph, eos_token_id, pad_token_id, warmup_steps):
+    if not isinstance(cache, H1BCache):
+        raise TypeError(f"cache must be an H1BCache, got {type(cache).__name__}")
+    if cache.max_cache_len is None:
+        raise ValueError("cache must have a static capacity: H1BCache(model.config, ..., max_cache_len=prompt + new)")
+    if cache.get_seq_length() != 0:
+        raise ValueError(f"cache must be fresh (it holds {cache.get_seq_length()} tokens)")
+    check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.long,), finite=False)
+    check_int("max_new_tokens", max_new_tokens, low=1)
+    check_int("warmup_steps", warmup_steps, low=1)
+    if cuda_graph is not None:
+        check_bool("cuda_graph", cuda_graph)
+        if cuda_graph and input_ids.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs CUDA tensors, got input_ids on {input_ids.device}")
+    for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if value is not None:
+            check_int(name, value, low=0)
+    B, T = input_ids.shape
+    if T + max_new_tokens > cache.max_cache_len:
+        raise ValueError(f"the prompt ({T} tokens) and max_new_tokens ({max_new_tokens}) exceed the cache's "
+                         f"max_cache_len={cache.max_cache_len}")
+    device = next(model.parameters()).device
+    if input_ids.device != device:
+        raise ValueError(f"input_ids are on {input_ids.device}, the model on {device}")
+    return B, T

@@ -1,0 +1,128 @@
+"""h1bkv_lite.graphs.generate_greedy: greedy decoding over a static-capacity H1BCache, each decode step one
+replayed CUDA graph on a GPU; eager on the CPU (the Triton interpreter, see conftest.py), where its tokens are
+checked against ``model.generate`` with the same cache settings (the same kernels and arithmetic, so equal)."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from h1bkv_lite.cache import H1BCache
+from h1bkv_lite.graphs import EOS_CHECK_EVERY, _pad_after_end, generate_greedy
+from h1bkv_lite.kernels._common import is_interpreted
+from h1bkv_lite.kernels.decode_attention import _decode_split_kernel
+
+_CUDA = torch.cuda.is_available()
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not _CUDA, reason="needs CUDA")]),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    if request.param == "cpu" and not is_interpreted(_decode_split_kernel):
+        pytest.skip("Triton kernels are compiled for CUDA here; run with TRITON_INTERPRET=1 for the CPU cases")
+    return torch.device(request.param)
+
+
+def _model(device):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    return LlamaForCausalLM(config).to(device).eval()
+
+
+def _ids(device, B=2, T=24, seed=1):
+    return torch.randint(3, 96, (B, T), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _cache(model, capacity, **kw):
+    return H1BCache(model.config, bits=64, backend="triton", max_cache_len=capacity, **kw)
+
+
+@pytest.mark.parametrize("score", ["hamming", "asym"])
+def test_eager_steps_equal_model_generate(device, score):
+    model, ids = _model(device), _ids(device)
+    got = generate_greedy(model, ids, _cache(model, 40, score=score), 9, cuda_graph=False)
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=_cache(model, 40, score=score),
+                          max_new_tokens=9, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+def test_cuda_graph_replays_equal_eager_steps():
+    device = torch.device("cuda")
+    model, ids = _model(device), _ids(device)
+    caches = [_cache(model, 64), _cache(model, 64)]
+    eager = generate_greedy(model, ids, caches[0], 30, cuda_graph=False)
+    graphed = generate_greedy(model, ids, caches[1], 30, cuda_graph=True, warmup_steps=2)
+    assert torch.equal(graphed, eager)
+    assert caches[1].get_seq_length() == caches[0].get_seq_length() == ids.shape[1] + 29  # host counts kept up
+    assert caches[1].nbytes() == caches[0].nbytes()
+
+
+def test_stops_at_end_of_sequence(device):
+    model, ids = _model(device), _ids(device)
+    first = generate_greedy(model, ids, _cache(model, 30), 1, cuda_graph=False)[:, -1]
+    if first[0] != first[1]:
+        ids = ids[:1]  # one row, so that its first token ends every row
+    eos = int(first[0])
+    cache = _cache(model, 24 + 40)
+    out = generate_greedy(model, ids, cache, 40, cuda_graph=False, eos_token_id=eos)
+    assert out.shape[1] == ids.shape[1] + 1 and bool((out[:, -1] == eos).all())  # trimmed after the end
+    # stopped at the first check: the prompt and EOS_CHECK_EVERY - 1 decode steps went through the cache
+    assert cache.get_seq_length() == ids.shape[1] + EOS_CHECK_EVERY - 1
+
+
+def test_pad_after_end():
+    out = torch.tensor([[5, 7, 2, 9, 2], [1, 2, 3, 4, 6]])
+    assert torch.equal(_pad_after_end(out, 2, 0), torch.tensor([[5, 7, 2, 0, 0], [1, 2, 0, 0, 0]])[:, :3])
+    ongoing = torch.tensor([[5, 2, 9], [1, 3, 4]])
+    assert torch.equal(_pad_after_end(ongoing, 2, 0), torch.tensor([[5, 2, 0], [1, 3, 4]]))
+
+
+def test_arguments_are_checked(device):
+    model, ids = _model(device), _ids(device)
+    with pytest.raises(TypeError, match="cache must be an H1BCache"):
+        generate_greedy(model, ids, object(), 4)
+    with pytest.raises(ValueError, match="static capacity"):
+        generate_greedy(model, ids, H1BCache(model.config, bits=64, backend="triton"), 4)
+    with pytest.raises(ValueError, match="exceed the cache's max_cache_len=26"):
+        generate_greedy(model, ids, _cache(model, 26), 4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_greedy(model, ids, _cache(model, 30), 0)
+    used = _cache(model, 40)
+    generate_greedy(model, ids, used, 2, cuda_graph=False)
+    with pytest.raises(ValueError, match="must be fresh"):
+        generate_greedy(model, ids, used, 2)
+    if device.type == "cpu":
+        with pytest.raises(ValueError, match="cuda_graph=True needs CUDA"):
+            generate_greedy(model, ids, _cache(model, 30), 2, cuda_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+def test_replays_make_no_host_sync():
+    """The decode loop after the capture: a replay, the host counts, the token copy -- no device sync."""
+    from h1bkv_lite.graphs import _Step
+
+    device = torch.device("cuda")
+    model, ids = _model(device), _ids(device)
+    cache = _cache(model, 64)
+    generate_greedy(model, ids, cache, 3, cuda_graph=False)  # prompt + 2 eager steps: compiled, calibrated
+    token = torch.zeros(ids.shape[0], 1, dtype=torch.long, device=device)
+    pos = torch.full_like(token, cache.get_seq_length())
+    step = _Step(model, cache, token, pos)
+    graph = step.capture()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            cache.replayed(1)
+            graph.replay()
+            token.clone()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert cache.get_seq_length() == ids.shape[1] + 2 + 6
+    assert int(cache.layers[0]._filled_dev) == cache.layers[0].held_compressed
