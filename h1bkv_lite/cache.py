@@ -1106,7 +1106,7 @@ class H1BCache(HookedCache):
         if max_cache_len is not None:
             _check_static_capacity(config, max_cache_len, window, sink, backend, bits, shape.head_dim, value_bits,
                                    group_size)
-        self.max_cache_len = max_cache_len
+        self.static_capacity = max_cache_len  # (transformers' Cache has a read-only max_cache_len)
         temps = _layer_temperatures(temperature, score, shape.num_layers, shape.num_heads)
         means = _per_layer("key_mean", key_mean, (shape.num_layers, shape.num_kv_heads, shape.head_dim))
         projections = _per_layer("projection", projection, (shape.num_layers, shape.head_dim, bits))
@@ -1126,7 +1126,7 @@ class H1BCache(HookedCache):
         """Host bookkeeping after ``steps`` decode steps replayed from a captured CUDA graph (static capacity):
         every layer's token counts advance as the steps' forwards would have advanced them (the device state,
         the stored tokens and their fill level, was written by the replays)."""
-        if self.max_cache_len is None:
+        if self.static_capacity is None:
             raise ValueError("replayed() is for a static-capacity cache (H1BCache(..., max_cache_len=...))")
         check_int("steps", steps, low=0)
         for layer in self.layers:

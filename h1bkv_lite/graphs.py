@@ -172,7 +172,7 @@ def _pad_after_end(out: torch.Tensor, eos_token_id: int, pad_token_id: int) -> t
 def _check(model, input_ids, cache, max_new_tokens, cuda_graph, eos_token_id, pad_token_id, warmup_steps):
     if not isinstance(cache, H1BCache):
         raise TypeError(f"cache must be an H1BCache, got {type(cache).__name__}")
-    if cache.max_cache_len is None:
+    if cache.static_capacity is None:
         raise ValueError("cache must have a static capacity: H1BCache(model.config, ..., max_cache_len=prompt + new)")
     if cache.get_seq_length() != 0:
         raise ValueError(f"cache must be fresh (it holds {cache.get_seq_length()} tokens)")
@@ -187,9 +187,9 @@ def _check(model, input_ids, cache, max_new_tokens, cuda_graph, eos_token_id, pa
         if value is not None:
             check_int(name, value, low=0)
     B, T = input_ids.shape
-    if T + max_new_tokens > cache.max_cache_len:
+    if T + max_new_tokens > cache.static_capacity:
         raise ValueError(f"the prompt ({T} tokens) and max_new_tokens ({max_new_tokens}) exceed the cache's "
-                         f"max_cache_len={cache.max_cache_len}")
+                         f"max_cache_len={cache.static_capacity}")
     device = next(model.parameters()).device
     if input_ids.device != device:
         raise ValueError(f"input_ids are on {input_ids.device}, the model on {device}")
