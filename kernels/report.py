@@ -147,10 +147,11 @@ def load_generate_results(paths) -> "pandas.DataFrame":
         result = json.loads(Path(path).read_text())
         df = pd.DataFrame(result["rows"])
         df["device"] = result.get("device")
+        df["source"] = str(path)
         frames.append(df)
     df = pd.concat(frames, ignore_index=True)
     df["label"] = df.apply(_label, axis=1)
-    key = ["model", "batch", "prompt_len"]
+    key = ["source", "model", "batch", "prompt_len"]  # a ratio's reference is from the same file
     dynamic = df[(df["cache"] == "dynamic") & ~df["oom"]].set_index(key)
     for metric in GENERATE_METRICS:
         ref = df.set_index(key).index.map(dynamic[metric].to_dict().get)

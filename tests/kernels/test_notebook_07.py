@@ -63,3 +63,23 @@ def test_notebook_07_runs_from_any_working_directory(tmp_path, where):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["device"] == json.loads((ROOT / "benchmarks/results/decode_h200.json").read_text())["device"]
     assert (out / "generate_vs_dynamic.png").exists()
+
+
+def test_generate_ratios_use_the_dynamic_row_of_the_same_file(tmp_path):
+    """Two runs with the same (model, batch, prompt) each divide by their own DynamicCache row; labels name the
+    cache and its settings (h1b-graph rows too)."""
+    from h1bkv_lite.kernels.report import load_generate_results
+
+    def row(cache, tok_s, bits=None, score=None):
+        return {"model": "m", "batch": 1, "prompt_len": 8192, "cache": cache, "bits": bits, "score": score,
+                "oom": False, "prefill_s": 1.0, "decode_tok_s": tok_s, "peak_over_weights_bytes": 10,
+                "cache_bytes": 5}
+
+    for name, dyn, h1b in (("a.json", 20.0, 10.0), ("b.json", 40.0, 30.0)):
+        rows = [row("dynamic", dyn), row("h1b", h1b, 128, "hamming"), row("h1b-graph", 4 * h1b, 128, "hamming")]
+        (tmp_path / name).write_text(json.dumps({"device": "X", "rows": rows}))
+    df = load_generate_results(sorted(tmp_path.glob("*.json"))).set_index(["source", "label"])
+    a, b = str(tmp_path / "a.json"), str(tmp_path / "b.json")
+    assert df.loc[(a, "h1b b=128 hamming"), "decode_tok_s_vs_dynamic"] == pytest.approx(0.5)
+    assert df.loc[(b, "h1b b=128 hamming"), "decode_tok_s_vs_dynamic"] == pytest.approx(0.75)
+    assert df.loc[(b, "h1b-graph b=128 hamming"), "decode_tok_s_vs_dynamic"] == pytest.approx(3.0)
