@@ -750,13 +750,15 @@ class H1BLayer(CompressingLayer):
         self._use_triton = _triton_serves(self.backend, dev, self.sketcher.bits, self.head_dim, self.value_bits,
                                           self.group_size)
         self._filled_dev = None  # static capacity: compressed tokens stored, int32 [1] on the device
+        self._ring_head = None  # static capacity with a window: slot of the oldest exact recent token (device)
         if self.max_cache_len is not None:
             if not self._use_triton:
                 raise ValueError(
                     f"max_cache_len (a static-capacity cache) needs the Triton kernels, which do not serve these "
                     f"{dev.type} tensors with backend={self.backend!r}: use CUDA (or backend='triton' on the CPU "
                     "under TRITON_INTERPRET=1, for tests)")
-            self.store.reserve(self._slot_shapes(key_states), self.max_cache_len)
+            # every token but the exact window and sinks is compressed
+            self.store.reserve(self._slot_shapes(key_states), max(1, self.max_cache_len - self.window - self.sink))
             self._filled_dev = torch.zeros(1, dtype=torch.int32, device=dev)
 
     def _compressed_at(self, n: int) -> int:
@@ -811,6 +813,41 @@ class H1BLayer(CompressingLayer):
             slots["key_norms"].copy_(_key_norms(k))
         self.store.commit(m)
 
+    @torch.compiler.disable
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.max_cache_len is not None and self.n_seen + key_states.shape[2] > self.max_cache_len:
+            raise ValueError(
+                f"layer {self.layer_idx} would hold {self.n_seen + key_states.shape[2]} tokens, more than "
+                f"max_cache_len={self.max_cache_len}; build the cache with a larger max_cache_len")
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.max_cache_len is None or self.window == 0 or self.n_seen == k.shape[2]:
+            return super()._append(k, v)  # a growing store, no window, or the prompt (then the window is in order)
+        if k.shape[2] != 1 or self.exact_call:
+            raise ValueError(
+                f"a static-capacity cache with a window decodes one token per forward after its prompt, got "
+                f"{k.shape[2]} (layer {self.layer_idx}); use max_cache_len=None for multi-token calls")
+        self._ring_step(k, v)
+
+    def _ring_step(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Static capacity with a window: ``recent_k/v`` are a ring of the ``window`` newest tokens (attention
+        ignores their order). The oldest, at the device slot ``_ring_head``, is compressed into the store, the
+        new token takes its slot and the head moves on: fixed tensors and device indices only, the same
+        launches every step."""
+        if self._ring_head is None:
+            if self.recent_k.shape[2] != self.window or self.sink_k.shape[2] != self.sink:
+                raise ValueError(
+                    f"a static-capacity cache with window={self.window} and sink={self.sink} needs a prompt of at "
+                    f"least {self.window + self.sink} tokens, got {self.n_seen - 1} (layer {self.layer_idx})")
+            self._ring_head = torch.zeros(1, dtype=torch.long, device=k.device)  # the prompt left them in order
+        head = self._ring_head
+        self._store_compressed(self.recent_k.index_select(2, head), self.recent_v.index_select(2, head))
+        self.n_compressed += 1
+        self.recent_k.index_copy_(2, head, k)
+        self.recent_v.index_copy_(2, head, v)
+        head.add_(1).remainder_(self.window)
+
     def _store_at_device_position(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Static capacity: the ``m`` tokens go to slots ``filled .. filled + m - 1`` of the fixed buffers, the
         fill level read and advanced on the device, so a decode step launches the same work with the same
@@ -835,6 +872,10 @@ class H1BLayer(CompressingLayer):
         self.store.commit(m)
 
     def _crop(self, remove: int) -> None:
+        if self._ring_head is not None:
+            raise NotImplementedError(
+                f"a static-capacity cache with a window cannot roll back tokens (layer {self.layer_idx}: its exact "
+                "window is a ring); use max_cache_len=None for assisted decoding")
         super()._crop(remove)
         if self._filled_dev is not None:
             self._filled_dev.fill_(self.held_compressed)
@@ -842,7 +883,8 @@ class H1BLayer(CompressingLayer):
     def replayed(self, steps: int) -> None:
         """Host bookkeeping for ``steps`` decode steps that ran on the device without Python (replays of a
         captured CUDA graph): the token counts advance as the steps' ``update`` calls would have advanced them.
-        Only for a static-capacity layer past its prompt whose every token is compressed (window 0, no sinks)."""
+        Only for a static-capacity layer past its prompt (with a window: once its ring is full, so each step
+        compressed one token)."""
         self.n_seen += steps
         self.n_compressed += steps
         self.store.commit(steps)
@@ -917,6 +959,9 @@ class H1BLayer(CompressingLayer):
         padding, scaling 1/sqrt(D), a temperature known (given or calibrated), and (sliding layers) nothing
         held outside the query's window (the kernel has no mask; past recording may hold more). Centered keys
         too (see :meth:`_kernel_decode`). Decided from host state only: no sync."""
+        if self._padded and self.max_cache_len is not None:
+            raise ValueError("a static-capacity cache does not serve padded batches (the decode kernel has no mask, "
+                             "and its ring window no token order); use max_cache_len=None")
         if not (self._use_triton and q.shape[2] == 1 and self.held_compressed > 0 and not self._padded
                 and scaling == q.shape[-1] ** -0.5
                 and (self.sliding_window is None or self.n_seen - self.window_start <= self.sliding_window)
@@ -1068,14 +1113,17 @@ class H1BCache(HookedCache):
         multiple of 32, value groups of whole bytes; torch otherwise), "torch", or "triton" (the kernels
         also on CPU under ``TRITON_INTERPRET=1``, for tests; a format they do not serve raises ValueError
         here, at construction).
-    max_cache_len : None (default: the compressed store grows as tokens come) or a static capacity in tokens
-        (prompt + new tokens): every layer's store is allocated once at the first forward, new tokens are
-        written at a fill level kept on the device, and the decode kernel reads it there, so a decode step
+    max_cache_len : None (default: the compressed store grows as tokens come) or a static capacity: the longest
+        sequence (prompt + new tokens) the cache holds, as transformers' ``StaticCache`` counts it. Every
+        layer's store is then allocated once at the first forward (``max_cache_len - window - sink`` compressed
+        tokens), new tokens are written at a fill level kept on the device, and the decode kernel reads it there,
+        so a decode step
         launches the same work with the same arguments every time -- what a CUDA graph captures
-        (:func:`h1bkv_lite.graphs.generate_greedy`), as transformers' ``StaticCache`` does for fp16. Needs
-        the Triton kernels (CUDA; ``backend="triton"`` under ``TRITON_INTERPRET=1`` on the CPU), ``window=0``,
-        ``sink=0`` and a model without sliding-window layers; more tokens than ``max_cache_len`` raise
-        ValueError.
+        (:func:`h1bkv_lite.graphs.generate_greedy`), as transformers' ``StaticCache`` does for fp16. The exact
+        window is then a ring (the oldest token's slot takes the new one), so after the prompt (at least
+        ``sink + window`` tokens) it decodes one token per forward and cannot ``crop``. Needs the Triton
+        kernels (CUDA; ``backend="triton"`` under ``TRITON_INTERPRET=1`` on the CPU), an unpadded batch and a
+        model without sliding-window layers; a sequence longer than ``max_cache_len`` raises ValueError.
 
     Raises NotImplementedError for a config with layers the caches do not implement (chunked attention,
     other layer types; :func:`memory.layer_windows`).
@@ -1104,8 +1152,7 @@ class H1BCache(HookedCache):
         if backend == "triton":
             _refuse_unserved_triton(bits, shape.head_dim, value_bits, group_size)
         if max_cache_len is not None:
-            _check_static_capacity(config, max_cache_len, window, sink, backend, bits, shape.head_dim, value_bits,
-                                   group_size)
+            _check_static_capacity(config, max_cache_len, backend, bits, shape.head_dim, value_bits, group_size)
         self.static_capacity = max_cache_len  # (transformers' Cache has a read-only max_cache_len)
         temps = _layer_temperatures(temperature, score, shape.num_layers, shape.num_heads)
         means = _per_layer("key_mean", key_mean, (shape.num_layers, shape.num_kv_heads, shape.head_dim))
@@ -1144,13 +1191,9 @@ class H1BCache(HookedCache):
         return torch.stack([layer._temperature().expand(layer.batch, -1) for layer in self.layers])
 
 
-def _check_static_capacity(config, max_cache_len, window, sink, backend, bits, head_dim, value_bits,
-                           group_size) -> None:
+def _check_static_capacity(config, max_cache_len, backend, bits, head_dim, value_bits, group_size) -> None:
     """What ``H1BCache(max_cache_len=...)`` needs, checked at construction (ValueError naming the argument)."""
     check_int("max_cache_len", max_cache_len, low=1)
-    if window or sink:
-        raise ValueError(f"max_cache_len (a static-capacity cache) needs window=0 and sink=0 (the exact tokens are "
-                         f"not kept in static storage yet), got window={window}, sink={sink}")
     if backend == "torch":
         raise ValueError("max_cache_len (a static-capacity cache) needs the Triton kernels: backend 'auto' or "
                          "'triton', got 'torch'")

@@ -31,7 +31,7 @@ EOS_CHECK_EVERY = 16
 
 
 def generate_greedy(model, input_ids: torch.Tensor, cache: H1BCache, max_new_tokens: int, *,
-                    cuda_graph: bool | None = None, eos_token_id: int | None = None,
+                    cuda_graph: bool | None = None, eos_token_id: int | list[int] | None = None,
                     pad_token_id: int | None = None, warmup_steps: int = 2,
                     timings: dict | None = None) -> torch.Tensor:
     """Greedy decoding (the argmax token each step, as ``model.generate(do_sample=False)``), every decode step
@@ -41,12 +41,15 @@ def generate_greedy(model, input_ids: torch.Tensor, cache: H1BCache, max_new_tok
     ----------
     model : a transformers causal LM whose attention goes through the cache (built from ``model.config``).
     input_ids : int64 ``[B, T]`` on the model's device; every row a whole prompt (no padding, no mask).
-    cache : a fresh ``H1BCache(..., max_cache_len=L)`` with ``L >= T + max_new_tokens``.
+    cache : a fresh ``H1BCache(model.config, ..., max_cache_len=L)`` with ``L >= T + max_new_tokens`` (and, with an
+        exact window or sinks, ``T >= window + sink``). On the CPU the cache needs ``backend="triton"`` under
+        ``TRITON_INTERPRET=1`` (set before importing the package) and ``cuda_graph=False``.
     max_new_tokens : >= 1.
     cuda_graph : None (default: on CUDA), True or False (every step eager: the same arithmetic, for CPU tests
         and for comparing).
-    eos_token_id : stop once every row has produced it (checked every ``EOS_CHECK_EVERY`` steps, so up to that
-        many steps more run); tokens after a row's end are ``pad_token_id`` (default ``eos_token_id``).
+    eos_token_id : an id or a list of ids (e.g. Llama 3's ``generation_config.eos_token_id``): stop once every
+        row has produced one (checked every ``EOS_CHECK_EVERY`` steps, so up to that many steps more run); tokens
+        after a row's end are ``pad_token_id`` (default: the first end id).
     warmup_steps : eager decode steps before the capture (Triton compiles, allocator and cuBLAS state), >= 1.
     timings : None, or a dict that receives ``prefill_s`` (the prompt's forward, to its logits) and ``decode_s``
         (every decode step after it, capture included), seconds of wall time; asking for them costs two device
@@ -62,6 +65,7 @@ def generate_greedy(model, input_ids: torch.Tensor, cache: H1BCache, max_new_tok
     bad arguments; RuntimeError naming the step if the capture fails (``cuda_graph=False`` runs eagerly).
     """
     B, T = _check(model, input_ids, cache, max_new_tokens, cuda_graph, eos_token_id, pad_token_id, warmup_steps)
+    ends = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
     if cuda_graph is None:
         cuda_graph = input_ids.device.type == "cuda"
     clock = _Clock(timings, input_ids.device)
@@ -75,7 +79,7 @@ def generate_greedy(model, input_ids: torch.Tensor, cache: H1BCache, max_new_tok
         side = torch.cuda.Stream() if cuda_graph else None  # warm-up off the capture's stream (torch.cuda.graph)
         graph = None
         for i in range(1, max_new_tokens):
-            if eos_token_id is not None and i % EOS_CHECK_EVERY == 0 and _all_ended(new, eos_token_id):
+            if ends and i % EOS_CHECK_EVERY == 0 and _all_ended(new, ends):
                 break
             if not cuda_graph:
                 step()
@@ -91,8 +95,8 @@ def generate_greedy(model, input_ids: torch.Tensor, cache: H1BCache, max_new_tok
             new.append(ids.clone())
         clock.lap("decode_s")
     out = torch.cat(new, dim=1)
-    if eos_token_id is not None:
-        out = _pad_after_end(out, eos_token_id, eos_token_id if pad_token_id is None else pad_token_id)
+    if ends:
+        out = _pad_after_end(out, ends, ends[0] if pad_token_id is None else pad_token_id)
     return torch.cat([input_ids, out], dim=1)
 
 
@@ -154,14 +158,19 @@ class _on:
         return False
 
 
-def _all_ended(new: list[torch.Tensor], eos_token_id: int) -> bool:
-    return bool((torch.cat(new, dim=1) == eos_token_id).any(dim=1).all())  # one sync, every EOS_CHECK_EVERY
+def _is_end(tokens: torch.Tensor, ends: list[int]) -> torch.Tensor:
+    return torch.isin(tokens, torch.tensor(ends, device=tokens.device))
 
 
-def _pad_after_end(out: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
-    """Tokens after each row's first ``eos_token_id`` replaced by ``pad_token_id``; rows trimmed to the last end."""
-    ended = (out == eos_token_id).cumsum(dim=1)
-    after = (ended - (out == eos_token_id).long()) > 0  # strictly after the first eos
+def _all_ended(new: list[torch.Tensor], ends: list[int]) -> bool:
+    return bool(_is_end(torch.cat(new, dim=1), ends).any(dim=1).all())  # one sync, every EOS_CHECK_EVERY
+
+
+def _pad_after_end(out: torch.Tensor, ends: list[int], pad_token_id: int) -> torch.Tensor:
+    """Tokens after each row's first end id replaced by ``pad_token_id``; rows trimmed to the last end."""
+    is_end = _is_end(out, ends)
+    ended = is_end.cumsum(dim=1)
+    after = (ended - is_end.long()) > 0  # strictly after the first end
     out = out.masked_fill(after, pad_token_id)
     if bool(ended[:, -1].gt(0).all()):
         last = int((ended == 0).sum(dim=1).max()) + 1  # the longest row up to and with its eos
@@ -183,10 +192,20 @@ def _check(model, input_ids, cache, max_new_tokens, cuda_graph, eos_token_id, pa
         check_bool("cuda_graph", cuda_graph)
         if cuda_graph and input_ids.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs CUDA tensors, got input_ids on {input_ids.device}")
-    for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
-        if value is not None:
-            check_int(name, value, low=0)
+    if pad_token_id is not None:
+        check_int("pad_token_id", pad_token_id, low=0)
+    if eos_token_id is not None:
+        ids = [eos_token_id] if isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool) else eos_token_id
+        if not isinstance(ids, (list, tuple)) or not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
+            raise TypeError(f"eos_token_id must be a token id or a non-empty list of them, got {eos_token_id!r}")
+    layers = getattr(model.config, "num_hidden_layers", len(cache.layers))
+    if len(cache.layers) != layers:
+        raise ValueError(f"cache has {len(cache.layers)} layers, the model {layers}: build it with "
+                         "H1BCache(model.config, ...)")
     B, T = input_ids.shape
+    if T < cache.window + cache.sink:
+        raise ValueError(f"the prompt ({T} tokens) must fill the cache's exact window and sinks "
+                         f"(window={cache.window} + sink={cache.sink})")
     if T + max_new_tokens > cache.static_capacity:
         raise ValueError(f"the prompt ({T} tokens) and max_new_tokens ({max_new_tokens}) exceed the cache's "
                          f"max_cache_len={cache.static_capacity}")

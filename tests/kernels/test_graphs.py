@@ -39,21 +39,22 @@ def _cache(model, capacity, **kw):
     return H1BCache(model.config, bits=64, backend="triton", max_cache_len=capacity, **kw)
 
 
-@pytest.mark.parametrize("score", ["hamming", "asym"])
-def test_eager_steps_equal_model_generate(device, score):
+@pytest.mark.parametrize("kw", [dict(score="hamming"), dict(score="asym"), dict(window=6, sink=2)])
+def test_eager_steps_equal_model_generate(device, kw):
     model, ids = _model(device), _ids(device)
-    got = generate_greedy(model, ids, _cache(model, 40, score=score), 9, cuda_graph=False)
-    want = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=_cache(model, 40, score=score),
+    got = generate_greedy(model, ids, _cache(model, 40, **kw), 9, cuda_graph=False)
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=_cache(model, 40, **kw),
                           max_new_tokens=9, do_sample=False, pad_token_id=0)
     assert torch.equal(got, want)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _CUDA, reason="needs CUDA")
-def test_cuda_graph_replays_equal_eager_steps():
+@pytest.mark.parametrize("kw", [dict(), dict(window=6, sink=2)])
+def test_cuda_graph_replays_equal_eager_steps(kw):
     device = torch.device("cuda")
     model, ids = _model(device), _ids(device)
-    caches = [_cache(model, 64), _cache(model, 64)]
+    caches = [_cache(model, 64, **kw), _cache(model, 64, **kw)]
     eager = generate_greedy(model, ids, caches[0], 30, cuda_graph=False)
     graphed = generate_greedy(model, ids, caches[1], 30, cuda_graph=True, warmup_steps=2)
     assert torch.equal(graphed, eager)
@@ -68,7 +69,7 @@ def test_stops_at_end_of_sequence(device):
         ids = ids[:1]  # one row, so that its first token ends every row
     eos = int(first[0])
     cache = _cache(model, 24 + 40)
-    out = generate_greedy(model, ids, cache, 40, cuda_graph=False, eos_token_id=eos)
+    out = generate_greedy(model, ids, cache, 40, cuda_graph=False, eos_token_id=[95, eos])  # a list, as Llama 3
     assert out.shape[1] == ids.shape[1] + 1 and bool((out[:, -1] == eos).all())  # trimmed after the end
     # stopped at the first check: the prompt and EOS_CHECK_EVERY - 1 decode steps went through the cache
     assert cache.get_seq_length() == ids.shape[1] + EOS_CHECK_EVERY - 1
@@ -76,9 +77,11 @@ def test_stops_at_end_of_sequence(device):
 
 def test_pad_after_end():
     out = torch.tensor([[5, 7, 2, 9, 2], [1, 2, 3, 4, 6]])
-    assert torch.equal(_pad_after_end(out, 2, 0), torch.tensor([[5, 7, 2, 0, 0], [1, 2, 0, 0, 0]])[:, :3])
+    assert torch.equal(_pad_after_end(out, [2], 0), torch.tensor([[5, 7, 2, 0, 0], [1, 2, 0, 0, 0]])[:, :3])
     ongoing = torch.tensor([[5, 2, 9], [1, 3, 4]])
-    assert torch.equal(_pad_after_end(ongoing, 2, 0), torch.tensor([[5, 2, 0], [1, 3, 4]]))
+    assert torch.equal(_pad_after_end(ongoing, [2], 0), torch.tensor([[5, 2, 0], [1, 3, 4]]))
+    several = torch.tensor([[5, 8, 9, 2], [1, 2, 3, 4]])  # either end id ends a row (Llama 3 lists several)
+    assert torch.equal(_pad_after_end(several, [2, 8], 0), torch.tensor([[5, 8], [1, 2]]))
 
 
 def test_arguments_are_checked(device):
@@ -95,6 +98,13 @@ def test_arguments_are_checked(device):
     generate_greedy(model, ids, used, 2, cuda_graph=False)
     with pytest.raises(ValueError, match="must be fresh"):
         generate_greedy(model, ids, used, 2)
+    with pytest.raises(ValueError, match=r"must fill the cache's exact window and sinks \(window=20 \+ sink=8\)"):
+        generate_greedy(model, ids, _cache(model, 40, window=20, sink=8), 2)
+    with pytest.raises(TypeError, match="eos_token_id must be a token id or a non-empty list"):
+        generate_greedy(model, ids, _cache(model, 40), 2, eos_token_id=[])
+    other = LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "num_hidden_layers": 3})).to(device)
+    with pytest.raises(ValueError, match="cache has 3 layers, the model 2"):
+        generate_greedy(model, ids, H1BCache(other.config, bits=64, backend="triton", max_cache_len=40), 2)
     if device.type == "cpu":
         with pytest.raises(ValueError, match="cuda_graph=True needs CUDA"):
             generate_greedy(model, ids, _cache(model, 30), 2, cuda_graph=True)

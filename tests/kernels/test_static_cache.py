@@ -55,16 +55,20 @@ def _run(cache, q, k, v, prompt: int):
     return torch.cat(outs, dim=2)
 
 
-@pytest.mark.parametrize("score,temperature,heads", [("hamming", None, (9, 3)), ("asym", None, (4, 4)),
-                                                     ("hamming", 0.1, (8, 2))])
-def test_static_capacity_equals_the_growing_store(device, score, temperature, heads):
-    """Prefill (calibrated T for "hamming" without one) and decode steps: the same stored bytes, outputs within
-    summation-order rounding, the same nbytes(); the device fill level follows the host count."""
+@pytest.mark.parametrize("score,temperature,heads,window,sink,centered", [
+    ("hamming", None, (9, 3), 0, 0, False), ("asym", None, (4, 4), 0, 0, False), ("hamming", 0.1, (8, 2), 0, 0, False),
+    ("hamming", None, (9, 3), 8, 3, True), ("asym", None, (4, 2), 5, 0, False), ("cos", None, (4, 4), 0, 2, True)])
+def test_static_capacity_equals_the_growing_store(device, score, temperature, heads, window, sink, centered):
+    """Prefill (calibrated T for "hamming" without one) and decode steps, with and without an exact window (a ring
+    in the static cache), sinks and key centering: the same stored bytes, outputs within summation-order
+    rounding, the same nbytes(); the device fill level follows the host count."""
     seed = _seed()
     Hq, Hkv = heads
-    P, S = 70, 5
+    P, S = 70, 13  # more decode steps than the window: the ring wraps
     q, k, v = _qkv(seed, 2, Hq, Hkv, P + S, device)
-    kw = dict(bits=128, score=score, temperature=temperature, backend="triton")
+    mu = torch.randn(1, Hkv, 64, generator=torch.Generator().manual_seed(seed)) if centered else None
+    kw = dict(bits=128, score=score, temperature=temperature, backend="triton", window=window, sink=sink,
+              key_mean=mu)
     growing = H1BCache(_config(heads=Hq, kv_heads=Hkv), **kw)
     static = H1BCache(_config(heads=Hq, kv_heads=Hkv), **kw, max_cache_len=P + S + 3)
     want, got = _run(growing, q, k, v, P), _run(static, q, k, v, P)
@@ -74,9 +78,9 @@ def test_static_capacity_equals_the_growing_store(device, score, temperature, he
     assert set(a) == set(b)
     for name in a:
         assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), f"{msg}: {name}"
-    assert static.nbytes() == growing.nbytes()
+    assert static.nbytes() == growing.nbytes() and static.nbytes_by_part() == growing.nbytes_by_part()
     layer = static.layers[0]
-    assert int(layer._filled_dev) == layer.held_compressed == P + S
+    assert int(layer._filled_dev) == layer.held_compressed == P + S - window - sink
     assert layer.store.capacity >= P + S + 3 and layer.store.buffers()["key_codes"].shape[2] == layer.store.capacity
 
 
@@ -141,10 +145,23 @@ def test_replayed_advances_the_host_counts(device):
         H1BCache(_config(heads=4, kv_heads=2), bits=64, temperature=0.2).replayed(1)
 
 
+def test_static_window_needs_a_prompt_that_fills_it_and_single_token_steps(device):
+    q, k, v = _qkv(_seed(), 1, 4, 2, 30, device)
+    kw = dict(bits=64, temperature=0.2, backend="triton", max_cache_len=64, window=8, sink=2)
+    short = H1BCache(_config(heads=4, kv_heads=2), **kw)
+    with pytest.raises(ValueError, match="needs a prompt of at least 10 tokens, got 6"):
+        _run(short, q[:, :, :8], k[:, :, :8], v[:, :, :8], 6)
+    cache = H1BCache(_config(heads=4, kv_heads=2), **kw)
+    _run(cache, q[:, :, :22], k[:, :, :22], v[:, :, :22], 20)
+    with pytest.raises(ValueError, match="one token per forward after its prompt, got 3"):
+        cache.layers[0].update(k[:, :, 22:25], v[:, :, 22:25])
+    with pytest.raises(NotImplementedError, match="cannot roll back"):
+        cache.crop(-1)
+
+
 def test_static_capacity_arguments_are_checked():
     config = _config(heads=4, kv_heads=2)
-    for kwargs, match in [({"max_cache_len": 0}, "max_cache_len"), ({"max_cache_len": 8, "window": 4}, "window=0"),
-                          ({"max_cache_len": 8, "sink": 2}, "sink=0"),
+    for kwargs, match in [({"max_cache_len": 0}, "max_cache_len"),
                           ({"max_cache_len": 8, "backend": "torch"}, "needs the Triton kernels"),
                           ({"max_cache_len": 8, "bits": 24}, "multiple of 32")]:
         with pytest.raises(ValueError, match=match):
