@@ -74,8 +74,10 @@ def case(B: int, H: int, D: int, bits: int, device) -> dict:
 
 
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for the results (writes append_<device>.json there)")
     ns = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs CUDA")

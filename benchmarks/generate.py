@@ -4,7 +4,7 @@
     python benchmarks/generate.py --quick --out /tmp/results               # a small model and grid (smoke run)
     python benchmarks/generate.py --model meta-llama/Llama-3.1-8B --prompts 8192 --batches 1 --out /tmp/r
 
-Models are random-init fp16 transformers built from a config (``--model``: a preset below, or any HF config
+Models are random-init fp16 transformers built from a config (``--model``: a preset -- llama-2-7b, llama-3-8b, tiny --, or any HF config
 name or local path, read offline when ``HF_HUB_OFFLINE=1``): timings and memory do not depend on the weights.
 Each row runs ``model.generate(input_ids, past_key_values=cache, max_new_tokens=N, do_sample=False)`` on a
 random prompt and records:
@@ -217,18 +217,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", default=["llama-2-7b", "llama-3-8b"],
                         help="presets (%s) or HF config names/paths" % ", ".join(PRESETS))
-    parser.add_argument("--prompts", nargs="+", type=int, default=[8192, 32768, 131072])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--bits", nargs="+", type=int, default=[128, 256])
-    parser.add_argument("--scores", nargs="+", default=["hamming", "asym"])
+    parser.add_argument("--prompts", nargs="+", type=int, default=[8192, 32768, 131072],
+                        help="prompt lengths in tokens (default: 8192 32768 131072)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="batch sizes (default: 1 8)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (default: 128)")
+    parser.add_argument("--bits", nargs="+", type=int, default=[128, 256],
+                        help="H1BCache sketch bits (default: 128 256)")
+    parser.add_argument("--scores", nargs="+", default=["hamming", "asym"],
+                        help="H1BCache scores (default: hamming asym)")
     parser.add_argument("--static", action="store_true", help="add transformers' StaticCache (compiled decode step)")
     parser.add_argument("--graphs", action="store_true", help="add H1BCache(max_cache_len=...) decoded by "
                         "h1bkv_lite.graphs.generate_greedy (each decode step one replayed CUDA graph)")
     parser.add_argument("--max-batch-len", type=int, default=32768, help="prompt length of the max-batch search "
                         "(0: skip)")
     parser.add_argument("--quick", action="store_true", help="tiny model, short prompts (a smoke run)")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for the results (writes generate_<device>_<models>.json there)")
     args = parser.parse_args()
     if args.quick:
         args.model, args.prompts, args.batches, args.new_tokens, args.max_batch_len = ["tiny"], [1024, 4096], [1, 2], 16, 0

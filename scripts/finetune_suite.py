@@ -193,16 +193,20 @@ def report(names: list[str], root: Path) -> str:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--root", default="results/finetune", help="folder of the runs' results folders")
-    parser.add_argument("--only", nargs="+", choices=tuple(LADDER), help="these runs (default: all, in order)")
-    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (processes sharing the GPU)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("issue 11", "the project's issue 11"),
+                                     epilog="\n".join(__doc__.split("\n\n")[1].splitlines()),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default="results/finetune",
+                        help="folder of the runs' results folders (default: results/finetune)")
+    parser.add_argument("--only", nargs="+", choices=tuple(LADDER), metavar="RUN",
+                        help="these runs (default: every run of the ladder, in order; --list shows them)")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (default: 1)")
     parser.add_argument("--gpus", nargs="+", default=None,
-                        help="GPU indices to spread the runs over (each run gets the least busy one as its "
-                             "CUDA_VISIBLE_DEVICES; default: every run sees every GPU)")
-    parser.add_argument("--time-limit", type=float, default=None, help="seconds, handed to every run")
-    parser.add_argument("--list", action="store_true", help="print the runs and their options, then exit")
+                        help="GPU indices to spread the runs over, each run getting the least busy one as its "
+                             "CUDA_VISIBLE_DEVICES (default: every run sees every GPU)")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds, handed to every run: it stops checkpointed before (default: none)")
+    parser.add_argument("--list", action="store_true", help="print each run's full command, then exit")
     parser.add_argument("--check-backends", action="store_true",
                         help="first check that the evaluation's default cache backend equals the torch path")
     parser.add_argument("--model", default=None, help="model for --check-backends (default: the bundled one)")
@@ -210,8 +214,10 @@ def main(argv=None) -> dict:
     ns = parser.parse_args(argv)
     if ns.parallel < 1:
         parser.error(f"--parallel must be >= 1, got {ns.parallel}")
-    if ns.gpus is not None and not all(g.isdigit() for g in ns.gpus):
-        parser.error(f"--gpus takes GPU indices (0 1 ...), got {' '.join(ns.gpus)}")
+    if ns.gpus is not None and (not all(g.isdigit() for g in ns.gpus) or len(set(ns.gpus)) != len(ns.gpus)):
+        parser.error(f"--gpus takes distinct GPU indices (0 1 ...), got {' '.join(ns.gpus)}")
+    if ns.time_limit is not None and not ns.time_limit > 0:
+        parser.error(f"--time-limit must be > 0 seconds, got {ns.time_limit}")
     names = list(ns.only or LADDER)
     extra = ns.extra[1:] if ns.extra[:1] == ["--"] else ns.extra
     root = Path(ns.root)
@@ -219,7 +225,7 @@ def main(argv=None) -> dict:
         check_backends(ns.model)
     if ns.list:
         for name in names:
-            print(f"{name:<14} {' '.join(LADDER[name])}")
+            print(f"{name:<14} {' '.join(command(name, root, ns.time_limit, extra)[1:])}")
         return {}
     codes = run_all(names, root, ns.parallel, ns.time_limit, extra, ns.gpus)
     print(report(names, root), flush=True)
