@@ -500,7 +500,7 @@ def test_decode_n_valid_is_checked(device):
         h1b_decode_attention(*args, **kwargs, n_valid=5)
     with pytest.raises(ValueError, match="n_valid must be one int32 element"):
         h1b_decode_attention(*args, **kwargs, n_valid=torch.tensor([5, 6], dtype=torch.int32, device=device))
-    with pytest.raises(TypeError, match="n_valid must have dtype in \(int32\)"):
+    with pytest.raises(TypeError, match=r"n_valid must have dtype in \(int32\)"):
         h1b_decode_attention(*args, **kwargs, n_valid=torch.tensor([5], device=device))
 
 
