@@ -1,8 +1,9 @@
 """Notebook 06 (light finetuning) runs headlessly with SMOKE parameters and writes consistent metrics."""
+import json
 from pathlib import Path
 
 import pytest
-from notebook_runner import run_notebook
+from notebook_runner import ROOT, run_notebook
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +17,7 @@ def metrics(tmp_path_factory):
 
 def test_notebook_06_writes_figures_and_metrics(metrics):
     assert metrics["smoke"] is True and metrics["bits"] == [64]
-    for name in ("ppl_vs_steps", "temperature_trajectories", "before_after"):
+    for name in ("ppl_vs_steps", "temperature_trajectories", "before_after", "gpu_runs_heldout"):
         for ext in ("png", "svg"):
             assert (Path(metrics["fig_dir"]) / f"{name}.{ext}").stat().st_size > 0
     for key in ("ppl_h1b_before", "ppl_h1b_after", "ppl_exact_cache_adapted"):
@@ -55,3 +56,16 @@ def test_notebook_06_numbers_are_consistent(metrics):
 
 def test_notebook_06_records_device_and_dtype(metrics):
     assert metrics["device"] == "cpu" and metrics["dtype"] == "float32" and metrics["device_name"]
+
+
+def test_notebook_06_reads_the_committed_gpu_runs(metrics):
+    """The committed runs of results/finetune are read (not re-run): every folder listed, the final numbers of the
+    complete ones as their summary.json has them."""
+    root = ROOT / "results" / "finetune"
+    folders = {p.name for p in root.iterdir() if (p / "config.json").is_file()}
+    assert set(metrics["gpu_runs"]) == folders
+    for name, entry in metrics["gpu_runs"].items():
+        summary = json.loads((root / name / "summary.json").read_text())
+        assert entry["complete"] == bool(summary.get("complete"))
+        if entry["complete"]:
+            assert entry["decode_after"] == summary["final"]["decode_ppl"] and entry["train_tokens"] >= 5_000_000
