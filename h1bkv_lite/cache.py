@@ -851,14 +851,11 @@ class H1BLayer(CompressingLayer):
     def _store_at_device_position(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Static capacity: the ``m`` tokens go to slots ``filled .. filled + m - 1`` of the fixed buffers, the
         fill level read and advanced on the device, so a decode step launches the same work with the same
-        arguments every time (capturable by a CUDA graph). The capacity is checked on host counts."""
+        arguments every time (capturable by a CUDA graph). The room was checked by :meth:`update` (on host counts:
+        at most ``max_cache_len - window - sink`` compressed tokens, what the store reserved)."""
         from .kernels.sketch_pack import sketch_pack_quantize_into  # noqa: PLC0415 -- optional (Triton)
 
         m = k.shape[2]
-        if self.held_compressed + m > self.max_cache_len:
-            raise ValueError(
-                f"layer {self.layer_idx} would hold {self.held_compressed + m} compressed tokens, more than "
-                f"max_cache_len={self.max_cache_len}; build the cache with a larger max_cache_len")
         bufs = self.store.buffers()
         k = self._centered(k)
         sketch_pack_quantize_into(
@@ -1117,8 +1114,7 @@ class H1BCache(HookedCache):
         sequence (prompt + new tokens) the cache holds, as transformers' ``StaticCache`` counts it. Every
         layer's store is then allocated once at the first forward (``max_cache_len - window - sink`` compressed
         tokens), new tokens are written at a fill level kept on the device, and the decode kernel reads it there,
-        so a decode step
-        launches the same work with the same arguments every time -- what a CUDA graph captures
+        so a decode step launches the same work with the same arguments every time -- what a CUDA graph captures
         (:func:`h1bkv_lite.graphs.generate_greedy`), as transformers' ``StaticCache`` does for fp16. The exact
         window is then a ring (the oldest token's slot takes the new one), so after the prompt (at least
         ``sink + window`` tokens) it decodes one token per forward and cannot ``crop``. Needs the Triton
