@@ -64,8 +64,8 @@ def generate_greedy(model, input_ids: torch.Tensor, cache: H1BCache, max_new_tok
     TypeError / ValueError for a cache that is not a fresh static-capacity ``H1BCache``, too small a capacity, or
     bad arguments; RuntimeError naming the step if the capture fails (``cuda_graph=False`` runs eagerly).
     """
-    B, T = _check(model, input_ids, cache, max_new_tokens, cuda_graph, eos_token_id, pad_token_id, warmup_steps)
-    ends = [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+    B, T, ends = _check(model, input_ids, cache, max_new_tokens, cuda_graph, eos_token_id, pad_token_id,
+                        warmup_steps)
     if cuda_graph is None:
         cuda_graph = input_ids.device.type == "cuda"
     clock = _Clock(timings, input_ids.device)
@@ -194,10 +194,7 @@ def _check(model, input_ids, cache, max_new_tokens, cuda_graph, eos_token_id, pa
             raise ValueError(f"cuda_graph=True needs CUDA tensors, got input_ids on {input_ids.device}")
     if pad_token_id is not None:
         check_int("pad_token_id", pad_token_id, low=0)
-    if eos_token_id is not None:
-        ids = [eos_token_id] if isinstance(eos_token_id, int) and not isinstance(eos_token_id, bool) else eos_token_id
-        if not isinstance(ids, (list, tuple)) or not ids or not all(isinstance(i, int) and i >= 0 for i in ids):
-            raise TypeError(f"eos_token_id must be a token id or a non-empty list of them, got {eos_token_id!r}")
+    ends = _end_ids(eos_token_id)
     layers = getattr(model.config, "num_hidden_layers", len(cache.layers))
     if len(cache.layers) != layers:
         raise ValueError(f"cache has {len(cache.layers)} layers, the model {layers}: build it with "
@@ -212,4 +209,14 @@ def _check(model, input_ids, cache, max_new_tokens, cuda_graph, eos_token_id, pa
     device = next(model.parameters()).device
     if input_ids.device != device:
         raise ValueError(f"input_ids are on {input_ids.device}, the model on {device}")
-    return B, T
+    return B, T, ends
+
+
+def _end_ids(eos_token_id) -> list[int] | None:
+    """``eos_token_id`` as a list of ids (None stays None); TypeError for anything but ids >= 0 (no bools)."""
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if not isinstance(eos_token_id, (list, tuple)) else list(eos_token_id)
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise TypeError(f"eos_token_id must be a token id >= 0 or a non-empty list of them, got {eos_token_id!r}")
+    return ids

@@ -197,16 +197,23 @@ def sketch_pack(x: torch.Tensor, projection: torch.Tensor, *, backend: str = "au
     if not use_triton(backend, x.device, _sketch_pack_kernel):
         return sketch_pack_reference(x, projection)
     x2 = _rows(x)
+    out = torch.empty(x2.shape[0], bits // 8, dtype=torch.uint8, device=x.device)
+    _launch_sketch_pack(x2, projection.contiguous(), out)
+    return out.reshape(*x.shape[:-1], bits // 8)
+
+
+def _launch_sketch_pack(x2: torch.Tensor, projection: torch.Tensor, out: torch.Tensor) -> None:
+    """One launch of ``_sketch_pack_kernel``: rows ``x2 [M, d]`` (unit stride in d) into ``out [M, bits // 8]``.
+
+    Unchecked (``sketch_pack`` checks): benchmarks call it to time the launch alone.
+    """
     M, d = x2.shape
-    nbytes = bits // 8
-    out = torch.empty(M, nbytes, dtype=torch.uint8, device=x.device)
-    r = projection.contiguous()
+    nbytes = out.shape[1]
     BLOCK_M, BLOCK_K = 32, max(16, min(64, next_pow2(d)))
     BLOCK_BYTES = max(2, min(16, next_pow2(nbytes)))
     grid = (cdiv(M, BLOCK_M), cdiv(nbytes, BLOCK_BYTES))
-    _sketch_pack_kernel[grid](x2, r, out, M, d, nbytes, x2.stride(0),
+    _sketch_pack_kernel[grid](x2, projection, out, M, d, nbytes, x2.stride(0),
                               BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_BYTES=BLOCK_BYTES)
-    return out.reshape(*x.shape[:-1], nbytes)
 
 
 def sketch_pack_quantize_reference(

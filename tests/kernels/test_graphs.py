@@ -100,8 +100,9 @@ def test_arguments_are_checked(device):
         generate_greedy(model, ids, used, 2)
     with pytest.raises(ValueError, match=r"must fill the cache's exact window and sinks \(window=20 \+ sink=8\)"):
         generate_greedy(model, ids, _cache(model, 40, window=20, sink=8), 2)
-    with pytest.raises(TypeError, match="eos_token_id must be a token id or a non-empty list"):
-        generate_greedy(model, ids, _cache(model, 40), 2, eos_token_id=[])
+    for bad in ([], True, [5, False], -1, 2.0):
+        with pytest.raises(TypeError, match=r"eos_token_id must be a token id >= 0 or a non-empty list"):
+            generate_greedy(model, ids, _cache(model, 40), 2, eos_token_id=bad)
     other = LlamaForCausalLM(LlamaConfig(**{**model.config.to_dict(), "num_hidden_layers": 3})).to(device)
     with pytest.raises(ValueError, match="cache has 3 layers, the model 2"):
         generate_greedy(model, ids, H1BCache(other.config, bits=64, backend="triton", max_cache_len=40), 2)
