@@ -203,13 +203,24 @@ def max_batch(model, spec: dict, start_fits: int | None = None) -> int:
     return best
 
 
-def cache_specs(static: bool, bits=(128, 256), scores=("hamming", "asym"), graphs: bool = False) -> list[dict]:
+CACHES = ("dynamic", "StaticCache", "h1b", "h1b-graph")
+
+
+def cache_specs(static: bool, bits=(128, 256), scores=("hamming", "asym"), graphs: bool = False,
+                caches=None) -> list[dict]:
+    """Row specs: DynamicCache, StaticCache (``static``), H1BCache per (score, bits), its graph rows (``graphs``);
+    ``caches`` (a subset of ``CACHES``) keeps only those."""
     specs = [dict(cache="dynamic", bits=None, score=None)]
     if static:
         specs.append(dict(cache="StaticCache", bits=None, score=None))
     specs += [dict(cache="h1b", bits=b, score=s) for s in scores for b in bits]
     if graphs:
         specs += [dict(cache="h1b-graph", bits=b, score=s) for s in scores for b in bits]
+    if caches is not None:
+        unknown = sorted(set(caches) - set(CACHES))
+        if unknown:
+            raise ValueError(f"caches must be among {CACHES}, got {unknown}")
+        specs = [s for s in specs if s["cache"] in caches]
     return specs
 
 
@@ -228,6 +239,8 @@ def main():
     parser.add_argument("--static", action="store_true", help="add transformers' StaticCache (compiled decode step)")
     parser.add_argument("--graphs", action="store_true", help="add H1BCache(max_cache_len=...) decoded by "
                         "h1bkv_lite.graphs.generate_greedy (each decode step one replayed CUDA graph)")
+    parser.add_argument("--caches", nargs="+", choices=CACHES, default=None,
+                        help="only these caches' rows (default: every cache the other options add)")
     parser.add_argument("--max-batch-len", type=int, default=32768, help="prompt length of the max-batch search "
                         "(0: skip)")
     parser.add_argument("--quick", action="store_true", help="tiny model, short prompts (a smoke run)")
@@ -247,7 +260,7 @@ def main():
     tag = re.sub(r"[^a-z0-9]+", "_", name.lower().replace("nvidia", "")).strip("_")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"generate_{tag}_{'_'.join(args.model)}.json"
-    specs = cache_specs(args.static, args.bits, args.scores, args.graphs)
+    specs = cache_specs(args.static, args.bits, args.scores, args.graphs, args.caches)
     for model_name in args.model:
         model = build_model(model_name, dev)
         result["sdpa_kernels"][model_name] = sdpa_kernels(model)
