@@ -4,6 +4,7 @@
     runs_table(runs)                               # one row per run: settings, budget, before / after numbers
     curves(runs)                                   # held-out perplexity against training tokens
     ladder(runs, shape="smollm2-135m")            # the rungs of issue 11, with their bytes per token
+    in_progress(runs, ladder(runs))                # incomplete runs at their last held-out evaluation
 
 A run folder holds ``config.json``, ``log.csv``, ``reference.json`` and (once a call of the script has ended)
 ``summary.json``; see ``scripts/finetune.py``. Nothing here trains or evaluates: the numbers are the ones the
@@ -29,7 +30,7 @@ import pandas as pd
 
 from . import memory
 
-__all__ = ["Run", "read_run", "read_runs", "runs_table", "curves", "ladder", "RUNG_FIELDS"]
+__all__ = ["Run", "read_run", "read_runs", "runs_table", "curves", "ladder", "in_progress", "RUNG_FIELDS"]
 
 RUNG_FIELDS = ("name", "bits", "bits_per_key_element", "bytes_per_token", "window", "sink", "train_tokens",
                "decode_ppl", "passkey_1k", "passkey_2k")
@@ -183,3 +184,22 @@ def ladder(runs: dict[str, Run], shape="smollm2-135m", context: int = 2048) -> d
     main_control = controls.get("paper") or next(iter(controls.values()), None)
     return {"rungs": rungs, "fp16": fp16, "fp16_same_finetune": main_control,
             "fp16_same_finetune_by_recipe": controls, "context": context}
+
+
+def in_progress(runs: dict[str, Run], lad: dict) -> dict:
+    """Incomplete runs with at least two held-out evaluations (step 0 and one after it), each at its last one:
+    ``{name: {"step", "steps", "held_out_ppl", "control_held_out_ppl"}}``, the last being the held-out perplexity
+    of its recipe's complete FP16 control (``lad["fp16_same_finetune_by_recipe"]``, from :func:`ladder`) at the
+    same step (None when that control did not evaluate at that step). Runs whose recipe has no control are left
+    out: there is nothing to compare them with."""
+    out = {}
+    for name, run in runs.items():
+        control = lad["fp16_same_finetune_by_recipe"].get(run.settings["recipe"])
+        evals = run.log.dropna(subset=["eval_ppl"])
+        if run.complete or control is None or len(evals) < 2:
+            continue
+        step, ppl = int(evals.step.iloc[-1]), float(evals.eval_ppl.iloc[-1])
+        ref = runs[control["run"]].log.dropna(subset=["eval_ppl"]).set_index("step").eval_ppl.get(step)
+        out[name] = {"step": step, "steps": int(run.config["steps"]), "held_out_ppl": ppl,
+                     "control_held_out_ppl": None if ref is None else float(ref), "control": control["run"]}
+    return out

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from h1bkv_lite import memory
-from h1bkv_lite.runs import RUNG_FIELDS, curves, ladder, read_run, read_runs, runs_table
+from h1bkv_lite.runs import RUNG_FIELDS, curves, in_progress, ladder, read_run, read_runs, runs_table
 
 COMMITTED = Path(__file__).resolve().parents[1] / "results" / "finetune"
 
@@ -65,8 +65,25 @@ def test_each_finetuned_rung_names_the_control_with_its_recipe(committed):
     b128 = next(r for r in lad["rungs"] if r["name"] == "paper_b128")
     assert b128["recipe"] == "paper"
     assert b128["same_finetune_decode_ppl"] == committed["fp16_paper"].summary["final"]["decode_ppl"]
-    assert "goal_b128" in committed and not committed["goal_b128"].complete  # partial: listed, not a rung
-    assert "goal_b128" not in [r["run"] for r in lad["rungs"]]
+    goal = next(r for r in lad["rungs"] if r["name"] == "goal_b128")  # LoRA recipe: the LoRA control
+    assert goal["recipe"] == "lora" and (goal["window"], goal["sink"]) == (64, 4)
+    assert goal["same_finetune_decode_ppl"] == committed["fp16_lora"].summary["final"]["decode_ppl"]
+
+
+def test_in_progress_reports_the_last_evaluation_against_the_control_at_that_step(tmp_path):
+    for name in ("fp16_paper", "paper_b128", "paper_b64"):
+        shutil.copytree(COMMITTED / name, tmp_path / name)
+    (tmp_path / "paper_b64" / "summary.json").unlink()  # as a run cut by a time limit looks before its summary
+    log = (tmp_path / "paper_b64" / "log.csv").read_text().splitlines()
+    evals = read_run(COMMITTED / "paper_b64").log.dropna(subset=["eval_ppl"])
+    cut_step = int(evals.step.iloc[1])  # keep the rows up to the second held-out evaluation
+    (tmp_path / "paper_b64" / "log.csv").write_text("\n".join(log[:cut_step + 2]) + "\n")
+    runs = read_runs(tmp_path)
+    got = in_progress(runs, ladder(runs))
+    assert list(got) == ["paper_b64"]  # complete runs and controls are not in progress
+    control = runs["fp16_paper"].log.dropna(subset=["eval_ppl"]).set_index("step").eval_ppl
+    assert got["paper_b64"] == {"step": cut_step, "steps": 611, "held_out_ppl": pytest.approx(evals.eval_ppl.iloc[1]),
+                                "control_held_out_ppl": pytest.approx(control[cut_step]), "control": "fp16_paper"}
 
 
 def test_a_rung_without_its_recipes_control_says_none(tmp_path):
