@@ -139,7 +139,8 @@ def load_generate_results(paths) -> "pandas.DataFrame":
     """Rows of ``benchmarks/generate.py`` JSON files (one or several), each with ``label`` (the cache and its
     settings) and, for every metric of ``GENERATE_METRICS``, ``<metric>_vs_dynamic``: its ratio to the
     DynamicCache row of the same model, batch and prompt length in the same file (NaN where that row ran
-    out of memory)."""
+    out of memory). A file merging several calls tags each row with ``run_id``: the reference then also has
+    the same ``run_id``."""
     import pandas as pd
 
     frames = []
@@ -151,7 +152,10 @@ def load_generate_results(paths) -> "pandas.DataFrame":
         frames.append(df)
     df = pd.concat(frames, ignore_index=True)
     df["label"] = df.apply(_label, axis=1)
-    key = ["source", "model", "batch", "prompt_len"]  # a ratio's reference is from the same file
+    if "run_id" not in df:
+        df["run_id"] = ""
+    df["run_id"] = df["run_id"].fillna("")
+    key = ["source", "run_id", "model", "batch", "prompt_len"]  # a ratio's reference is from the same run
     dynamic = df[(df["cache"] == "dynamic") & ~df["oom"]].set_index(key)
     for metric in GENERATE_METRICS:
         ref = df.set_index(key).index.map(dynamic[metric].to_dict().get)
@@ -180,8 +184,9 @@ def plot_generate_ratios(df):
     long = pd.concat([h1b.assign(metric=name, ratio=h1b[f"{metric}_vs_dynamic"])
                       for metric, name in GENERATE_METRICS.items()], ignore_index=True).dropna(subset=["ratio"])
     long["setting"] = long["label"] + ", B=" + long["batch"].astype(str)
-    g = sns.relplot(data=long, x="prompt_len", y="ratio", hue="setting", row="model", col="metric", kind="line",
-                    marker="o", height=3.0, aspect=1.15, facet_kws={"sharey": False})
+    long["run"] = long["source"] + ":" + long["run_id"]  # one line per run: rows of two runs are not averaged
+    g = sns.relplot(data=long, x="prompt_len", y="ratio", hue="setting", units="run", estimator=None, row="model",
+                    col="metric", kind="line", marker="o", height=3.0, aspect=1.15, facet_kws={"sharey": False})
     for ax in g.axes.flat:
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     g.set(xlabel="prompt (tokens)", ylabel="H1BCache / DynamicCache")

@@ -83,3 +83,9 @@ def test_generate_ratios_use_the_dynamic_row_of_the_same_file(tmp_path):
     assert df.loc[(a, "h1b b=128 hamming"), "decode_tok_s_vs_dynamic"] == pytest.approx(0.5)
     assert df.loc[(b, "h1b b=128 hamming"), "decode_tok_s_vs_dynamic"] == pytest.approx(0.75)
     assert df.loc[(b, "h1b-graph b=128 hamming"), "decode_tok_s_vs_dynamic"] == pytest.approx(3.0)
+    merged = [{**row("dynamic", 20.0), "run_id": "r1"}, {**row("h1b-graph", 40.0, 128, "hamming"), "run_id": "r1"},
+              {**row("dynamic", 10.0), "run_id": "r2"}, {**row("h1b-graph", 40.0, 128, "hamming"), "run_id": "r2"}]
+    (tmp_path / "merged.json").write_text(json.dumps({"device": "X", "rows": merged}))
+    df = load_generate_results(tmp_path / "merged.json").set_index(["run_id", "label"])
+    assert df.loc[("r1", "h1b-graph b=128 hamming"), "decode_tok_s_vs_dynamic"] == pytest.approx(2.0)
+    assert df.loc[("r2", "h1b-graph b=128 hamming"), "decode_tok_s_vs_dynamic"] == pytest.approx(4.0)
