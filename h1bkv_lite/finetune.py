@@ -42,14 +42,16 @@ own implementation is put back on exit). Its forward is :func:`~h1bkv_lite.atten
 Values outside the window are quantized in the forward, exactly as the cache stores them, and passed straight
 through (identity) in the backward, the usual estimator for rounding.
 
-Memory and speed. A chunk whose keys are all exact (the FP16 control) and a chunk whose keys are all sketched
-("hamming" or "asym" with the clipped surrogate, no window or sinks: the paper's recipe, LoRA, key centering, a
-learned R) run through torch SDPA, so on CUDA no ``[B, Hq, T, T]`` matrix is built (:func:`_sketched_sdpa` says
-how the logits become dot products); windows, sinks, "cos" and the "expected" surrogate mix exact and sketched
-logits per pair and build it. The two forms agree to float32 rounding, gradients included (tested). On one
-H200, ``center_b128`` and ``asym_b128`` of ``results/finetune/`` trained through the SDPA form at 7.6-7.9k tokens/s
-each with four processes sharing the GPU (not timed alone); ``goal_b128`` (window and sinks) built the matrix:
-4.5k.
+Memory and speed. With "hamming" or "asym" and the clipped surrogate, every chunk runs through torch SDPA, so on
+CUDA no ``[B, Hq, T, T]`` float matrix is built: all keys exact (the FP16 control), all sketched (the paper's
+recipe, LoRA, key centering, a learned R: :func:`_sketched_sdpa` says how the logits become dot products), or an
+exact window and sinks mixed with sketched keys (:func:`_windowed_sdpa`: each key twice, a bool mask picks one
+copy per pair). "cos" and the "expected" surrogate build the logits. The forms agree to float32 rounding,
+gradients included (tested). On one H200, ``center_b128`` and ``asym_b128`` of ``results/finetune/`` trained
+through the all-sketched form at 7.6-7.9k tokens/s each with four processes sharing the GPU (not timed alone);
+``goal_b128`` (window and sinks) predates the windowed form and built the matrix: 4.5k. The windowed form is
+1.4x faster than the matrix on 2 CPU cores (1024 tokens, 9 / 3 heads, b = 128, forward and backward); its GPU
+speed is not measured yet.
 
 Loss: ``(1 - distill) * CE + distill * KL(p_exact || p_h1b)`` per predicted token, where ``p_exact`` is the
 *un-adapted* model with exact attention (original ``v_proj`` / LoRA disabled), computed without gradient.
@@ -355,6 +357,9 @@ def _train_attention(q, k, v, sketcher, score, temperature, scaling, value_bits,
         v_in = v if value_bits is None else _stored_values(v, value_bits, group_size)
         return _sketched_sdpa(q, k, v_in, sketcher, score, temperature, scaling, projection, key_mean,
                               attention_mask).to(q.dtype)
+    if Tq == N and exactness == "some" and ste == "clipped" and score in ("hamming", "asym"):
+        return _windowed_sdpa(q, k, v, sketcher, score, temperature, scaling, value_bits, group_size, window, sink,
+                              projection, key_mean, attention_mask).to(q.dtype)
     return _materialized_attention(q, k, v, sketcher, score, temperature, scaling, value_bits, group_size, window,
                                    sink, ste, attention_mask, projection, key_mean, exactness)
 
@@ -364,6 +369,50 @@ def _stored_values(v: torch.Tensor, value_bits: int, group_size: int | None) -> 
     identity as its gradient (the straight-through estimator for rounding)."""
     quantized = quantize_values_unchecked(v.detach(), value_bits, group_size or v.shape[-1]).dequantize()
     return _substitute(quantized, v)
+
+
+def _sketch_features(qf, kc, sketcher, score, temperature, scaling, projection):
+    """Query and key features whose dot products are the sketched logits (see :func:`_sketched_sdpa`), from float32
+    queries and (centred) keys: ``q' [B, Hq, T, b]``, ``k' [B, Hkv, N, b]``."""
+    R = sketcher.projection_on(qf.device) if projection is None else projection
+    bits = sketcher.bits
+    sk = _signs(kc, R, "clipped")  # [B, Hkv, N, b]
+    if score == "hamming":
+        return _signs(qf, R, "clipped") / (bits * temperature.view(1, -1, 1, 1)), sk
+    return (qf @ R) * (math.sqrt(math.pi / 2) / bits * scaling), sk * _key_norms(kc).unsqueeze(-1)  # asym
+
+
+def _windowed_sdpa(q, k, v, sketcher, score, temperature, scaling, value_bits, group_size, window, sink, projection,
+                   key_mean, attention_mask):
+    """Exact window and sink keys mixed with sketched ones, as one torch SDPA over ``2N`` keys: each key appears
+    twice, once sketched (features ``[mu, k']``, value quantized) and once exact (``[k, 0]``, exact value), the
+    query as ``[q * scaling, q']``, and the mask lets each (query, key) pair see exactly one of the two copies
+    (the exact one within the window or among the sinks). Dot products give the materialized form's logits --
+    sketched ``q' . k' + q . mu * scaling`` (key centering's term, :func:`compressed_logits`), exact
+    ``q . k * scaling`` -- and one softmax over both copies is its softmax, so outputs and gradients agree up to
+    float32 rounding (tested). Memory: a bool ``[B, 1, T, 2N]`` mask and features of ``D + b`` per head; no
+    ``[B, Hq, T, N]`` float tensor of ours (CUDA's memory-efficient kernel takes the mask)."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    qf, kf, vf = q.float(), k.float(), v.float()
+    mu = torch.zeros(Hkv, D, device=q.device) if key_mean is None else key_mean.to(q.device, torch.float32)
+    kc = kf - mu[None, :, None, :]
+    q_feat, k_feat = _sketch_features(qf, kc, sketcher, score, temperature, scaling, projection)
+    query = torch.cat([qf * scaling, q_feat], dim=-1)
+    sketched = torch.cat([mu[None, :, None, :].expand(B, Hkv, T, D), k_feat], dim=-1)
+    exact = torch.cat([kf, k_feat.new_zeros(k_feat.shape)], dim=-1)
+    keys = torch.cat([sketched, exact], dim=2)  # [B, Hkv, 2N, D + b]
+    v_sketched = vf if value_bits is None else _stored_values(vf, value_bits, group_size)
+    values = torch.cat([v_sketched, vf], dim=2)
+    allowed = allowed_mask(attention_mask, B, T, T, q.device)  # [B, 1, T, N]
+    pos = torch.arange(T, device=q.device)
+    keep = ((pos[:, None] - pos[None, :]) < window) | (pos[None, :] < sink)  # [T, N]: the exact copy
+    mask = torch.cat([allowed & ~keep, allowed & keep], dim=-1)
+    group = Hq // Hkv
+    if group > 1:
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=1.0)
+    return out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
 
 
 def _sketched_sdpa(q, k, v, sketcher, score, temperature, scaling, projection, key_mean, attention_mask):
@@ -377,15 +426,7 @@ def _sketched_sdpa(q, k, v, sketcher, score, temperature, scaling, projection, k
     qf, kf = q.float(), k.float()
     if key_mean is not None:
         kf = kf - key_mean[None, :, None, :]
-    R = sketcher.projection_on(q.device) if projection is None else projection
-    bits = sketcher.bits
-    sk = _signs(kf, R, "clipped")  # [B, Hkv, N, b]
-    if score == "hamming":
-        q_feat = _signs(qf, R, "clipped") / (bits * temperature.view(1, -1, 1, 1))
-        k_feat = sk
-    else:  # asym
-        q_feat = (qf @ R) * (math.sqrt(math.pi / 2) / bits * scaling)
-        k_feat = sk * _key_norms(kf).unsqueeze(-1)
+    q_feat, k_feat = _sketch_features(qf, kf, sketcher, score, temperature, scaling, projection)
     return prompt_attention(q_feat, k_feat, v.float(), attention_mask, 1.0)
 
 

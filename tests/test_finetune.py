@@ -923,13 +923,17 @@ def test_suite_backend_preflight_compares_outputs_per_layer():
         suite.check_backends(bits=(64,), prefill=48, decode=1, tol=-1.0)
 
 
-@pytest.mark.parametrize("score,window,center,value_bits,padded", [
-    ("hamming", 0, False, 4, False), ("hamming", 0, True, None, True), ("asym", 0, False, 4, True),
-    ("asym", 0, True, 2, False), ("hamming", 64, False, 4, True),  # window >= T: every key exact
+@pytest.mark.parametrize("score,window,sink,center,value_bits,padded", [
+    ("hamming", 0, 0, False, 4, False), ("hamming", 0, 0, True, None, True), ("asym", 0, 0, False, 4, True),
+    ("asym", 0, 0, True, 2, False), ("hamming", 64, 0, False, 4, True),  # window >= T: every key exact
+    ("hamming", 8, 2, True, 4, True), ("asym", 5, 0, False, None, False), ("hamming", 0, 3, False, 2, False),
+    ("asym", 11, 4, True, 4, True),  # exact window and / or sinks mixed with sketched keys
 ])
-def test_training_attention_through_sdpa_equals_the_materialized_form(score, window, center, value_bits, padded):
-    """The SDPA forms (every key sketched, or every key exact) give the materialized logits' outputs and
-    gradients -- q, k, v, temperature, a learned projection -- up to float32 summation order."""
+def test_training_attention_through_sdpa_equals_the_materialized_form(score, window, sink, center, value_bits,
+                                                                      padded):
+    """The SDPA forms (every key sketched, every key exact, or a window and sinks mixed with sketched keys) give
+    the materialized logits' outputs and gradients -- q, k, v, temperature, a learned projection -- up to float32
+    summation order."""
     from h1bkv_lite.finetune import _exactness, _materialized_attention, h1b_train_attention
     from h1bkv_lite.sketch import SimHashSketcher
 
@@ -949,7 +953,7 @@ def test_training_attention_through_sdpa_equals_the_materialized_form(score, win
         mask = torch.ones(B, T, dtype=torch.long)
         mask[0, :5] = 0
     kw = dict(sketcher=sketcher, score=score, scaling=D**-0.5, value_bits=value_bits, group_size=None,
-              window=window, sink=0, ste="clipped", attention_mask=mask, key_mean=mu)
+              window=window, sink=sink, ste="clipped", attention_mask=mask, key_mean=mu)
     grads = []
     for form in ("sdpa", "materialized"):
         gen.manual_seed(11)
@@ -959,7 +963,7 @@ def test_training_attention_through_sdpa_equals_the_materialized_form(score, win
             out = h1b_train_attention(q, k, v, temperature=temperature, projection=R, **kw)
         else:
             out = _materialized_attention(q, k, v, kw["sketcher"], score, temperature, kw["scaling"], value_bits,
-                                          None, window, 0, "clipped", mask, R, mu, _exactness(window, 0, T))
+                                          None, window, sink, "clipped", mask, R, mu, _exactness(window, sink, T))
         (out * torch.linspace(-1, 1, D)).sum().backward()
         grads.append([out.detach()] + [x.grad for x in (q, k, v, t, R)])
     for name, a, b in zip(("out", "q", "k", "v", "temperature", "projection"), *grads):
@@ -967,3 +971,20 @@ def test_training_attention_through_sdpa_equals_the_materialized_form(score, win
             assert a is None or not a.abs().any(), name
             continue
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("window,sink,ste,materialized", [
+    (8, 2, "clipped", False), (0, 3, "clipped", False), (8, 2, "expected", True), (0, 0, "clipped", False)])
+def test_which_training_attention_form_runs(monkeypatch, window, sink, ste, materialized):
+    """Windows and sinks with the clipped surrogate take the SDPA form; only the "expected" surrogate (and
+    "cos") still builds the logits."""
+    import h1bkv_lite.finetune as finetune
+    from h1bkv_lite.sketch import SimHashSketcher
+
+    calls = []
+    real = finetune._materialized_attention
+    monkeypatch.setattr(finetune, "_materialized_attention", lambda *a: calls.append(1) or real(*a))
+    q, k, v = (torch.randn(1, h, 20, 8) for h in (2, 1, 1))
+    finetune.h1b_train_attention(q, k, v, sketcher=SimHashSketcher(8, 16, seed=0), temperature=0.1, window=window,
+                                 sink=sink, ste=ste)
+    assert bool(calls) == materialized
