@@ -17,11 +17,15 @@ random prompt and records:
 - ``cache_bytes``: ``cache.nbytes()`` (the stored tensors), or the K/V bytes of a transformers cache;
 - ``syncs_per_decode_step``: host synchronisations during one plain decode ``forward`` (after the first),
   counted with ``torch.cuda.set_sync_debug_mode("warn")``: the model's and the cache's, not generate()'s loop;
-- ``oom``: the call ran out of GPU memory (recorded, the benchmark goes on).
+- ``oom``: the call ran out of GPU memory (recorded, the benchmark goes on); any other error stops the benchmark
+  and is recorded as ``aborted`` beside the rows so far (a device-side assert leaves CUDA unusable).
 
 ``--graphs`` adds rows ``cache="h1b-graph"``: ``H1BCache(..., max_cache_len=prompt + N)`` decoded greedily by
 :func:`h1bkv_lite.graphs.generate_greedy`, each decode step one replayed CUDA graph (its ``prefill_s`` and
 decode time come from the function's own ``timings``; a replay makes no host sync by construction).
+
+``StaticCache`` rows are run twice with the same shape, the first call unmeasured: transformers compiles its decode
+step for each cache shape, and the compilation is not what the row measures.
 
 ``max_batch_32k`` maps each model and cache to the largest batch (of 1, 2, 4, 8, 12, 16, 24, 32, 48, 64) whose
 32k-token prompt and two decode steps fit. Attention of the fp16 caches: SDPA with cuDNN off (flash and
@@ -275,8 +279,15 @@ def main():
                     key = (spec["cache"], spec["bits"], spec["score"])
                     if fits.get(key) is False and B >= fits.get(key + ("B",), 0):
                         continue  # a smaller problem already ran out of memory
-                    row = run_generate(model, {**spec, "model": model_name, "batch": B, "prompt_len": T,
-                                               "new_tokens": args.new_tokens})
+                    row_spec = {**spec, "model": model_name, "batch": B, "prompt_len": T, "new_tokens": args.new_tokens}
+                    try:
+                        if spec["cache"] == "StaticCache":  # its compiled decode step is specialised to the
+                            run_generate(model, row_spec, count_syncs=False)  # cache's shape: compiled untimed
+                        row = run_generate(model, row_spec)
+                    except RuntimeError as err:  # not an OOM (recorded in the row): e.g. a device-side assert,
+                        result["aborted"] = {**row_spec, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+                        path.write_text(json.dumps(result, indent=1))  # after which CUDA is unusable
+                        raise SystemExit(f"stopped at {row_spec}: {type(err).__name__} (rows so far in {path})")
                     if row["oom"]:
                         fits[key], fits[key + ("B",)] = False, B
                     result["rows"].append(row)
