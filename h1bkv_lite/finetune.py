@@ -371,6 +371,14 @@ def _stored_values(v: torch.Tensor, value_bits: int, group_size: int | None) -> 
     return _substitute(quantized, v)
 
 
+def _exact_pairs(q_len: int, n_keys: int, window: int, sink: int, device) -> torch.Tensor:
+    """bool ``[Tq, N]``: key ``j`` is exact (key and value) for the query at position ``p`` (the last ``Tq`` of
+    ``N``) iff ``p - j < window`` or ``j < sink`` (causality is the attention mask's)."""
+    qpos = torch.arange(n_keys - q_len, n_keys, device=device).unsqueeze(-1)
+    kpos = torch.arange(n_keys, device=device).unsqueeze(0)
+    return ((qpos - kpos) < window) | (kpos < sink)
+
+
 def _sketch_features(qf, kc, sketcher, score, temperature, scaling, projection):
     """Query and key features whose dot products are the sketched logits (see :func:`_sketched_sdpa`), from float32
     queries and (centred) keys: ``q' [B, Hq, T, b]``, ``k' [B, Hkv, N, b]``."""
@@ -405,8 +413,7 @@ def _windowed_sdpa(q, k, v, sketcher, score, temperature, scaling, value_bits, g
     v_sketched = vf if value_bits is None else _stored_values(vf, value_bits, group_size)
     values = torch.cat([v_sketched, vf], dim=2)
     allowed = allowed_mask(attention_mask, B, T, T, q.device)  # [B, 1, T, N]
-    pos = torch.arange(T, device=q.device)
-    keep = ((pos[:, None] - pos[None, :]) < window) | (pos[None, :] < sink)  # [T, N]: the exact copy
+    keep = _exact_pairs(T, T, window, sink, q.device)  # the exact copy
     mask = torch.cat([allowed & ~keep, allowed & keep], dim=-1)
     group = Hq // Hkv
     if group > 1:
@@ -443,9 +450,7 @@ def _materialized_attention(q, k, v, sketcher, score, temperature, scaling, valu
     if exactness == "none":  # no exact key at all: no exact logits to build
         probs = masked_softmax(comp, allowed)
     else:
-        qpos = torch.arange(N - Tq, N, device=q.device).unsqueeze(-1)
-        kpos = torch.arange(N, device=q.device).unsqueeze(0)
-        keep = ((qpos - kpos) < window) | (kpos < sink)  # [Tq, N]: exact key and value
+        keep = _exact_pairs(Tq, N, window, sink, q.device)
         probs = masked_softmax(torch.where(keep, exact_logits(q, k, scaling), comp), allowed)
     if value_bits is None:
         return weighted_values(probs, v).to(q.dtype)

@@ -188,9 +188,10 @@ def ladder(runs: dict[str, Run], shape="smollm2-135m", context: int = 2048) -> d
 
 def in_progress(runs: dict[str, Run], lad: dict) -> dict:
     """Incomplete runs with at least two held-out evaluations (step 0 and one after it), each at its last one:
-    ``{name: {"step", "steps", "held_out_ppl", "control_held_out_ppl"}}``, the last being the held-out perplexity
-    of its recipe's complete FP16 control (``lad["fp16_same_finetune_by_recipe"]``, from :func:`ladder`) at the
-    same step (None when that control did not evaluate at that step). Runs whose recipe has no control are left
+    ``{name: {"step", "steps", "held_out_ppl", "control", "control_held_out_ppl"}}``: ``control`` names its
+    recipe's complete FP16 control (``lad["fp16_same_finetune_by_recipe"]``, from :func:`ladder`),
+    ``control_held_out_ppl`` is that control's held-out perplexity at the same step (None when it did not evaluate
+    at that step). Runs whose recipe has no control are left
     out: there is nothing to compare them with."""
     out = {}
     for name, run in runs.items():
