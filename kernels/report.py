@@ -12,14 +12,29 @@ from pathlib import Path
 
 
 def load_decode_results(path) -> "pandas.DataFrame":
-    """One row per benchmarked case, with the run's device, versions and copy bandwidth as columns."""
+    """One row per benchmarked case, with the run's device, versions and copy bandwidth as columns.
+
+    Rows without both timings are dropped: ``skipped`` (over the run's memory budget) and ``oom``. ``group``
+    (query heads per kv head) is derived from ``Hq / Hkv`` where the file lacks it (runs before the GQA grid).
+    ``heads`` labels the head layout (``32q/8kv``), with the head_dim (``32q/8kv, d=64``) when the file has more
+    than one."""
     import pandas as pd
 
     result = json.loads(Path(path).read_text())
     df = pd.DataFrame(result["rows"])
+    unmeasured = pd.Series(False, index=df.index)
+    if "skipped" in df:
+        unmeasured |= df["skipped"].notna()
+    if "oom" in df:
+        unmeasured |= df["oom"].eq(True)
+    df = df[~unmeasured].reset_index(drop=True)
     for key in ("device", "torch", "triton", "cuda", "copy_GBps", "date"):
         df[key] = result.get(key)
+    if "group" not in df:
+        df["group"] = df["Hq"] // df["Hkv"]
     df["heads"] = df["Hq"].astype(str) + "q/" + df["Hkv"].astype(str) + "kv"
+    if df["D"].nunique() > 1:
+        df["heads"] += ", d=" + df["D"].astype(str)
     df["variant"] = df["score"] + ", b=" + df["bits"].astype(str)
     return df
 
@@ -79,8 +94,8 @@ def plot_speedup(df):
     palette = dict(zip(variants, sns.color_palette(n_colors=len(variants))))
     g = sns.relplot(data=df, x="context", y="speedup", hue="variant", palette=palette, row="B", col="heads",
                     kind="line", marker="o", height=3.2, aspect=1.2)
-    ratios = df.groupby("variant")["byte_ratio"].median()
-    for ax in g.axes.flat:
+    for (batch, heads), ax in g.axes_dict.items():  # the byte ratio depends on the head_dim: per panel
+        ratios = df[(df["B"] == batch) & (df["heads"] == heads)].groupby("variant")["byte_ratio"].median()
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
         for variant, ratio in ratios.items():
             ax.axhline(ratio, lw=0.8, ls="--", color=palette[variant], alpha=0.6)
