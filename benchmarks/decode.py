@@ -51,6 +51,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -333,7 +334,22 @@ def environment(device) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
+        "commit": git_commit(),
     }
+
+
+def git_commit() -> str | None:
+    """The checkout's short commit (``+dirty`` with uncommitted changes), or None outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode:
+            return None
+        return head.stdout.strip() + ("+dirty" if git("status", "--porcelain", "--untracked-files=no").stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,13 +13,14 @@ popcount of query code XOR key code):
 Window keys always get the exact ``q . k / sqrt(D)``. One softmax over all of them; values are
 ``zero + code * scale`` per group. All arithmetic is fp32.
 
-Kernels, in launch order: ``_query_prep_kernel`` (``"asym"`` only: ``R^T q``), then
-``_decode_split_kernel`` over ``(batch * kv head, split)`` -- each program sketches its query heads
-(``"hamming"``, ``"cos"``), walks one chunk of the context for all query heads of its kv head (GQA: the
-cache is read once per kv head) with an online softmax and writes a partial ``(max, sum, acc)``; the last
-split of each row is the exact window. ``_decode_combine_kernel`` merges the partials per query head;
-when a row is a single split without a window (short contexts), the split kernel writes the output itself
-and there is no combine launch: one launch per call for "hamming" and "cos". Reference:
+Kernels, in launch order: ``_query_prep_kernel`` (the query's code words and norm, or ``R^T q`` for
+``"asym"``, once per call), then ``_decode_split_kernel`` over ``(batch * kv head, split)`` -- each program
+walks one chunk of the context for all query heads of its kv head (GQA: the cache is read once per kv head)
+with an online softmax and writes a partial ``(max, sum, acc)``; the last split of each row is the exact
+window. ``_decode_combine_kernel`` merges the partials per query head. When a row is a single split without
+a window (short contexts), the split kernel sketches its query heads itself and writes the output: one launch
+per call for "hamming" and "cos". (Sketching inside every split program instead -- each loading all of R
+before its first tile -- made B = 1, 32k MHA decode 1.5x slower on an H200: 70.8 -> 103 us.) Reference:
 :func:`h1b_decode_attention_reference`, which follows ``h1bkv_lite.attention.sketched_logits``.
 """
 from __future__ import annotations
@@ -43,16 +44,30 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _query_prep_kernel(q_ptr, r_ptr, qp_ptr, M, D, stride_qm, proj_scale, BITS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_BITS: tl.constexpr):
-    """"asym" only: ``proj_scale * q @ R`` [M, BITS] per query row (read bit by bit by the split kernel)."""
+def _query_prep_kernel(q_ptr, r_ptr, qw_ptr, qsq_ptr, qp_ptr, M, D, stride_qm, proj_scale, BITS: tl.constexpr,
+                       SCORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_BITS: tl.constexpr):
+    """Per query row, once per call: the int32 code words ``[M, BITS // 32]`` of ``sign(q @ R)`` ("hamming",
+    "cos"), ``|q|^2`` ``[M]`` ("cos"), or ``proj_scale * q @ R`` ``[M, BITS]`` ("asym", read bit by bit by the
+    split kernel). A calls with several splits launches it, so its programs do not each project the query."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
+    if SCORE == 1:
+        d = tl.arange(0, BLOCK_D)
+        x = tl.load(q_ptr + rows[:, None] * stride_qm + d[None, :],
+                    mask=row_mask[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+        tl.store(qsq_ptr + rows, tl.sum(x * x, axis=1), mask=row_mask)
     for c0 in range(0, BITS, BLOCK_BITS):
         proj = _project_tile(q_ptr, r_ptr, rows, row_mask, stride_qm, D, BITS, c0, BLOCK_M, BLOCK_K, BLOCK_BITS)
-        cols = c0 + tl.arange(0, BLOCK_BITS)
-        tl.store(qp_ptr + rows[:, None] * BITS + cols[None, :], proj * proj_scale,
-                 mask=row_mask[:, None] & (cols < BITS)[None, :])
+        if SCORE == 2:
+            cols = c0 + tl.arange(0, BLOCK_BITS)
+            tl.store(qp_ptr + rows[:, None] * BITS + cols[None, :], proj * proj_scale,
+                     mask=row_mask[:, None] & (cols < BITS)[None, :])
+        else:
+            words = pack_sign_words(proj, BLOCK_M, BLOCK_BITS // 32)
+            wcol = c0 // 32 + tl.arange(0, BLOCK_BITS // 32)
+            tl.store(qw_ptr + rows[:, None] * (BITS // 32) + wcol[None, :], words,
+                     mask=row_mask[:, None] & (wcol < BITS // 32)[None, :])
 
 
 @triton.jit
@@ -211,10 +226,10 @@ def _asym_dots(kw, qp_ptr, qrow, gmask, w, wmask, BITS: tl.constexpr, GR: tl.con
         return tl.sum(acc, axis=2)
 
 
-@triton.jit(do_not_specialize=["N", "W", "CHUNK", "NUM_SPLITS", "SPLITS_TOTAL", "inv_t", "DIRECT"])
+@triton.jit(do_not_specialize=["N", "W", "CHUNK_TILES", "NUM_SPLITS", "SPLITS_TOTAL", "inv_t"])
 def _decode_split_kernel(
     q_ptr, stride_qb, stride_qh, r_ptr, out_ptr, stride_ob, stride_oh,
-    qp_ptr, t_ptr, stride_tb, inv_t, cos_ptr,
+    qw_ptr, qsq_ptr, qp_ptr, t_ptr, stride_tb, inv_t, cos_ptr,
     kc_ptr, stride_kcb, stride_kch, stride_kcn,
     kn_ptr, stride_knb, stride_knh, stride_knn,
     vd_ptr, stride_vdb, stride_vdh, stride_vdn,
@@ -223,15 +238,17 @@ def _decode_split_kernel(
     wk_ptr, stride_wkb, stride_wkh, stride_wkn,
     wv_ptr, stride_wvb, stride_wvh, stride_wvn,
     m_ptr, l_ptr, acc_ptr,
-    N, W, HKV, CHUNK, NUM_SPLITS, SPLITS_TOTAL, qk_scale, n_ptr,
+    N, W, HKV, CHUNK_TILES, NUM_SPLITS, SPLITS_TOTAL, qk_scale, n_ptr,
     D: tl.constexpr, BITS: tl.constexpr, NW_P: tl.constexpr, GROUP: tl.constexpr, VALUE_GROUPS: tl.constexpr,
     VALUE_BITS: tl.constexpr, SCORE: tl.constexpr,
     GR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
     PER_HEAD_T: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_KQ: tl.constexpr,
-    N_ON_DEVICE: tl.constexpr, DIRECT,
+    N_ON_DEVICE: tl.constexpr, DIRECT: tl.constexpr,
 ):
-    # DIRECT (a runtime flag, so one compiled kernel serves both; a context growing past single_split_max_n
-    # triggers no compile mid-generation): this row is one split without a window, write the output itself
+    # DIRECT: this row is one split without a window: sketch the query here and write the output itself.
+    # A compile-time constant: as a runtime flag (one kernel for both, no compile when a context grows past
+    # single_split_max_n mid-generation) the unused branch's registers slowed every split launch (H200, B = 1,
+    # 32k MHA: 103 -> 112 us); now the split form compiles once, at the first context past the limit.
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // HKV
@@ -249,9 +266,16 @@ def _decode_split_kernel(
         NW: tl.constexpr = BITS // 32
         w = tl.arange(0, NW_P)  # code words, padded to a power of two
         wmask = w < NW
-        if SCORE < 2:  # the query's code words, computed here (no separate launch)
-            qw, q_sq = _query_words(q_ptr, r_ptr, b * stride_qb + heads * stride_qh, gmask, D, BITS, GR, NW_P,
-                                    BLOCK_KQ)
+        if SCORE < 2:
+            if DIRECT:  # the only program of its row: project the query here (no prep launch)
+                qw, q_sq = _query_words(q_ptr, r_ptr, b * stride_qb + heads * stride_qh, gmask, D, BITS, GR, NW_P,
+                                        BLOCK_KQ)
+            else:  # projected once by the prep kernel; each split program only loads the words
+                qw = tl.load(qw_ptr + qrow[:, None] * NW + w[None, :], mask=gmask[:, None] & wmask[None, :], other=0)
+                if SCORE == 1:
+                    q_sq = tl.load(qsq_ptr + qrow, mask=gmask, other=0.0)
+                else:
+                    q_sq = tl.zeros((GR,), dtype=tl.float32)
         if SCORE == 0:
             if PER_HEAD_T:
                 t_log2 = 1.4426950408889634 / tl.load(t_ptr + b * stride_tb + heads, mask=gmask, other=1.0)
@@ -280,11 +304,11 @@ def _decode_split_kernel(
         acc3 = acc0
         l_rows = tl.zeros((GR, BLOCK_N), dtype=tl.float32)  # per-row sums of p, reduced at the end
         z_rows = tl.zeros((GR, BLOCK_N), dtype=tl.float32)  # per-row sums of p * zero (per-token values)
-        start = split * CHUNK
+        start = split * CHUNK_TILES * BLOCK_N  # a multiple of BLOCK_N the compiler can see (aligned loads)
         if N_ON_DEVICE:  # N slots were planned for; the first n_ptr[0] hold tokens (a static-capacity cache)
-            end = tl.minimum(start + CHUNK, tl.load(n_ptr))
+            end = tl.minimum(start + CHUNK_TILES * BLOCK_N, tl.load(n_ptr))
         else:
-            end = tl.minimum(start + CHUNK, N)
+            end = tl.minimum(start + CHUNK_TILES * BLOCK_N, N)
         # software pipelining by hand: the loads of tile i + 1 are issued before tile i is processed
         n_next = start + tl.arange(0, BLOCK_N)
         nmask_next = n_next < end
@@ -346,7 +370,7 @@ def _decode_split_kernel(
         l_i = tl.sum(l_rows, axis=1)
         zsum = tl.sum(z_rows, axis=1)[:, None]
         smask = gmask[:, None] & cmask[None, :]
-        if DIRECT != 0:  # the only partial of its row: normalise and write the output (no combine launch)
+        if DIRECT:  # the only partial of its row: normalise and write the output (no combine launch)
             _store_value_columns(out_ptr + b * stride_ob + heads[:, None] * stride_oh + c[None, :] * PER_BYTE,
                                  acc0, acc1, acc2, acc3, zsum, 1.0 / l_i[:, None], smask, PER_BYTE, USE_DOT, GR)
         else:  # the partial (fp32, unnormalised) for the combine kernel
@@ -373,7 +397,7 @@ def _decode_split_kernel(
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], axis=1)
         tl.store(acc_ptr + part[:, None] * BLOCK_D + d[None, :], acc, mask=gmask[:, None] & dmask[None, :])
 
-    if DIRECT == 0:
+    if not DIRECT:
         tl.store(m_ptr + part, m_i, mask=gmask)
         tl.store(l_ptr + part, l_i, mask=gmask)
 
@@ -488,14 +512,21 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     if q.stride(-1) != 1:
         q = q.contiguous()
     f32 = dict(dtype=torch.float32, device=dev)
-    q_proj = q  # read only by "asym" (unused arguments alias q)
-    if score_id == 2 and N > 0:
+    # the query's projection, once per call: always for "asym"; for "hamming" / "cos" when the rows are split
+    # (a direct row projects its query inside the split kernel: one launch for short contexts)
+    q_words = q_sq = q_proj = q  # unused arguments alias q
+    if N > 0 and (score_id == 2 or not direct):
         q2 = q.reshape(B * Hq, D)
-        q_proj = torch.empty(B * Hq, bits, **f32)
+        if score_id == 2:
+            q_proj = torch.empty(B * Hq, bits, **f32)
+        else:
+            q_words = torch.empty(B * Hq, bits // 32, dtype=torch.int32, device=dev)
+            q_sq = torch.empty(B * Hq, **f32) if score_id == 1 else q
         asym_scale = math.sqrt(math.pi / 2) / bits * qk_scale * _LOG2E
         _query_prep_kernel[(cdiv(B * Hq, 16),)](
-            q2, projection, q_proj, B * Hq, D, q2.stride(0), asym_scale,
-            BITS=bits, BLOCK_M=16, BLOCK_K=min(64, block_d), BLOCK_BITS=min(128, next_pow2(bits)),
+            q2, projection, q_words, q_sq, q_proj, B * Hq, D, q2.stride(0), asym_scale,
+            BITS=bits, SCORE=score_id, BLOCK_M=16, BLOCK_D=block_d, BLOCK_K=min(64, block_d),
+            BLOCK_BITS=min(128, next_pow2(bits)),
         )
     cos_table = _cos_table(bits, dev) if score_id == 1 else q
     per_head_t = isinstance(temperature, torch.Tensor)
@@ -516,7 +547,7 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     gr, nw_p = next_pow2(group), next_pow2(bits // 32)
     _decode_split_kernel[(rows, total)](
         q, q.stride(0), q.stride(1), projection, out, out.stride(0), out.stride(1),
-        q_proj, t_tensor, t_tensor.stride(0) if t_tensor.dim() == 2 else 0, inv_t, cos_table,
+        q_words, q_sq, q_proj, t_tensor, t_tensor.stride(0) if t_tensor.dim() == 2 else 0, inv_t, cos_table,
         kw, *kw.stride()[:3],
         norms, *norms.stride()[:3],
         values_packed, *values_packed.stride()[:3],
@@ -525,12 +556,12 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
         wk, *wk.stride()[:3],
         wv, *wv.stride()[:3],
         m, lse, acc,
-        N, W, Hkv, chunk, splits, total, qk_scale, q if n_valid is None else n_valid,
+        N, W, Hkv, chunk // block_n, splits, total, qk_scale, q if n_valid is None else n_valid,
         D=D, BITS=bits, NW_P=nw_p, GROUP=group, VALUE_GROUPS=value_scale.shape[-1],
         VALUE_BITS=value_bits, SCORE=score_id,
         GR=gr, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_W=max(2, 16 // gr),
         PER_HEAD_T=per_head_t, USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"],
-        BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=n_valid is not None, DIRECT=int(direct),
+        BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=n_valid is not None, DIRECT=direct,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not direct:

@@ -426,6 +426,35 @@ def test_decode_split_counts(device, split_k, W):
         _check_decode(args, kwargs, seed, split_k=split_k, config={"block_n": 16})
 
 
+@pytest.mark.parametrize("score", ["hamming", "cos"])
+def test_decode_sketches_the_query_once_per_call(device, score, monkeypatch):
+    """A row that is one split without a window sketches its query inside the split kernel (one launch);
+    split rows read the code words (and |q|^2) the prep kernel wrote once per call -- sketching in every
+    split program made B = 1, 32k MHA decode 1.5x slower on an H200. Both forms give the same output, within
+    the tf32 tolerance (GQA's tf32 weights are rounded relative to each split's own maximum).
+    96 bits: three code words, padded to four in the kernel."""
+    from h1bkv_lite.kernels import decode_attention as da
+
+    launches = []
+    real = da._query_prep_kernel
+
+    class CountingLaunches:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(da, "_query_prep_kernel", CountingLaunches())
+    seed = fresh_seed()
+    args, kwargs, _ = make_cache(seed=seed, device=device, B=2, Hq=8, Hkv=2, N=300, W=0, D=64, bits=96,
+                                 score=score)
+    one = h1b_decode_attention(*args, backend="triton", split_k=1, **kwargs)
+    assert launches == [], f"seed={seed}: a one-split call launched the query prep kernel"
+    split = h1b_decode_attention(*args, backend="triton", split_k=4, **kwargs)
+    assert len(launches) == 1, f"seed={seed}: {len(launches)} prep launches for one split call"
+    torch.testing.assert_close(split, one, **TF32_TOL, msg=lambda m: f"seed={seed}\n{m}")
+    _check_decode(args, kwargs, seed, split_k=4)
+
+
 def test_decode_plans_one_split_for_short_contexts():
     """Up to ``single_split_max_n`` compressed tokens a row is one split (one launch); longer contexts split
     to fill the GPU; an explicit split_k wins."""
