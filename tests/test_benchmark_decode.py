@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "benchmarks" / "decode.py")
 decode = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(decode)
+_spec = importlib.util.spec_from_file_location("bench_decode_timing", ROOT / "benchmarks" / "decode_timing.py")
+timing = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(timing)
 
 
 def _cases(**grid):
@@ -95,12 +98,12 @@ def test_memory_skip():
 def test_byte_counts_match_the_benchmarks_inputs(score, bits):
     """The memory estimate counts what bench_h1b makes (built here on the CPU) and what SDPA reads."""
     shape = dict(B=2, Hq=8, Hkv=2, N=48, D=64)
-    args, kwargs = decode.make_h1b_inputs(**shape, bits=bits, score=score, device="cpu",
+    args, kwargs = timing.make_h1b_inputs(**shape, bits=bits, score=score, device="cpu",
                                           gen=torch.Generator().manual_seed(0))
-    made = decode.tensor_bytes(*args, kwargs.get("key_norms")) + 2 * shape["B"] * shape["Hq"] * shape["D"]
+    made = timing.tensor_bytes(*args, kwargs.get("key_norms")) + 2 * shape["B"] * shape["Hq"] * shape["D"]
     assert decode.h1b_bytes(**shape, bits=bits, score=score) == made
     q, k, v = (torch.empty(2, h, n, 64, dtype=torch.float16) for h, n in ((8, 1), (2, 48), (2, 48)))
-    assert decode.sdpa_bytes(**shape) == decode.tensor_bytes(q, k, v) + 2 * 2 * 8 * 64
+    assert decode.sdpa_bytes(**shape) == timing.tensor_bytes(q, k, v) + 2 * 2 * 8 * 64
 
 
 @pytest.mark.parametrize("argv,option", [
