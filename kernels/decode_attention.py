@@ -226,6 +226,61 @@ def _asym_dots(kw, qp_ptr, qrow, gmask, w, wmask, BITS: tl.constexpr, GR: tl.con
         return tl.sum(acc, axis=2)
 
 
+@triton.jit
+def _attend_tile(m_i, l_rows, z_rows, acc0, acc1, acc2, acc3, kw, kn, vbytes, sc, zr, n, nmask,
+                 qw, t_log2, qn, cos_ptr, qp_ptr, qrow, gmask, w, wmask, vs_base, vz_base, c, stride_vsn, stride_vzn,
+                 D: tl.constexpr, BITS: tl.constexpr, NW_P: tl.constexpr, VALUE_BITS: tl.constexpr,
+                 VALUE_GROUPS: tl.constexpr, SCORE: tl.constexpr, GR: tl.constexpr, USE_DOT: tl.constexpr,
+                 PRECISION: tl.constexpr, PER_BYTE: tl.constexpr):
+    """One tile of compressed keys (``nmask`` marks the real ones): logits in log2 units, the online softmax
+    and the value sums; returns the updated ``(m_i, l_rows, z_rows, acc0, acc1, acc2, acc3)``."""
+    if SCORE == 2:
+        s = _asym_dots(kw, qp_ptr, qrow, gmask, w, wmask, BITS, GR) * kn[None, :]
+    else:
+        if GR == 1:
+            h = tl.sum(popcount32(tl.reshape(qw, (NW_P,))[None, :] ^ kw), axis=1)[None, :]
+        else:
+            h = tl.sum(popcount32(qw[:, None, :] ^ kw[None, :, :]), axis=2)  # [GR, BLOCK_N]
+        if SCORE == 0:
+            s = (1.0 - h.to(tl.float32) * (2.0 / BITS)) * t_log2[:, None]
+        else:
+            s = qn[:, None] * kn[None, :] * tl.load(cos_ptr + h)
+    s = tl.where(nmask[None, :], s, -float("inf"))
+
+    # Online softmax with a lazily moved maximum: sums are re-based only when a logit exceeds the
+    # current base by more than 2**8 (so p <= 256), which after the first tile is rare.
+    m_tile = tl.max(s, axis=1)
+    if tl.max((m_tile > m_i + 8.0).to(tl.int32), axis=0) > 0:
+        m_new = tl.maximum(m_i, m_tile)
+        alpha = tl.exp2(m_i - m_new)
+        l_rows = l_rows * alpha[:, None]
+        z_rows = z_rows * alpha[:, None]
+        acc0 = _rescale(acc0, alpha, USE_DOT, GR)
+        acc1 = _rescale(acc1, alpha, USE_DOT, GR)
+        acc2 = _rescale(acc2, alpha, USE_DOT, GR)
+        acc3 = _rescale(acc3, alpha, USE_DOT, GR)
+        m_i = m_new
+    p = tl.exp2(s - m_i[:, None])
+    l_rows += p
+
+    vbytes = vbytes.to(tl.int32)
+    pv = p
+    if VALUE_GROUPS == 1:
+        pv = p * sc[None, :]
+        z_rows += p * zr[None, :]
+    acc0 = _value_update(acc0, p, pv, vbytes, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
+                         0, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
+    if PER_BYTE > 1:
+        acc1 = _value_update(acc1, p, pv, vbytes, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
+                             1, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
+    if PER_BYTE > 2:
+        acc2 = _value_update(acc2, p, pv, vbytes, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
+                             2, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
+        acc3 = _value_update(acc3, p, pv, vbytes, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
+                             3, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
+    return m_i, l_rows, z_rows, acc0, acc1, acc2, acc3
+
+
 @triton.jit(do_not_specialize=["N", "W", "CHUNK_TILES", "NUM_SPLITS", "SPLITS_TOTAL", "inv_t"])
 def _decode_split_kernel(
     q_ptr, stride_qb, stride_qh, r_ptr, out_ptr, stride_ob, stride_oh,
@@ -266,6 +321,9 @@ def _decode_split_kernel(
         NW: tl.constexpr = BITS // 32
         w = tl.arange(0, NW_P)  # code words, padded to a power of two
         wmask = w < NW
+        qw = tl.zeros((GR, NW_P), dtype=tl.int32)  # each score sets what it reads; the others stay unused
+        t_log2 = tl.zeros((GR,), dtype=tl.float32)
+        qn = tl.zeros((GR,), dtype=tl.float32)
         if SCORE < 2:
             if DIRECT:  # the only program of its row: project the query here (no prep launch)
                 qw, q_sq = _query_words(q_ptr, r_ptr, b * stride_qb + heads * stride_qh, gmask, D, BITS, GR, NW_P,
@@ -309,64 +367,39 @@ def _decode_split_kernel(
             end = tl.minimum(start + CHUNK_TILES * BLOCK_N, tl.load(n_ptr))
         else:
             end = tl.minimum(start + CHUNK_TILES * BLOCK_N, N)
-        # software pipelining by hand: the loads of tile i + 1 are issued before tile i is processed
+        # The full tiles are masked against a bound the compiler sees as a multiple of BLOCK_N (a mask against
+        # `end`, of unknown alignment, made the MHA kernel spill registers: Triton 3.6, sm_90); the row's
+        # partial last tile, if any, goes first, on its own. Software pipelining by hand: the loads of tile
+        # i + 1 are issued before tile i is processed.
+        end = tl.maximum(end, start)  # a static-capacity split past the filled slots: empty
+        full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
+        if full_end < end:  # the row's partial last tile, first: no prefetched tile is held meanwhile
+            n = full_end + tl.arange(0, BLOCK_N)
+            nmask = n < end
+            kw, kn, vbytes, sc, zr = _load_tile(
+                kc_base, kn_base, vd_base, vs_base, vz_base, n, nmask, w, wmask, c, cmask,
+                stride_kcn, stride_knn, stride_vdn, stride_vsn, stride_vzn, SCORE, VALUE_GROUPS, BLOCK_N)
+            m_i, l_rows, z_rows, acc0, acc1, acc2, acc3 = _attend_tile(
+                m_i, l_rows, z_rows, acc0, acc1, acc2, acc3, kw, kn, vbytes, sc, zr, n, nmask,
+                qw, t_log2, qn, cos_ptr, qp_ptr, qrow, gmask, w, wmask, vs_base, vz_base, c, stride_vsn, stride_vzn,
+                D, BITS, NW_P, VALUE_BITS, VALUE_GROUPS, SCORE, GR, USE_DOT, PRECISION, PER_BYTE)
         n_next = start + tl.arange(0, BLOCK_N)
-        nmask_next = n_next < end
+        nmask_next = n_next < full_end
         kw_next, kn_next, vb_next, sc_next, zr_next = _load_tile(
             kc_base, kn_base, vd_base, vs_base, vz_base, n_next, nmask_next, w, wmask, c, cmask,
             stride_kcn, stride_knn, stride_vdn, stride_vsn, stride_vzn, SCORE, VALUE_GROUPS, BLOCK_N)
-        for n0 in range(start, end, BLOCK_N):
+        for n0 in range(start, full_end, BLOCK_N):
             n, nmask = n_next, nmask_next
             kw, kn, vbytes, sc, zr = kw_next, kn_next, vb_next, sc_next, zr_next
             n_next = n + BLOCK_N
-            nmask_next = n_next < end
+            nmask_next = n_next < full_end
             kw_next, kn_next, vb_next, sc_next, zr_next = _load_tile(
                 kc_base, kn_base, vd_base, vs_base, vz_base, n_next, nmask_next, w, wmask, c, cmask,
                 stride_kcn, stride_knn, stride_vdn, stride_vsn, stride_vzn, SCORE, VALUE_GROUPS, BLOCK_N)
-            if SCORE == 2:
-                s = _asym_dots(kw, qp_ptr, qrow, gmask, w, wmask, BITS, GR) * kn[None, :]
-            else:
-                if GR == 1:
-                    h = tl.sum(popcount32(tl.reshape(qw, (NW_P,))[None, :] ^ kw), axis=1)[None, :]
-                else:
-                    h = tl.sum(popcount32(qw[:, None, :] ^ kw[None, :, :]), axis=2)  # [GR, BLOCK_N]
-                if SCORE == 0:
-                    s = (1.0 - h.to(tl.float32) * (2.0 / BITS)) * t_log2[:, None]
-                else:
-                    s = qn[:, None] * kn[None, :] * tl.load(cos_ptr + h)
-            s = tl.where(nmask[None, :], s, -float("inf"))
-
-            # Online softmax with a lazily moved maximum: sums are re-based only when a logit exceeds the
-            # current base by more than 2**8 (so p <= 256), which after the first tile is rare.
-            m_tile = tl.max(s, axis=1)
-            if tl.max((m_tile > m_i + 8.0).to(tl.int32), axis=0) > 0:
-                m_new = tl.maximum(m_i, m_tile)
-                alpha = tl.exp2(m_i - m_new)
-                l_rows = l_rows * alpha[:, None]
-                z_rows = z_rows * alpha[:, None]
-                acc0 = _rescale(acc0, alpha, USE_DOT, GR)
-                acc1 = _rescale(acc1, alpha, USE_DOT, GR)
-                acc2 = _rescale(acc2, alpha, USE_DOT, GR)
-                acc3 = _rescale(acc3, alpha, USE_DOT, GR)
-                m_i = m_new
-            p = tl.exp2(s - m_i[:, None])
-            l_rows += p
-
-            vbytes = vbytes.to(tl.int32)
-            pv = p
-            if VALUE_GROUPS == 1:
-                pv = p * sc[None, :]
-                z_rows += p * zr[None, :]
-            acc0 = _value_update(acc0, p, pv, vbytes, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
-                                 0, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
-            if PER_BYTE > 1:
-                acc1 = _value_update(acc1, p, pv, vbytes, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
-                                     1, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
-            if PER_BYTE > 2:
-                acc2 = _value_update(acc2, p, pv, vbytes, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
-                                     2, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
-                acc3 = _value_update(acc3, p, pv, vbytes, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
-                                     3, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
+            m_i, l_rows, z_rows, acc0, acc1, acc2, acc3 = _attend_tile(
+                m_i, l_rows, z_rows, acc0, acc1, acc2, acc3, kw, kn, vbytes, sc, zr, n, nmask,
+                qw, t_log2, qn, cos_ptr, qp_ptr, qrow, gmask, w, wmask, vs_base, vz_base, c, stride_vsn, stride_vzn,
+                D, BITS, NW_P, VALUE_BITS, VALUE_GROUPS, SCORE, GR, USE_DOT, PRECISION, PER_BYTE)
         l_i = tl.sum(l_rows, axis=1)
         zsum = tl.sum(z_rows, axis=1)[:, None]
         smask = gmask[:, None] & cmask[None, :]
@@ -481,10 +514,16 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
     (one launch instead of split + combine). Eager decode is bound by the host's launches: on an H200, 7B
     shapes at B = 1, one split made a whole decode step faster at 8k (MHA 29.9 vs 31.9 ms, GQA 35.9 vs
     38.5 ms) but slower at 32k for GQA (52.4 vs 37.5 ms), where one program per kv head has too much to
-    read. Under CUDA graphs (no launch cost) splitting is always faster; benchmarks pass 0 there."""
-    if group > 1:
-        return {"block_n": 64, "use_dot": True, "precision": "tf32", "num_warps": 8 if score == "asym" else 4,
-                "num_stages": 1, "programs_per_sm": 4, "single_split_max_n": 8192}
+    read. Under CUDA graphs (no launch cost) splitting is always faster; benchmarks pass 0 there.
+
+    Registers (``benchmarks/kernel_resources.py``: compiled for sm_90 by Triton 3.6, without a GPU): every form
+    but one fits 255 registers a thread without spilling; "asym" at GQA groups of 8 with 64-key tiles spilled
+    ~370 bytes a thread (100 spill stores), with 32-key tiles none, hence its tiles. Chosen from the compiled
+    code; its speed is not measured yet."""
+    if group > 1:  # "asym" with groups of 8 or more: 32-key tiles (64 spill ~370 bytes a thread, see above)
+        return {"block_n": 32 if (score == "asym" and group >= 8) else 64, "use_dot": True, "precision": "tf32",
+                "num_warps": 8 if score == "asym" else 4, "num_stages": 1, "programs_per_sm": 4,
+                "single_split_max_n": 8192}
     return {"block_n": 128 if score == "hamming" else 64, "use_dot": False, "precision": "ieee", "num_warps": 4,
             "num_stages": 1, "programs_per_sm": 4, "single_split_max_n": 8192}
 

@@ -1,0 +1,34 @@
+"""benchmarks/kernel_resources.py: the decode split kernel compiled for sm_90 on a machine without a GPU, its
+resources read back. (Whether it spills depends on the Triton version: that is a finding, not a test.)"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_resources.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return done
+
+
+@pytest.mark.parametrize("args", [(), ("--group", "4", "--score", "cos", "--static", "--config", "block_n=32")])
+def test_compiles_for_sm90_and_reads_the_resources(args):
+    done = _run(*args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert row["arch"] == 90 and 1 <= row["registers"] <= 255
+    assert row["sass_instructions"] > 100 and row["global_loads"] > 0
+    assert row["stack_bytes"] >= 0 and row["spill_stores"] >= 0
+    assert row["config"]["block_n"] == (32 if args else 128)
+
+
+def test_bad_config_is_refused_by_name():
+    done = _run("--config", "tile=64")
+    assert done.returncode == 2 and "--config" in done.stderr
