@@ -227,7 +227,8 @@ def git_commit() -> str | None:
         head = git("rev-parse", "--short", "HEAD")
         if head.returncode:
             return None
-        return head.stdout.strip() + ("+dirty" if git("status", "--porcelain", "--untracked-files=no").stdout.strip() else "")
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -7,8 +7,8 @@
 Triton compiles ``_decode_split_kernel`` (the ``h1bkv_lite`` on the import path: point ``PYTHONPATH`` at another
 commit's code, e.g. one ``compare_commits.py`` extracted, to compare) for the target with the specialisations a real
 launch would get: B = 1, 32 query heads, head_dim 128, a 32k context split as the launcher would split it,
-per-token 4-bit values, the split (not the one-split) form. Integer arguments the kernel does not exclude from
-specialisation are marked divisible by 16 (or folded to 1) as their real values are. The compiled cubin is read with
+per-token 4-bit values, the split form (``--direct``: the one-split form). Integer arguments the kernel does not
+exclude from specialisation are marked divisible by 16 (or folded to 1) as their real values are. The compiled cubin is read with
 ``cuobjdump`` from Triton's bundle: registers per thread, stack (spills), and SASS counts. Spills in the loop over
 the cache are what made the MHA kernel slower than it had been (``benchmarks/README.md``). Results depend on the
 Triton version (the device's was 3.6; install that one beside your own with ``pip install --target``).
@@ -54,7 +54,8 @@ def launch_values(group: int, bits: int, block_n: int, programs_per_sm: int) -> 
                 CHUNK_TILES=chunk // block_n, NUM_SPLITS=splits, SPLITS_TOTAL=splits)
 
 
-def compile_split_kernel(*, group=1, score="hamming", bits=128, static=False, config=None, arch=90):
+def compile_split_kernel(*, group=1, score="hamming", bits=128, static=False, direct=False, config=None,
+                         arch=90):
     """The compiled kernel (Triton's CompiledKernel) for the shape above; ``config`` overrides the defaults."""
     fn = da._decode_split_kernel
     names = list(inspect.signature(fn.fn).parameters)
@@ -65,7 +66,7 @@ def compile_split_kernel(*, group=1, score="hamming", bits=128, static=False, co
     consts = dict(D=D, BITS=bits, NW_P=nw_p, GROUP=group, VALUE_GROUPS=1, VALUE_BITS=4,
                   SCORE=da._SCORE_ID[score], GR=gr, BLOCK_N=cfg["block_n"], BLOCK_D=D, BLOCK_W=max(2, 16 // gr),
                   PER_HEAD_T=score == "hamming", USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"],
-                  BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=static, DIRECT=False)
+                  BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=static, DIRECT=direct)
     values = launch_values(group, bits, cfg["block_n"], cfg["programs_per_sm"])
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(names):
@@ -122,6 +123,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--score", default="hamming", choices=da.SCORES)
     parser.add_argument("--bits", type=int, default=128, choices=(64, 128, 256, 512))
     parser.add_argument("--static", action="store_true", help="the static-capacity form (fill level on the device)")
+    parser.add_argument("--direct", action="store_true",
+                        help="the one-split form (short contexts: the query sketched in the kernel, output written)")
     parser.add_argument("--config", nargs="*", default=[], help="kernel config overrides, e.g. block_n=32 num_warps=8")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     args = parser.parse_args(argv)
@@ -130,9 +133,9 @@ def main(argv=None) -> dict:
     except argparse.ArgumentTypeError as err:
         parser.error(str(err))
     kernel, cfg = compile_split_kernel(group=args.group, score=args.score, bits=args.bits, static=args.static,
-                                       config=config, arch=args.arch)
+                                       direct=args.direct, config=config, arch=args.arch)
     row = {"triton": triton.__version__, "arch": args.arch, "group": args.group, "score": args.score,
-           "bits": args.bits, "static": args.static, "config": cfg, **resources(kernel)}
+           "bits": args.bits, "static": args.static, "direct": args.direct, "config": cfg, **resources(kernel)}
     print(json.dumps(row))
     return row
 
