@@ -49,7 +49,7 @@ def _query_prep_kernel(q_ptr, r_ptr, qw_ptr, qsq_ptr, qp_ptr, M, D, stride_qm, p
                        BLOCK_BITS: tl.constexpr):
     """Per query row, once per call: the int32 code words ``[M, BITS // 32]`` of ``sign(q @ R)`` ("hamming",
     "cos"), ``|q|^2`` ``[M]`` ("cos"), or ``proj_scale * q @ R`` ``[M, BITS]`` ("asym", read bit by bit by the
-    split kernel). A calls with several splits launches it, so its programs do not each project the query."""
+    split kernel). A call with several splits launches it, so its programs do not each project the query."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     if SCORE == 1:
