@@ -4,8 +4,9 @@
     python benchmarks/generate.py --quick --out /tmp/results               # a small model and grid (smoke run)
     python benchmarks/generate.py --model meta-llama/Llama-3.1-8B --prompts 8192 --batches 1 --out /tmp/r
 
-Models are random-init fp16 transformers built from a config (``--model``: a preset -- llama-2-7b, llama-3-8b, tiny --, or any HF config
-name or local path, read offline when ``HF_HUB_OFFLINE=1``): timings and memory do not depend on the weights.
+Models are random-init fp16 transformers built from a config by :func:`h1bkv_lite.random_model.random_model`
+(``--model``: a preset -- llama-2-7b, llama-3-8b, tiny --, or any HF config name or local path, read offline when
+``HF_HUB_OFFLINE=1``): timings and memory do not depend on the weights.
 Each row runs ``model.generate(input_ids, past_key_values=cache, max_new_tokens=N, do_sample=False)`` on a
 random prompt and records:
 
@@ -25,10 +26,13 @@ random prompt and records:
 decode time come from the function's own ``timings``; a replay makes no host sync by construction).
 
 ``StaticCache`` rows are run twice with the same shape, the first call unmeasured: transformers compiles its decode
-step for each cache shape, and the compilation is not what the row measures.
+step for each cache shape, and the compilation is not what the row measures. Before that first call the
+compiled step of any earlier shape is dropped (``reset_compiled``): every shape compiles from scratch.
 
-``max_batch_32k`` maps each model and cache to the largest batch (of 1, 2, 4, 8, 12, 16, 24, 32, 48, 64) whose
-32k-token prompt and two decode steps fit. Attention of the fp16 caches: SDPA with cuDNN off (flash and
+``max_batch_32k`` maps each model and cache to the largest batch whose 32k-token prompt (``--max-batch-len``) and
+two decode steps fit: the candidates 1, 2, 4, 8, 12, 16, 24, 32, 48, 64 up to the first out of memory, then a
+bisection between (``--no-refine``: the candidates only); ``max_batch_first_oom`` holds the smallest batch that
+ran out of memory (None: none did). Attention of the fp16 caches: SDPA with cuDNN off (flash and
 memory-efficient enabled); the kernels that ran are listed under ``sdpa_kernels``.
 """
 from __future__ import annotations
@@ -38,45 +42,31 @@ import gc
 import json
 import platform
 import re
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, LlamaConfig, LogitsProcessor, StaticCache
+from transformers import DynamicCache, LogitsProcessor, StaticCache
 
 from h1bkv_lite import H1BCache
 from h1bkv_lite.graphs import generate_greedy
+from h1bkv_lite.random_model import PRESETS, random_model
 
-PRESETS = {
-    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32000, max_position_embeddings=131072),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-                       rope_theta=500000.0),
-    "tiny": dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=2, vocab_size=1024, max_position_embeddings=16384),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import git_commit  # noqa: E402
+
 BATCH_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 # warm-up prompt: past the decode kernel's one-split limit (8192 compressed tokens), so that every kernel a
 # measured row launches (split, combine) is compiled before the rows are timed
 WARMUP_PROMPT = 8192 + 256
 
 
-def load_config(name: str):
-    if name in PRESETS:
-        return LlamaConfig(**PRESETS[name], attn_implementation="sdpa")
-    config = AutoConfig.from_pretrained(name)
-    config._attn_implementation = "sdpa"
-    return config
-
-
 def build_model(name: str, device):
-    config = load_config(name)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
-    return model.eval()
+    """A random-init fp16 model of ``name`` (a preset of ``h1bkv_lite.random_model.PRESETS`` or an HF config) on
+    ``device``, seed 0, SDPA attention, eval mode."""
+    return random_model(name, dtype=torch.float16, device=device, seed=0)
 
 
 def make_cache(spec: dict, model):
@@ -191,20 +181,40 @@ def sdpa_kernels(model) -> list[str]:
     return sorted(n[:120] for n in names)
 
 
-def max_batch(model, spec: dict, start_fits: int | None = None) -> int:
-    """Largest batch of BATCH_CANDIDATES whose prompt and 2 decode steps fit (stops at the first OOM)."""
-    best = 0
-    for b in BATCH_CANDIDATES:
-        if start_fits is not None and b <= start_fits:
-            best = b
-            continue
+def reset_compiled(model) -> None:
+    """Forget the decode step generate() compiled for an earlier StaticCache shape (``model._compiled_call``) and
+    dynamo's caches, so the next StaticCache shape compiles from scratch. Reusing the compiled step across two
+    ``max_cache_len`` values ended a run with a device-side assert in StaticCache's ``index_copy_`` (H200,
+    transformers 5.17)."""
+    model.__dict__.pop("_compiled_call", None)
+    torch._dynamo.reset()
+
+
+def max_batch(model, spec: dict, start_fits: int | None = None, refine: bool = True) -> tuple[int, int | None]:
+    """(largest batch that fits, smallest batch that ran out of memory or None): whether a batch fits is whether
+    its prompt and 2 decode steps run. BATCH_CANDIDATES are probed in order up to the first that runs out of
+    memory (those up to ``start_fits`` are known to fit), then, with ``refine``, the batches between the last fit
+    and that one are bisected, so the answer is exact rather than a candidate."""
+    def fits(b: int) -> bool:
         row = run_generate(model, {**spec, "batch": b, "new_tokens": 2}, count_syncs=False)
         print(f"  max batch probe {spec['cache']} {spec.get('bits')} B={b}: {'OOM' if row['oom'] else 'fits'}",
               flush=True)
-        if row["oom"]:
+        return not row["oom"]
+
+    best, first_oom = 0, None
+    for b in BATCH_CANDIDATES:
+        if (start_fits is not None and b <= start_fits) or fits(b):
+            best = b
+        else:
+            first_oom = b
             break
-        best = b
-    return best
+    while refine and first_oom is not None and first_oom - best > 1:
+        mid = (best + first_oom) // 2
+        if fits(mid):
+            best = mid
+        else:
+            first_oom = mid
+    return best, first_oom
 
 
 CACHES = ("dynamic", "StaticCache", "h1b", "h1b-graph")
@@ -247,6 +257,8 @@ def main():
                         help="only these caches' rows (default: every cache the other options add)")
     parser.add_argument("--max-batch-len", type=int, default=32768, help="prompt length of the max-batch search "
                         "(0: skip)")
+    parser.add_argument("--no-refine", action="store_true", help="max-batch search over the candidates only "
+                        "(default: then bisect between the last fit and the first out-of-memory batch)")
     parser.add_argument("--quick", action="store_true", help="tiny model, short prompts (a smoke run)")
     parser.add_argument("--out", type=Path, required=True,
                         help="folder for the results (writes generate_<device>_<models>.json there)")
@@ -259,8 +271,10 @@ def main():
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(dev)
     result = {"device": name, "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-              "triton": __import__("triton").__version__, "python": platform.python_version(),
-              "new_tokens": args.new_tokens, "rows": [], "max_batch_32k": {}, "sdpa_kernels": {}}
+              "triton": __import__("triton").__version__, "python": platform.python_version(), "commit": git_commit(),
+              "date": time.strftime("%Y-%m-%d"),
+              "new_tokens": args.new_tokens, "rows": [], "max_batch_32k": {}, "max_batch_first_oom": {},
+              "max_batch_len": args.max_batch_len, "sdpa_kernels": {}}
     tag = re.sub(r"[^a-z0-9]+", "_", name.lower().replace("nvidia", "")).strip("_")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"generate_{tag}_{'_'.join(args.model)}.json"
@@ -269,6 +283,8 @@ def main():
         model = build_model(model_name, dev)
         result["sdpa_kernels"][model_name] = sdpa_kernels(model)
         for spec in specs:  # warm-up at every batch size: Triton compiles (and specialisations), cuBLAS handles
+            if spec["cache"] == "StaticCache":
+                continue  # compiled per shape by its own untimed first call (below)
             for B in args.batches:
                 run_generate(model, {**spec, "model": model_name, "batch": B, "prompt_len": WARMUP_PROMPT, "new_tokens": 40},
                              count_syncs=False)
@@ -282,7 +298,8 @@ def main():
                     row_spec = {**spec, "model": model_name, "batch": B, "prompt_len": T, "new_tokens": args.new_tokens}
                     try:
                         if spec["cache"] == "StaticCache":  # its compiled decode step is specialised to the
-                            run_generate(model, row_spec, count_syncs=False)  # cache's shape: compiled untimed
+                            reset_compiled(model)  # cache's shape: compiled afresh, by an untimed call
+                            run_generate(model, row_spec, count_syncs=False)
                         row = run_generate(model, row_spec)
                     except RuntimeError as err:  # not an OOM (recorded in the row): e.g. a device-side assert,
                         result["aborted"] = {**row_spec, "error": f"{type(err).__name__}: {str(err)[:300]}"}
@@ -304,8 +321,10 @@ def main():
                        and r["prompt_len"] == args.max_batch_len and not r["oom"]]
                 known = max((r["batch"] for r in ran), default=None)
                 label = spec["cache"] if spec["bits"] is None else f"h1b-{spec['bits']}-{spec['score']}"
-                result["max_batch_32k"][model_name][label] = max_batch(
-                    model, {**spec, "model": model_name, "prompt_len": args.max_batch_len}, start_fits=known)
+                best, first_oom = max_batch(model, {**spec, "model": model_name, "prompt_len": args.max_batch_len},
+                                            start_fits=known, refine=not args.no_refine)
+                result["max_batch_32k"][model_name][label] = best
+                result["max_batch_first_oom"].setdefault(model_name, {})[label] = first_oom
                 path.write_text(json.dumps(result, indent=1))
         del model
         free_memory()

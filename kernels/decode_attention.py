@@ -553,14 +553,17 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     f32 = dict(dtype=torch.float32, device=dev)
     # the query's projection, once per call: always for "asym"; for "hamming" / "cos" when the rows are split
     # (a direct row projects its query inside the split kernel: one launch for short contexts)
-    q_words = q_sq = q_proj = q  # unused arguments alias q
+    # unused arguments alias tensors of the dtype the kernel reads them as: its compressed-key branch is compiled
+    # even when it is not run (N = 0 with a window), and a float there for the int32 query words does not compile
+    kw = as_words(key_codes)
+    q_words, q_sq, q_proj = kw, projection, projection
     if N > 0 and (score_id == 2 or not direct):
         q2 = q.reshape(B * Hq, D)
         if score_id == 2:
             q_proj = torch.empty(B * Hq, bits, **f32)
         else:
             q_words = torch.empty(B * Hq, bits // 32, dtype=torch.int32, device=dev)
-            q_sq = torch.empty(B * Hq, **f32) if score_id == 1 else q
+            q_sq = torch.empty(B * Hq, **f32) if score_id == 1 else projection
         asym_scale = math.sqrt(math.pi / 2) / bits * qk_scale * _LOG2E
         _query_prep_kernel[(cdiv(B * Hq, 16),)](
             q2, projection, q_words, q_sq, q_proj, B * Hq, D, q2.stride(0), asym_scale,
@@ -572,7 +575,6 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     t_tensor = temperature if per_head_t else q
     inv_t = 1.0 / temperature if (score_id == 0 and not per_head_t) else 1.0
 
-    kw = as_words(key_codes)
     norms = key_norms if key_norms is not None else kw
     wk = window_k if W > 0 else q.unsqueeze(2)  # never read when W == 0
     wv = window_v if W > 0 else q.unsqueeze(2)
