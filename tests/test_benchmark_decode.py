@@ -228,7 +228,7 @@ def test_write_json_replaces_the_file(tmp_path):
 def test_report_reads_the_committed_file_without_group():
     from h1bkv_lite.kernels.report import load_decode_results
 
-    path = ROOT / "benchmarks" / "results" / "decode_h200.json"
+    path = ROOT / "benchmarks" / "results" / "archive" / "decode_h200_2026-11-26.json"  # written before "group"
     raw = json.loads(path.read_text())
     assert "group" not in raw["rows"][0]
     df = load_decode_results(path)

@@ -18,10 +18,16 @@ def _run_notebook():
     return runner.run_notebook
 
 
+def _is_grid(result: dict) -> bool:
+    rows = result.get("rows") or []
+    return bool(rows) and all(isinstance(r, dict) and "speedup" in r for r in rows)
+
+
 @pytest.fixture(scope="module")
 def results_path():
     paths = sorted((ROOT / "benchmarks" / "results").glob("decode_*.json"))
-    paths = [p for p in paths if "tune" not in p.name]
+    paths = [p for p in paths if "tune" not in p.name  # a grid of decode.py (not a tuning sweep, not commits compared)
+             and _is_grid(json.loads(p.read_text()))]
     if not paths:
         pytest.skip("no committed decode benchmark results")
     return paths[0]
