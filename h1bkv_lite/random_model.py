@@ -181,9 +181,9 @@ def save_random_model(name: str, out_dir: str | os.PathLike, *, tokenizer=None,
     which would give the embedding a zeroed ``padding_idx`` row). It is built on the CPU directly in ``dtype`` (its
     size is computed first on the "meta" device, and a warning is given when it exceeds the host's available
     memory): host RAM needed = parameters x 2 bytes in bfloat16/float16, 13.8 GB for ``llama-2-7b`` with the bundled
-    tokenizer (vocabulary 49152), and as much free disk. Drawing the weights takes about 12 s per G parameters on 2
-    CPU cores (measured on a 0.67 G-parameter Llama-2-7B slice), so about 1.5 min for ``llama-2-7b``, plus the
-    write. Weights are written as safetensors (``save_pretrained``'s default shards).
+    tokenizer (vocabulary 49152), and as much free disk. Drawing the weights took about 12 s per G parameters on 2
+    CPU cores (a 0.67 G-parameter Llama-2-7B slice); the whole ``llama-2-7b`` folder took 5.5 min on 8 threads of
+    an H200 machine's CPU, beside other work (2026-11-30). Weights are written as safetensors (``save_pretrained``'s default shards).
 
     Args:
         name: a preset of :data:`PRESETS` or an HF config id / local folder (see :func:`random_config`).
