@@ -183,9 +183,9 @@ def sdpa_kernels(model) -> list[str]:
 
 def reset_compiled(model) -> None:
     """Forget the decode step generate() compiled for an earlier StaticCache shape (``model._compiled_call``) and
-    dynamo's caches, so the next StaticCache shape compiles from scratch. Reusing the compiled step across two
-    ``max_cache_len`` values ended a run with a device-side assert in StaticCache's ``index_copy_`` (H200,
-    transformers 5.17)."""
+    dynamo's caches, so the next StaticCache shape compiles from scratch, as in a fresh process. (It does not
+    cure the device-side assert in StaticCache's ``index_copy_`` seen at 32k on an H200 with transformers 5.17:
+    that came with a fresh compile too; benchmarks/README.md.)"""
     model.__dict__.pop("_compiled_call", None)
     torch._dynamo.reset()
 

@@ -260,6 +260,12 @@ def test_attention_output_errors_match_manual_attention():
         assert torch.allclose(direct, out, atol=1e-5)
     # averaging over keys shrinks the error below the values' own (first query sees one key: equal)
     assert (df["mean"] < df["value_mean"]).all()
+    # computed on a named device (here the host again): the same table, the captures untouched
+    before = [t.clone() for t in (q, k, v)]
+    moved = attention_output_errors({0: (q, k, v), 5: (q, k, v * 3)}, bits=(2, 8), group_sizes=(None, 4),
+                                    device=torch.device("cpu"))
+    pd.testing.assert_frame_equal(moved, df)
+    assert all(torch.equal(a, b) for a, b in zip(before, (q, k, v)))
 
 
 @pytest.mark.parametrize(

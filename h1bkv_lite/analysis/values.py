@@ -276,6 +276,7 @@ def attention_output_errors(
     captures: Mapping,
     bits: Iterable[int] = VALUE_BITS,
     group_sizes: Iterable[int | None] = (None, 32, 16, 8),
+    device: str | torch.device | None = None,
 ) -> pd.DataFrame:
     """Error of causal attention output when only the values are quantized (keys exact).
 
@@ -291,6 +292,11 @@ def attention_output_errors(
     value vectors under the same scheme, for comparison) and ``effective_keys`` (the mean over queries of
     ``1 / sum_j p_j**2``, how many keys a query's attention is spread over: rounding errors of independent
     keys average out only when it is large).
+
+    ``device``: where to compute (None: where each layer's capture is). Captures kept on the host for numpy
+    tables (``capture_attention_inputs``' default) can be attended on a GPU this way: each layer's q/k/v are
+    copied there in turn (one layer's ``[B, Hq, T, T]`` probabilities alive at a time) and only the table's
+    numbers come back. The numbers are the same up to float rounding of the device's kernels.
     """
     bits = _bits_list(bits)
     groups = list(group_sizes)
@@ -304,6 +310,8 @@ def attention_output_errors(
             raise ValueError(f"captures[{layer!r}] must be a tuple (q, k, v, ...), got {type(entry).__name__}")
         q, k, v = entry[:3]
         check_tensor("v", v, ndim=4)
+        if device is not None:
+            q, k, v = (t.to(device) for t in (q, k, v))
         D = v.shape[-1]
         for g in groups:
             _check_group(g, D)
