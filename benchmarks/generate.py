@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import git_commit  # noqa: E402
 
 BATCH_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+SYNC_COUNT_STEPS = 2  # decode steps count_decode_syncs runs on a row's cache after its generate() call
 # warm-up prompt: past the decode kernel's one-split limit (8192 compressed tokens), so that every kernel a
 # measured row launches (split, combine) is compiled before the rows are timed
 WARMUP_PROMPT = 8192 + 256
@@ -73,8 +74,9 @@ def make_cache(spec: dict, model):
     """A fresh cache for one generate() call, from a row spec."""
     if spec["cache"] == "dynamic":
         return DynamicCache(config=model.config)
-    if spec["cache"] == "StaticCache":
-        return StaticCache(config=model.config, max_cache_len=spec["prompt_len"] + spec["new_tokens"])
+    if spec["cache"] == "StaticCache":  # room for the decode steps count_decode_syncs adds after generate()
+        return StaticCache(config=model.config,
+                           max_cache_len=spec["prompt_len"] + spec["new_tokens"] + SYNC_COUNT_STEPS)
     if spec["cache"] == "h1b-graph":
         return H1BCache(model.config, bits=spec["bits"], score=spec["score"],
                         max_cache_len=spec["prompt_len"] + spec["new_tokens"])
@@ -152,7 +154,8 @@ def run_generate(model, spec: dict, *, count_syncs: bool = True) -> dict:
 
 @torch.no_grad()
 def count_decode_syncs(model, cache, sequences, mask) -> int:
-    """Host synchronisations in one plain decode forward (after the first decode step)."""
+    """Host synchronisations in one plain decode forward (after the first decode step): ``SYNC_COUNT_STEPS``
+    forwards on ``cache``, a warm one and the counted one (a fixed-capacity cache needs room for them)."""
     token = sequences[:, -1:]
     full_mask = torch.ones(sequences.shape, dtype=mask.dtype, device=mask.device)
     model(input_ids=token, attention_mask=full_mask, past_key_values=cache, use_cache=True)  # a warm step
@@ -183,9 +186,7 @@ def sdpa_kernels(model) -> list[str]:
 
 def reset_compiled(model) -> None:
     """Forget the decode step generate() compiled for an earlier StaticCache shape (``model._compiled_call``) and
-    dynamo's caches, so the next StaticCache shape compiles from scratch, as in a fresh process. (It does not
-    cure the device-side assert in StaticCache's ``index_copy_`` seen at 32k on an H200 with transformers 5.17:
-    that came with a fresh compile too; benchmarks/README.md.)"""
+    dynamo's caches, so the next StaticCache shape compiles from scratch, as in a fresh process."""
     model.__dict__.pop("_compiled_call", None)
     torch._dynamo.reset()
 

@@ -59,3 +59,24 @@ def test_max_batch_probes_then_bisects(monkeypatch, oom_from, start_fits, refine
     assert len(probed) == len(set(probed)), "a batch was probed twice"
     if start_fits:
         assert min(probed) > start_fits
+
+
+def test_static_cache_rows_have_room_for_the_sync_count_steps():
+    """A StaticCache sized prompt + new tokens overflowed (index_copy_ out of bounds) in the two decode steps
+    count_decode_syncs runs after generate(): the H200 rows' device-side assert. Reproduced eagerly on CPU."""
+    from transformers import StaticCache
+
+    from h1bkv_lite.random_model import random_model
+
+    model = random_model("tiny", dtype=torch.float32)
+    T, N = 64, 4
+    cache = generate.make_cache({"cache": "StaticCache", "prompt_len": T, "new_tokens": N}, model)
+    assert isinstance(cache, StaticCache)
+    ids = torch.randint(3, model.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=N,
+                         min_new_tokens=N, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        for step in range(generate.SYNC_COUNT_STEPS):  # what count_decode_syncs runs
+            mask = torch.ones((1, out.shape[1] + step), dtype=torch.long)
+            model(input_ids=out[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True)
+    assert int(cache.get_seq_length()) == T + N - 1 + generate.SYNC_COUNT_STEPS
