@@ -559,11 +559,11 @@ def test_decode_window_only_and_scalar_temperature(device):
 @pytest.mark.parametrize("score", ["hamming", "cos", "asym"])
 @pytest.mark.parametrize("n, w", [(0, 6), (20, 0), (20, 6)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_decode_unused_arguments_have_the_dtypes_the_kernel_reads(monkeypatch, score, n, w, dtype):
+def test_decode_unused_arguments_have_the_dtypes_the_kernel_reads(monkeypatch, device, score, n, w, dtype):
     """The split kernel's compressed-key branch is compiled even where it does not run (N = 0 with a window), so
     every pointer it may read has the dtype it reads: int32 query words, float32 norms and projections. (A
     window-only call once passed the fp16 query as the words: the interpreter never ran that branch, the
-    compiler refused it on the GPU.) Checked on the launch arguments, so it holds on CPU too."""
+    compiler refused it on the GPU.) Checked on the launch arguments, so the CPU cases catch it too."""
     import h1bkv_lite.kernels.decode_attention as da
 
     seen = {}
@@ -578,24 +578,17 @@ def test_decode_unused_arguments_have_the_dtypes_the_kernel_reads(monkeypatch, s
 
     monkeypatch.setattr(da, "_decode_split_kernel", _Recorder())
     seed = fresh_seed()
-    args, kwargs, _ = make_cache(seed=seed, device="cpu", B=1, Hq=4, Hkv=2, N=n, W=w, D=64, bits=64, score=score,
+    args, kwargs, _ = make_cache(seed=seed, device=device, B=1, Hq=4, Hkv=2, N=n, W=w, D=64, bits=64, score=score,
                                  dtype=dtype)
     if w == 0:
         kwargs.pop("window_k"), kwargs.pop("window_v")
-    da._launch(*_launch_args(args, kwargs))
+    t = da._check_temperature(kwargs.get("temperature"), score, 4, device)  # as the checked entry point passes it
+    da.h1b_decode_attention_unchecked(*args, projection=kwargs["projection"], score=score, temperature=t,
+                                      key_norms=kwargs.get("key_norms"), window_k=kwargs.get("window_k"),
+                                      window_v=kwargs.get("window_v"), value_bits=kwargs["value_bits"])
     assert seen["qw_ptr"].dtype == torch.int32, f"query words passed as {seen['qw_ptr'].dtype}"
     assert seen["qsq_ptr"].dtype == torch.float32 and seen["qp_ptr"].dtype == torch.float32
     assert seen["kc_ptr"].dtype == torch.int32
-
-
-def _launch_args(args, kwargs):
-    """``_launch``'s positional arguments for a ``make_cache`` case (what ``h1b_decode_attention`` passes)."""
-    q, codes, data, scale, zero = args
-    from h1bkv_lite.kernels.decode_attention import _check_temperature
-
-    t = _check_temperature(kwargs.get("temperature"), kwargs["score"], q.shape[1], q.device, q.shape[0])
-    return (q, codes, kwargs.get("key_norms"), data, scale, zero, kwargs.get("window_k"), kwargs.get("window_v"),
-            kwargs["projection"].contiguous(), kwargs["score"], t, kwargs["value_bits"], None, None)
 
 
 def test_decode_strided_cache(device):
