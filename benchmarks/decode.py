@@ -283,31 +283,47 @@ def run_grid(device, cases: list[dict], path: Path, grid: dict) -> dict:
     return result
 
 
-def tune(device, gqa_only: bool = False) -> dict:
-    """Time kernel configs on representative shapes (CUDA-graph timing, each checked against the reference);
-    returns all rows."""
-    shapes = [
-        dict(B=1, Hq=32, Hkv=32, N=32768, bits=128, score="hamming"),
-        dict(B=8, Hq=32, Hkv=32, N=32768, bits=128, score="hamming"),
-        dict(B=1, Hq=32, Hkv=8, N=131072, bits=128, score="hamming"),
-        dict(B=1, Hq=32, Hkv=32, N=32768, bits=128, score="asym"),
-        dict(B=1, Hq=32, Hkv=8, N=32768, bits=256, score="cos"),
-        dict(B=8, Hq=32, Hkv=8, N=32768, bits=128, score="hamming"),
-    ]
-    if gqa_only:
-        shapes = [s for s in shapes if s["Hq"] > s["Hkv"]]
+TUNE_SHAPES = [
+    dict(B=1, Hq=32, Hkv=32, N=32768, bits=128, score="hamming"),
+    dict(B=8, Hq=32, Hkv=32, N=32768, bits=128, score="hamming"),
+    dict(B=1, Hq=32, Hkv=8, N=32768, bits=128, score="hamming"),
+    dict(B=1, Hq=32, Hkv=8, N=131072, bits=128, score="hamming"),
+    dict(B=1, Hq=32, Hkv=4, N=32768, bits=128, score="hamming"),
+    dict(B=1, Hq=32, Hkv=32, N=32768, bits=128, score="asym"),
+    dict(B=1, Hq=32, Hkv=8, N=32768, bits=128, score="asym"),
+    dict(B=1, Hq=32, Hkv=8, N=32768, bits=256, score="cos"),
+    dict(B=8, Hq=32, Hkv=8, N=32768, bits=128, score="hamming"),
+    dict(B=8, Hq=32, Hkv=8, N=131072, bits=128, score="hamming"),
+]
+# GQA forms: (value precision, query-key products on tensor cores); all with tl.dot for the values
+GQA_FORMS = [("tf32", False), ("fp16", False), ("fp16", True)]
+
+
+def tune_configs(gqa: bool) -> list[dict]:
+    """The kernel configs ``--tune`` times: GQA's tensor-core forms by tile, warps and programs per SM; MHA's
+    fp32 form by tile, warps and programs per SM."""
+    if gqa:
+        grid = [(form, block_n, per_sm, None) for form, block_n, per_sm in
+                itertools.product(GQA_FORMS, (32, 64), (2, 3, 4))] + [(GQA_FORMS[1], 64, 4, 128)]
+        return [dict(use_dot=True, precision=prec, score_dot=sdot, block_n=block_n, num_warps=4,
+                     programs_per_sm=per_sm, num_stages=1, single_split_max_n=0, maxnreg=maxnreg)
+                for (prec, sdot), block_n, per_sm, maxnreg in grid]
+    return [dict(use_dot=False, precision="ieee", score_dot=False, block_n=block_n, num_warps=warps,
+                 programs_per_sm=per_sm, num_stages=1, single_split_max_n=0)
+            for block_n, warps, per_sm in itertools.product((32, 64, 128), (4, 8), (2, 4, 8))]
+
+
+def tune(device, gqa_only: bool = False, path: Path | None = None, shapes=None) -> dict:
+    """Time kernel configs (``tune_configs``) on representative shapes (``TUNE_SHAPES``, or those at the indices
+    ``shapes``; CUDA-graph timing, each checked against the reference); returns all rows, rewritten to ``path``
+    after each shape."""
+    shapes = [TUNE_SHAPES[i] for i in shapes] if shapes else TUNE_SHAPES
+    shapes = [s for s in shapes if s["Hq"] > s["Hkv"] or not gqa_only]
     rows = []
+    result = {**environment(device), "rows": rows}
     for shape in shapes:
-        gqa = shape["Hq"] > shape["Hkv"]
-        if gqa:
-            grid = [(True, "ieee", b) for b in (16, 32)] + [(True, "tf32", b) for b in (16, 32, 64)]
-        else:
-            grid = [(False, "ieee", b) for b in (32, 64, 128)]
-        per_sms = (2, 4) if gqa else (2, 4, 8)
         best = None
-        for (use_dot, prec, block_n), warps, per_sm in itertools.product(grid, (4, 8), per_sms):
-            cfg = dict(use_dot=use_dot, precision=prec, block_n=block_n, num_warps=warps,
-                       programs_per_sm=per_sm, num_stages=1, single_split_max_n=0)
+        for cfg in tune_configs(shape["Hq"] > shape["Hkv"]):
             try:
                 r = bench_h1b(D=128, device=device, config=cfg, eager=False, check=True, **shape)
             except Exception as e:  # a config that fails to compile (e.g. out of resources)
@@ -317,10 +333,14 @@ def tune(device, gqa_only: bool = False) -> dict:
             rows.append(r)
             if best is None or r["h1b_ms"] < best["h1b_ms"]:
                 best = r
+        if best is None:
+            continue
         print(f"best for {shape}: {best['h1b_ms'] * 1e3:.1f} us with {best['config']}", flush=True)
         for r in sorted((r for r in rows if r["shape"] == shape), key=lambda r: r["h1b_ms"])[:6]:
             print(f"   {r['h1b_ms'] * 1e3:7.1f} us  err {r['max_rel_err_vs_reference']:.1e}  {r['config']}", flush=True)
-    return {**environment(device), "rows": rows}
+        if path is not None:
+            write_json(path, result)
+    return result
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -332,6 +352,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "decode_tune_<device>.json with --tune)")
     parser.add_argument("--tune", action="store_true", help="sweep kernel configs instead of the grid")
     parser.add_argument("--gqa-only", action="store_true", help="with --tune: the GQA shapes only")
+    parser.add_argument("--tune-shapes", nargs="+", type=int, choices=range(len(TUNE_SHAPES)), metavar="I",
+                        help=f"with --tune: these of the {len(TUNE_SHAPES)} shapes only (indices into TUNE_SHAPES)")
     parser.add_argument("--quick", action="store_true", help="a small grid by default (a smoke run)")
 
     def default(name):
@@ -368,7 +390,7 @@ def main(argv=None):
     slug = device_slug(torch.cuda.get_device_name(device))
     path = out / (args.out_name or f"decode_{'tune_' if args.tune else ''}{slug}.json")
     if args.tune:
-        write_json(path, tune(device, args.gqa_only))
+        write_json(path, tune(device, args.gqa_only, path, args.tune_shapes))
     else:
         skipped = sum(bool(c.get("skipped")) for c in args.cases)
         print(f"{len(args.cases)} rows ({skipped} over --max-gib {args.max_gib:g}) -> {path}", flush=True)

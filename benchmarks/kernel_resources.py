@@ -66,7 +66,8 @@ def compile_split_kernel(*, group=1, score="hamming", bits=128, static=False, di
     consts = dict(D=D, BITS=bits, NW_P=nw_p, GROUP=group, VALUE_GROUPS=1, VALUE_BITS=4,
                   SCORE=da._SCORE_ID[score], GR=gr, BLOCK_N=cfg["block_n"], BLOCK_D=D, BLOCK_W=max(2, 16 // gr),
                   PER_HEAD_T=score == "hamming", USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"],
-                  BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=static, DIRECT=direct)
+                  BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=static, DIRECT=direct,
+                  SCORE_DOT=cfg["score_dot"])
     values = launch_values(group, bits, cfg["block_n"], cfg["programs_per_sm"])
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(names):

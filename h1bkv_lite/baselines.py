@@ -389,6 +389,9 @@ def calibrate_loki(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     strongest first, so ``basis[..., :rank]`` best preserves dot products with the keys. Padding (mask 0)
     is left out.
     """
+    device = next(model.parameters()).device  # host inputs go to the model's device (as fit_temperature's)
+    input_ids = input_ids.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
     cache = DynamicCache()  # full layers only: a sliding-window layer would keep just its window's keys
     model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
     keep = None if attention_mask is None else attention_mask.bool().reshape(-1)

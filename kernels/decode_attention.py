@@ -11,7 +11,8 @@ popcount of query code XOR key code):
   query is not sketched.
 
 Window keys always get the exact ``q . k / sqrt(D)``. One softmax over all of them; values are
-``zero + code * scale`` per group. All arithmetic is fp32.
+``zero + code * scale`` per group. All arithmetic is fp32, except GQA's value products: fp16 operands on
+tensor cores with fp32 accumulation (see ``_default_config``).
 
 Kernels, in launch order: ``_query_prep_kernel`` (the query's code words and norm, or ``R^T q`` for
 ``"asym"``, once per call), then ``_decode_split_kernel`` over ``(batch * kv head, split)`` -- each program
@@ -119,33 +120,41 @@ def _codes_as_float(vbytes, J: tl.constexpr, VALUE_BITS: tl.constexpr):
 
 
 @triton.jit
-def _value_update(acc, p, pv, vbytes, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
+def _value_update(acc, p, pv, vbytes, sc, zr, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
                   J: tl.constexpr, D: tl.constexpr, VALUE_BITS: tl.constexpr, VALUE_GROUPS: tl.constexpr,
                   USE_DOT: tl.constexpr, PRECISION: tl.constexpr, GR: tl.constexpr):
     """Add the p-weighted value columns ``c * PER_BYTE + J`` of one tile to ``acc``: ``[GR, NBC]`` with
     ``tl.dot``; otherwise per-row partial sums (``[BLOCK_N, NBC]`` for one head, ``[GR, BLOCK_N, NBC]``),
-    reduced over the rows once per chunk instead of once per tile."""
+    reduced over the rows once per chunk instead of once per tile. ``PRECISION == "fp16"``: the values
+    dequantized (``zero + code * scale``) and the weights ``p`` rounded to fp16, an fp16 MMA with fp32
+    accumulation (per-token ``sc``/``zr`` ``[BLOCK_N]`` are used only there)."""
     vals = _codes_as_float(vbytes, J, VALUE_BITS)  # [BLOCK_N, NBC], code * 2**(J * VALUE_BITS)
     inv_u: tl.constexpr = 1.0 / (1 << (J * VALUE_BITS))
+    wgt = p
     if VALUE_GROUPS == 1:
-        wgt = pv * inv_u  # the per-token scale is folded into the weights; zeros are summed separately
+        if PRECISION == "fp16":
+            vals = zr[:, None] + vals * (sc * inv_u)[:, None]
+        else:
+            wgt = pv * inv_u  # the per-token scale is folded into the weights; zeros are summed separately
     else:
         grp = (c * (8 // VALUE_BITS) + J) // (D // VALUE_GROUPS)
         vmask = nmask[:, None] & (c < D * VALUE_BITS // 8)[None, :]
-        sc = tl.load(vs_base + n[:, None] * stride_vsn + grp[None, :], mask=vmask, other=0.0).to(tl.float32)
-        zr = tl.load(vz_base + n[:, None] * stride_vzn + grp[None, :], mask=vmask, other=0.0).to(tl.float32)
-        wgt = p
-        vals = zr + vals * (sc * inv_u)
-    if USE_DOT:
+        gsc = tl.load(vs_base + n[:, None] * stride_vsn + grp[None, :], mask=vmask, other=0.0).to(tl.float32)
+        gzr = tl.load(vz_base + n[:, None] * stride_vzn + grp[None, :], mask=vmask, other=0.0).to(tl.float32)
+        vals = gzr + vals * (gsc * inv_u)
+    if PRECISION == "fp16":
+        result = acc + tl.dot(wgt.to(tl.float16), vals.to(tl.float16))
+    elif USE_DOT:
         if PRECISION == "tf32":  # round to nearest instead of the MMA's truncation (codes alone are exact)
             wgt = _round_to_tf32(wgt)
             if VALUE_GROUPS != 1:
                 vals = _round_to_tf32(vals)
-        return acc + tl.dot(wgt, vals, input_precision=PRECISION)
+        result = acc + tl.dot(wgt, vals, input_precision=PRECISION)
     elif GR == 1:
-        return acc + tl.reshape(wgt, (wgt.shape[1],))[:, None] * vals
+        result = acc + tl.reshape(wgt, (wgt.shape[1],))[:, None] * vals
     else:
-        return acc + wgt[:, :, None] * vals[None, :, :]
+        result = acc + wgt[:, :, None] * vals[None, :, :]
+    return result
 
 
 @triton.jit
@@ -227,14 +236,40 @@ def _asym_dots(kw, qp_ptr, qrow, gmask, w, wmask, BITS: tl.constexpr, GR: tl.con
 
 
 @triton.jit
+def _sign_matrix(words, ROWS: tl.constexpr, NW: tl.constexpr, NW_P: tl.constexpr):
+    """int32 code words ``[ROWS, NW_P]`` -> fp16 ``[ROWS, NW_P * 32]``: +1 / -1 for sketch bit ``32 w + j``
+    set / clear (bit ``j`` of word ``w``), 0 in the padding words ``w >= NW``. Products of two such rows
+    sum to ``bits - 2 * hamming`` exactly (integers, fp32 accumulation)."""
+    j = tl.arange(0, 32)
+    signs = ((words[:, :, None] >> j[None, None, :]) & 1) * 2 - 1  # [ROWS, NW_P, 32]
+    if NW_P > NW:
+        signs = tl.where((tl.arange(0, NW_P) < NW)[None, :, None], signs, 0)
+    return tl.reshape(signs, (ROWS, NW_P * 32)).to(tl.float16)
+
+
+@triton.jit
 def _attend_tile(m_i, l_rows, z_rows, acc0, acc1, acc2, acc3, kw, kn, vbytes, sc, zr, n, nmask,
-                 qw, t_log2, qn, cos_ptr, qp_ptr, qrow, gmask, w, wmask, vs_base, vz_base, c, stride_vsn, stride_vzn,
+                 qw, qs_hi, qs_lo, t_log2, qn, cos_ptr, qp_ptr, qrow, gmask, w, wmask, vs_base, vz_base, c,
+                 stride_vsn, stride_vzn,
                  D: tl.constexpr, BITS: tl.constexpr, NW_P: tl.constexpr, VALUE_BITS: tl.constexpr,
                  VALUE_GROUPS: tl.constexpr, SCORE: tl.constexpr, GR: tl.constexpr, USE_DOT: tl.constexpr,
-                 PRECISION: tl.constexpr, PER_BYTE: tl.constexpr):
+                 PRECISION: tl.constexpr, PER_BYTE: tl.constexpr, SCORE_DOT: tl.constexpr):
     """One tile of compressed keys (``nmask`` marks the real ones): logits in log2 units, the online softmax
-    and the value sums; returns the updated ``(m_i, l_rows, z_rows, acc0, acc1, acc2, acc3)``."""
-    if SCORE == 2:
+    and the value sums; returns the updated ``(m_i, l_rows, z_rows, acc0, acc1, acc2, acc3)``.
+
+    ``SCORE_DOT``: the query-key products on tensor cores, ``qs_hi [GR, NW_P * 32]`` (fp16) times the key
+    signs (:func:`_sign_matrix`): the query's +-1 signs ("hamming", "cos": exact) or, for "asym", ``R^T q``
+    over its row maximum ``qn`` as two fp16 parts (``qs_hi + qs_lo``, ~22 significant bits)."""
+    if SCORE_DOT:
+        ks = tl.trans(_sign_matrix(kw, kw.shape[0], BITS // 32, NW_P))  # [NW_P * 32, BLOCK_N]
+        dots = tl.dot(qs_hi, ks)  # [GR, BLOCK_N], fp32
+        if SCORE == 2:
+            s = (dots + tl.dot(qs_lo, ks)) * qn[:, None] * kn[None, :]
+        elif SCORE == 0:
+            s = dots * (t_log2 * (1.0 / BITS))[:, None]  # bits - 2 h = the sign products' sum
+        else:
+            s = qn[:, None] * kn[None, :] * tl.load(cos_ptr + ((BITS - dots) * 0.5).to(tl.int32))
+    elif SCORE == 2:
         s = _asym_dots(kw, qp_ptr, qrow, gmask, w, wmask, BITS, GR) * kn[None, :]
     else:
         if GR == 1:
@@ -265,18 +300,18 @@ def _attend_tile(m_i, l_rows, z_rows, acc0, acc1, acc2, acc3, kw, kn, vbytes, sc
 
     vbytes = vbytes.to(tl.int32)
     pv = p
-    if VALUE_GROUPS == 1:
+    if VALUE_GROUPS == 1 and PRECISION != "fp16":  # fp16: zero and scale are folded into the values
         pv = p * sc[None, :]
         z_rows += p * zr[None, :]
-    acc0 = _value_update(acc0, p, pv, vbytes, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
+    acc0 = _value_update(acc0, p, pv, vbytes, sc, zr, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
                          0, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
     if PER_BYTE > 1:
-        acc1 = _value_update(acc1, p, pv, vbytes, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
+        acc1 = _value_update(acc1, p, pv, vbytes, sc, zr, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
                              1, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
     if PER_BYTE > 2:
-        acc2 = _value_update(acc2, p, pv, vbytes, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
+        acc2 = _value_update(acc2, p, pv, vbytes, sc, zr, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
                              2, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
-        acc3 = _value_update(acc3, p, pv, vbytes, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
+        acc3 = _value_update(acc3, p, pv, vbytes, sc, zr, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
                              3, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
     return m_i, l_rows, z_rows, acc0, acc1, acc2, acc3
 
@@ -298,7 +333,7 @@ def _decode_split_kernel(
     VALUE_BITS: tl.constexpr, SCORE: tl.constexpr,
     GR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
     PER_HEAD_T: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_KQ: tl.constexpr,
-    N_ON_DEVICE: tl.constexpr, DIRECT: tl.constexpr,
+    N_ON_DEVICE: tl.constexpr, DIRECT: tl.constexpr, SCORE_DOT: tl.constexpr,
 ):
     # DIRECT: this row is one split without a window: sketch the query here and write the output itself.
     # A compile-time constant: as a runtime flag (one kernel for both, no compile when a context grows past
@@ -341,6 +376,19 @@ def _decode_split_kernel(
                 t_log2 = tl.full((GR,), inv_t * 1.4426950408889634, tl.float32)
         elif SCORE == 1:
             qn = tl.sqrt(q_sq) * qk_scale
+        qs_hi = tl.zeros((GR, NW_P * 32), dtype=tl.float16)  # SCORE_DOT's query operand (see _attend_tile)
+        qs_lo = qs_hi
+        if SCORE_DOT:
+            if SCORE == 2:  # R^T q over its row maximum (padded rows: 0), split into two fp16 parts
+                cols = tl.arange(0, NW_P * 32)
+                qpf = tl.load(qp_ptr + qrow[:, None] * BITS + cols[None, :],
+                              mask=gmask[:, None] & (cols < BITS)[None, :], other=0.0)
+                qn = tl.maximum(tl.max(tl.abs(qpf), axis=1), 1e-30)
+                qpf = qpf / qn[:, None]
+                qs_hi = qpf.to(tl.float16)
+                qs_lo = (qpf - qs_hi.to(tl.float32)).to(tl.float16)
+            else:
+                qs_hi = _sign_matrix(qw, GR, NW, NW_P)
         PER_BYTE: tl.constexpr = 8 // VALUE_BITS
         NBC: tl.constexpr = BLOCK_D // PER_BYTE  # value bytes per token, padded
         c = tl.arange(0, NBC)
@@ -381,8 +429,9 @@ def _decode_split_kernel(
                 stride_kcn, stride_knn, stride_vdn, stride_vsn, stride_vzn, SCORE, VALUE_GROUPS, BLOCK_N)
             m_i, l_rows, z_rows, acc0, acc1, acc2, acc3 = _attend_tile(
                 m_i, l_rows, z_rows, acc0, acc1, acc2, acc3, kw, kn, vbytes, sc, zr, n, nmask,
-                qw, t_log2, qn, cos_ptr, qp_ptr, qrow, gmask, w, wmask, vs_base, vz_base, c, stride_vsn, stride_vzn,
-                D, BITS, NW_P, VALUE_BITS, VALUE_GROUPS, SCORE, GR, USE_DOT, PRECISION, PER_BYTE)
+                qw, qs_hi, qs_lo, t_log2, qn, cos_ptr, qp_ptr, qrow, gmask, w, wmask, vs_base, vz_base, c,
+                stride_vsn, stride_vzn, D, BITS, NW_P, VALUE_BITS, VALUE_GROUPS, SCORE, GR, USE_DOT, PRECISION,
+                PER_BYTE, SCORE_DOT)
         n_next = start + tl.arange(0, BLOCK_N)
         nmask_next = n_next < full_end
         kw_next, kn_next, vb_next, sc_next, zr_next = _load_tile(
@@ -398,8 +447,9 @@ def _decode_split_kernel(
                 stride_kcn, stride_knn, stride_vdn, stride_vsn, stride_vzn, SCORE, VALUE_GROUPS, BLOCK_N)
             m_i, l_rows, z_rows, acc0, acc1, acc2, acc3 = _attend_tile(
                 m_i, l_rows, z_rows, acc0, acc1, acc2, acc3, kw, kn, vbytes, sc, zr, n, nmask,
-                qw, t_log2, qn, cos_ptr, qp_ptr, qrow, gmask, w, wmask, vs_base, vz_base, c, stride_vsn, stride_vzn,
-                D, BITS, NW_P, VALUE_BITS, VALUE_GROUPS, SCORE, GR, USE_DOT, PRECISION, PER_BYTE)
+                qw, qs_hi, qs_lo, t_log2, qn, cos_ptr, qp_ptr, qrow, gmask, w, wmask, vs_base, vz_base, c,
+                stride_vsn, stride_vzn, D, BITS, NW_P, VALUE_BITS, VALUE_GROUPS, SCORE, GR, USE_DOT, PRECISION,
+                PER_BYTE, SCORE_DOT)
         l_i = tl.sum(l_rows, axis=1)
         zsum = tl.sum(z_rows, axis=1)[:, None]
         smask = gmask[:, None] & cmask[None, :]
@@ -478,37 +528,44 @@ def _cos_table(bits: int, device: torch.device) -> torch.Tensor:
 def _plan_splits(n: int, rows: int, device: torch.device, block_n: int, split_k: int | None,
                  programs_per_sm: int, single_split_max_n: int) -> tuple[int, int]:
     """(number of splits, chunk length) for ``n`` compressed keys and ``rows = batch * kv heads``: by
-    default enough programs for ``programs_per_sm`` per SM, and one split when ``n <= single_split_max_n``
-    (short contexts, where a second launch costs more than the parallelism gains); chunks are whole
-    multiples of ``block_n``, so no split is empty."""
+    default as many splits as fit one wave of ``programs_per_sm`` programs on every SM (at least one: more
+    rows than that run in several waves), and one split when ``n <= single_split_max_n`` (short contexts,
+    where a second launch costs more than the parallelism gains); chunks are whole multiples of ``block_n``,
+    so no split is empty."""
     if n == 0:
         return 0, block_n
     if split_k is None:
-        split_k = 1 if n <= single_split_max_n else max(1, cdiv(programs_per_sm * _sm_count(device), rows))
+        split_k = 1 if n <= single_split_max_n else max(1, programs_per_sm * _sm_count(device) // rows)
     chunk = cdiv(cdiv(n, split_k), block_n) * block_n
     return cdiv(n, chunk), chunk
 
 
 def _default_config(score: str, group: int, device: torch.device) -> dict:
-    """Tile sizes and inner-product form, from a sweep on an H200 (``benchmarks/decode.py --tune``) and the
-    compiler's register report (no spills up to 512 bits).
+    """Tile sizes and inner-product form, from sweeps on an H200 (``benchmarks/decode.py --tune``; Triton 3.6) and
+    the compiler's register report (no spills up to 512 bits).
 
     One query head per kv head: fp32 multiply-adds into per-row partial sums, 128-key tiles for "hamming"
     (64 for "cos"/"asym", which need more registers). GQA groups: one program serves the group's query heads
-    from one read of the cache, the value products on tensor cores (``tl.dot``, tf32 inputs, fp32
-    accumulation), 64-key tiles: 1.4-1.7x faster than exact fp32 FMAs on 16-key tiles (H200, 32q/8kv, 32k
-    and 128k, ``decode.py --tune``). tf32 keeps 10 mantissa bits of the fp32 operands, and Triton's tf32
-    MMA drops the other 13 (truncation toward zero, not round-to-nearest: triton-lang/triton#4574; the CPU
-    interpreter multiplies in fp32). Per token (one value group) the tf32 operand is ``p * scale`` (the 4-bit
-    codes are exact; ``p * zero`` and the softmax sum stay fp32). Truncated, each weight lost 0 to 2**-10 of
-    itself, ~3.5e-4 on average, always downward: every output moved toward the attended tokens' zero points
-    by that fraction of ``v - zero``, ~1.5e-3 of an attention output (rms) on SmolLM2-135M's caches and ~2% in
-    the decode perplexity of an H1B-finetuned model (H200: 120.8 vs 118.4 through ``backend="torch"``; the
-    truncation emulated on the CPU: 120.1 vs 117.6, round-to-nearest emulated: 118.7). So the kernel rounds
-    the operands to nearest tf32 itself (:func:`_round_to_tf32`, two integer ops per weight; per-group values
-    too): at most 2**-11 relative, either sign. ``config={"precision": "tf32x3"}`` or ``"ieee"`` gives
-    fp32-accurate products. (One program per query head, each re-reading its kv head's
-    cache, measured 2-4x slower.)
+    from one read of the cache, the value products on tensor cores (``tl.dot``) in **fp16**: the weights ``p``
+    (<= 256 under the lazily moved maximum) and the dequantized values ``zero + code * scale`` (within fp16's
+    range, as the fp16 scale and zero they come from) rounded to fp16, 2**-11 relative each, fp32 accumulation
+    -- flash attention's precision. Against the former tf32 form (weights ``p * scale`` rounded to nearest
+    tf32 by :func:`_round_to_tf32`, still available as ``config={"precision": "tf32"}``), same tiles, same run
+    (``results/decode_tune_gqa_tc_h200.json``): B = 1, 32q/8kv, 32k 42.7 -> 36.1 us, 128k 131.3 -> 104.3; 32q/4kv
+    32k 33.7 -> 30.8; B = 8, 128k 998 -> 789; the error against the torch reference unchanged (8.6e-4 of the
+    largest output, the fp16 output's rounding). Nsight Compute (``benchmarks/ncu_decode.py``, B = 1, 32k,
+    32q/8kv): the tf32 form moved fp32 operands through shared memory (L1 throughput 66%, 40% of issue slots
+    busy, 34.8 us); the fp16 form 42% and 49% (28.3 us). ``"ieee"`` / ``"tf32x3"`` give fp32-accurate products.
+    ``score_dot``: the query-key products as an fp16 MMA of +-1 sign matrices (:func:`_sign_matrix`) instead
+    of xor + popcount: exact, but unpacking 32 signs per code word costs more than popcounts over a group of
+    4-8 heads ("hamming" 36.1 -> 47.2 us at 32k); for "asym" (whose other form applies 32 sign bits per word
+    to ``R^T q``) it is the default (fp16: 52.6 -> 50.7 us). ``programs_per_sm``: programs resident per SM, the
+    split plan fills one wave of them (:func:`_plan_splits`); the GQA form takes ~153 registers a thread, three
+    blocks of 4 warps per SM: 3 was the fastest of 2 / 3 / 4 for 32q/8kv (B = 1 and 8, 32k and 128k) and "asym";
+    for 32q/4kv, 2 was 8% faster (27.6 vs 30.0 us, one shape measured; ``results/decode_tune_gqa_waves_h200.json``).
+    ``config={"maxnreg": 128, "programs_per_sm": 4}`` was 2-8% faster still for "hamming" and 1.5x slower for
+    "asym" (spills); not a default. (One program per query head, each re-reading its kv head's cache, measured
+    2-4x slower.)
     ``single_split_max_n``: contexts up to this many compressed tokens run as one split per (sequence, kv
     head) and write the output directly
     (one launch instead of split + combine). Eager decode is bound by the host's launches: on an H200, 7B
@@ -516,16 +573,35 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
     38.5 ms) but slower at 32k for GQA (52.4 vs 37.5 ms), where one program per kv head has too much to
     read. Under CUDA graphs (no launch cost) splitting is always faster; benchmarks pass 0 there.
 
-    Registers (``benchmarks/kernel_resources.py``: compiled for sm_90 by Triton 3.6, without a GPU): every form
-    but one fits 255 registers a thread without spilling; "asym" at GQA groups of 8 with 64-key tiles spilled
-    ~370 bytes a thread (100 spill stores), with 32-key tiles none, hence its tiles. Chosen from the compiled
-    code; its speed is not measured yet."""
-    if group > 1:  # "asym" with groups of 8 or more: 32-key tiles (64 spill ~370 bytes a thread, see above)
-        return {"block_n": 32 if (score == "asym" and group >= 8) else 64, "use_dot": True, "precision": "tf32",
-                "num_warps": 8 if score == "asym" else 4, "num_stages": 1, "programs_per_sm": 4,
-                "single_split_max_n": 8192}
-    return {"block_n": 128 if score == "hamming" else 64, "use_dot": False, "precision": "ieee", "num_warps": 4,
-            "num_stages": 1, "programs_per_sm": 4, "single_split_max_n": 8192}
+    Registers (``benchmarks/kernel_resources.py``: compiled for sm_90 without a GPU): every default form fits
+    255 registers a thread without spilling. (The former "asym" form at GQA groups of 8 spilled with 64-key
+    tiles; its ``score_dot`` form does not.)"""
+    if group > 1:
+        return {"block_n": 64, "use_dot": True, "precision": "fp16",
+                "score_dot": score == "asym", "num_warps": 4, "num_stages": 1, "programs_per_sm": 3,
+                "single_split_max_n": 8192, "maxnreg": None}
+    return {"block_n": 128 if score == "hamming" else 64, "use_dot": False, "precision": "ieee", "score_dot": False,
+            "num_warps": 4, "num_stages": 1, "programs_per_sm": 4, "single_split_max_n": 8192, "maxnreg": None}
+
+
+PRECISIONS = ("ieee", "tf32", "tf32x3", "fp16")
+
+
+def _check_config(config: dict | None) -> None:
+    """``config`` (tuning overrides) names known keys with usable values; raises ValueError otherwise."""
+    if config is None:
+        return
+    known = _default_config("hamming", 1, None)
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise ValueError(f"config: unknown keys {unknown}; the keys are {sorted(known)}")
+    if "precision" in config:
+        check_choice("config['precision']", config["precision"], PRECISIONS)
+    for key in ("block_n", "num_warps", "num_stages", "programs_per_sm") + (("maxnreg",) if config.get("maxnreg") else ()):
+        if key in config:
+            check_int(f"config[{key!r}]", config[key], low=1)
+    if "block_n" in config and config["block_n"] & (config["block_n"] - 1):
+        raise ValueError(f"config['block_n'] must be a power of two, got {config['block_n']}")
 
 
 def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
@@ -539,6 +615,8 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     group = Hq // Hkv
     dev = q.device
     cfg = {**_default_config(score, group, dev), **(config or {})}
+    if cfg["precision"] == "fp16" and not cfg["use_dot"]:
+        raise ValueError("config: precision='fp16' is a tensor-core (tl.dot) form; it needs use_dot=True")
     block_n, block_d = cfg["block_n"], max(16, next_pow2(D))
     W = 0 if window_k is None else window_k.shape[2]
     rows = B * Hkv
@@ -603,7 +681,9 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
         GR=gr, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_W=max(2, 16 // gr),
         PER_HEAD_T=per_head_t, USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"],
         BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=n_valid is not None, DIRECT=direct,
+        SCORE_DOT=cfg["score_dot"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **({} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}),
     )
     if not direct:
         _decode_combine_kernel[(B * Hq,)](
@@ -718,6 +798,7 @@ def h1b_decode_attention(
     temperature = _check_temperature(temperature, score, Hq, q.device, B)
     if split_k is not None:
         check_int("split_k", split_k, low=1)
+    _check_config(config)
     if n_valid is not None:
         check_tensor("n_valid", n_valid, dtypes=(torch.int32,), finite=False)
         if n_valid.numel() != 1 or n_valid.device != q.device:

@@ -204,8 +204,8 @@ def plot_generate_ratios(df):
                     col="metric", kind="line", marker="o", height=3.0, aspect=1.15, facet_kws={"sharey": False})
     for ax in g.axes.flat:
         ax.axhline(1.0, color="grey", lw=0.8, ls=":")
-    g.set(xlabel="prompt (tokens)", ylabel="H1BCache / DynamicCache")
+    g.set(xlabel="prompt (tokens)", ylabel="cache / DynamicCache")
     g.set_titles("{row_name}: {col_name}")
     _context_ticks(g, df, "prompt_len")
-    g.figure.suptitle(f"generate() end to end on {df['device'].iloc[0]}: H1BCache / DynamicCache of the same run", y=1.02)
+    g.figure.suptitle(f"generate() end to end on {df['device'].iloc[0]}: each cache / DynamicCache of the same run", y=1.02)
     return g.figure

@@ -209,3 +209,21 @@ def test_notebook_06_calls_are_device_clean(tmp_path):
         reloaded = H1BFinetuner.from_checkpoint(model, ckpt)
         reloaded.perplexity(ids[:2], batch_size=2)
         reloaded.restore()
+
+
+# ------------------------------------------------------------------------------------------------ notebook 05: baselines
+def test_calibrate_loki_takes_host_token_ids():
+    """Notebook 05 passes host token ids to ``calibrate_loki`` (found on an H200: it did not move them to the
+    model's device); the basis is the untagged run's."""
+    from h1bkv_lite.baselines import calibrate_loki
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    want = calibrate_loki(model, ids, mask)
+    with PretendDevice() as dev:
+        dev.put(list(model.parameters()) + list(model.buffers()))
+        got = calibrate_loki(model, ids, mask)
+        assert dev.on_device(got)
+    torch.testing.assert_close(got, want)

@@ -40,12 +40,13 @@ DEVICES = [
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not _CUDA, reason="needs CUDA")]),
 ]
 NEAR_TIE = 1e-5
-# GQA's value products run on tensor cores in tf32: the kernel rounds the weights p * scale (and per-group values)
-# to nearest tf32 itself (10 mantissa bits: relative error <= 2**-11, either sign; on the CPU the interpreter does
-# the same rounding, then multiplies in fp32), so an output moves by <= 2**-11 of ``|v - zero|`` (~2-5 for
-# unit-variance values), on average far less since the errors have both signs. Before the rounding the tf32 MMA's
-# truncation (0 to 2**-10, one-signed) passed this same bound on CUDA; values of a larger range would need a
-# wider one.
+# GQA's value products run on tensor cores. In fp16 (the default): weights p (<= 256) and dequantized values rounded
+# to fp16, 2**-11 relative each, round to nearest, fp32 accumulation; the interpreter rounds the same way, then
+# multiplies in fp32. In tf32 (``config={"precision": "tf32"}``): the kernel rounds the weights p * scale (and
+# per-group values) to nearest tf32 itself (10 mantissa bits: <= 2**-11, either sign). Either way an output moves by
+# <= ~2**-10 of the attended values' range (~2-5 for unit-variance values), on average far less since the errors
+# have both signs. Before the rounding the tf32 MMA's truncation (0 to 2**-10, one-signed) passed this same bound on
+# CUDA; values of a larger range would need a wider one.
 TF32_TOL = dict(rtol=2**-9, atol=2**-9)
 OUT_TOL = {
     torch.float32: dict(rtol=1e-4, atol=1e-5),
@@ -316,7 +317,7 @@ def _check_decode(args, kwargs, seed, **launch):
     err = (got.float() - ref.float()).abs().max().item()
     tol = OUT_TOL[q.dtype]
     config = {**_default_config(kwargs["score"], q.shape[1] // args[1].shape[1], q.device), **launch.get("config", {})}
-    if config["use_dot"] and config["precision"] == "tf32":
+    if config["use_dot"] and config["precision"] in ("tf32", "fp16"):
         tol = max(tol, TF32_TOL, key=lambda t: t["rtol"])
     torch.testing.assert_close(got, ref, **tol, msg=lambda m: f"seed={seed}, max err {err:.3g}\n{m}")
 
@@ -479,20 +480,58 @@ def test_decode_matmul_forms(device, use_dot, precision):
         _check_decode(args, kwargs, seed, config={"use_dot": use_dot, "precision": precision, "block_n": 32})
 
 
-def test_decode_tf32_products_take_rounded_weights(device):
-    """The default GQA form (tf32 dots) rounds its operands (on the interpreter too, which then multiplies in
-    fp32): its fp32 output differs from the exact "ieee" form's, by no more than TF32_TOL, and is unbiased."""
+TENSOR_CORE_FORMS = [
+    pytest.param({"score_dot": True}, id="scores-mma"),
+    pytest.param({"use_dot": True, "precision": "fp16"}, id="values-fp16"),
+    pytest.param({"use_dot": True, "precision": "fp16", "score_dot": True}, id="both"),
+]
+
+
+@pytest.mark.parametrize("form", TENSOR_CORE_FORMS)
+@pytest.mark.parametrize("score", ["hamming", "cos", "asym"])
+def test_decode_tensor_core_forms(device, form, score):
+    """The query-key products as an fp16 MMA of sign matrices (``score_dot``: exact for "hamming"/"cos",
+    two fp16 parts of ``R^T q`` for "asym") and the value products in fp16 (``precision="fp16"``: weights
+    and dequantized values rounded to fp16, 2**-11 relative each, fp32 accumulation -- flash attention's
+    precision; the tf32 tolerance, 2**-9, covers it): groups 1, 3 (padded rows), 4 and 8; 96 bits (a padding
+    word), 128 and 256; one split written directly, several splits with a window, per-group values."""
     seed = fresh_seed()
+    for i, (gqa, bits, N, W, split_k, groups) in enumerate(
+            ((1, 128, 70, 0, None, 1), (3, 96, 300, 4, 3, 1), (4, 256, 130, 0, 1, 2), (8, 128, 300, 2, 2, 1))):
+        args, kwargs, _ = make_cache(seed=seed + i, device=device, B=2, Hq=2 * gqa, Hkv=2, N=N, W=W, D=64,
+                                     bits=bits, score=score, groups=groups)
+        _check_decode(args, kwargs, f"{seed + i} (group {gqa}, bits {bits})", split_k=split_k,
+                      config={**form, "block_n": 32})
+
+
+def test_decode_config_is_checked(device):
+    args, kwargs, _ = make_cache(seed=fresh_seed(), device=device, B=1, Hq=4, Hkv=2, N=20, W=0, D=64, bits=64)
+    with pytest.raises(ValueError, match="unknown keys"):
+        h1b_decode_attention(*args, **kwargs, backend="triton", config={"blockn": 32})
+    with pytest.raises(ValueError, match="precision"):
+        h1b_decode_attention(*args, **kwargs, backend="triton", config={"precision": "fp8"})
+    with pytest.raises(ValueError, match="needs use_dot=True"):
+        h1b_decode_attention(*args, **kwargs, backend="triton", config={"precision": "fp16", "use_dot": False})
+    with pytest.raises(ValueError, match="power of two"):
+        h1b_decode_attention(*args, **kwargs, backend="triton", config={"block_n": 48})
+
+
+@pytest.mark.parametrize("precision", ["fp16", "tf32"])
+def test_decode_tensor_core_products_round_to_nearest(device, precision):
+    """GQA's tensor-core value products, fp16 (the default) and tf32, round their operands to nearest (the
+    interpreter too, which then multiplies in fp32): the fp32 output differs from the exact "ieee" form's, by
+    no more than TF32_TOL, and is unbiased."""
+    seed = fresh_seed()
+    assert _default_config("hamming", 8, device)["precision"] == "fp16"
     args, kwargs, _ = make_cache(seed=seed, device=device, B=2, Hq=16, Hkv=2, N=700, W=0, D=64, bits=128)
     args = (args[0].float(), *args[1:])
-    assert _default_config("hamming", 8, device)["precision"] == "tf32"
-    tf32 = h1b_decode_attention(*args, backend="triton", **kwargs)
+    rounded = h1b_decode_attention(*args, backend="triton", **kwargs, config={"precision": precision})
     exact = h1b_decode_attention(*args, backend="triton", **kwargs, config={"precision": "ieee"})
-    assert not torch.equal(tf32, exact), f"seed={seed}: the tf32 operands were not rounded"
-    torch.testing.assert_close(tf32, exact, **TF32_TOL, msg=lambda m: f"seed={seed}\n{m}")
+    assert not torch.equal(rounded, exact), f"seed={seed}: the {precision} operands were not rounded"
+    torch.testing.assert_close(rounded, exact, **TF32_TOL, msg=lambda m: f"seed={seed}\n{m}")
     # unbiased: each head's columns share its weights' errors, so count heads. Truncation moved every head the
     # same way (all 32 negative); round-to-nearest leaves ~half of them positive (P(<= 3 or >= 29) ~ 3e-6).
-    positive = int(((tf32 - exact).mean(-1) > 0).sum())
+    positive = int(((rounded - exact).mean(-1) > 0).sum())
     assert 4 <= positive <= 28, f"seed={seed}: {positive} of 32 heads moved up (one-signed error)"
 
 
