@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from .runtime import resolve_dtype
+
 __all__ = ["DTYPES", "PRESETS", "random_config", "random_model", "save_random_model"]
 
 PRESETS = {
@@ -50,7 +52,8 @@ PRESETS = {
 (longer than the released models' contexts) so that long-prompt benchmarks run; RoPE does not care."""
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-"""Parameter dtypes accepted, by name (a ``torch.dtype`` among these values is accepted too)."""
+"""Parameter dtypes accepted, by name (a ``torch.dtype`` among these values is accepted too; names are read by
+:func:`h1bkv_lite.runtime.resolve_dtype`, without its "auto")."""
 
 
 def _check_name(name) -> str:
@@ -60,15 +63,6 @@ def _check_name(name) -> str:
         raise TypeError(f"name must be a non-empty str (a preset among {list(PRESETS)}, an HF config id or a "
                         f"local folder), got {type(name).__name__} {name!r}")
     return name
-
-
-def _resolve_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype.strip().lower().removeprefix("torch.") in DTYPES:
-        return DTYPES[dtype.strip().lower().removeprefix("torch.")]
-    raise ValueError(f"dtype must be one of {', '.join(repr(d) for d in DTYPES)} (or that torch.dtype), "
-                     f"got {dtype!r}")
 
 
 def random_config(name: str, *, vocab_size: int | None = None, attn_implementation: str = "sdpa"):
@@ -151,7 +145,7 @@ def random_model(name: str, *, dtype: torch.dtype | str = torch.float16, device:
     """
     from ._validation import check_int  # noqa: PLC0415
 
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, name="dtype", allow_auto=False)
     seed = check_int("seed", seed)
     return _build(random_config(name, vocab_size=vocab_size), dtype, device, seed)
 
@@ -209,7 +203,7 @@ def save_random_model(name: str, out_dir: str | os.PathLike, *, tokenizer=None,
     from .data import load_tokenizer  # noqa: PLC0415
 
     name = _check_name(name)
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype, name="dtype", allow_auto=False)
     seed = check_int("seed", seed)
     check_bool("overwrite", overwrite)
     out = Path(out_dir).expanduser()

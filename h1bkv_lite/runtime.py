@@ -139,20 +139,23 @@ def resolve_device(device="auto", *, name: str = "DEVICE"):
     return torch.device("cuda", int(index)) if index else torch.device("cuda", torch.cuda.current_device())
 
 
-def resolve_dtype(dtype="auto", device=None, *, name: str = "DTYPE"):
-    """``torch.dtype`` for ``dtype`` in :data:`DTYPE_CHOICES` (or a float32/float16/bfloat16 ``torch.dtype``).
+def resolve_dtype(dtype="auto", device=None, *, name: str = "DTYPE", allow_auto: bool = True):
+    """``torch.dtype`` for ``dtype`` in :data:`DTYPE_CHOICES` (or a float32/float16/bfloat16 ``torch.dtype``; a
+    name may carry a ``"torch."`` prefix and any case: ``"torch.BFloat16"``).
 
     "auto" depends on ``device`` (a resolved ``torch.device``; None = CPU): float32 on CPU, bfloat16 on a
-    CUDA device that supports it, else float16. Raises ValueError naming ``name`` otherwise.
+    CUDA device that supports it, else float16; ``allow_auto=False`` refuses it (a caller with a fixed default).
+    Raises ValueError naming ``name`` and the accepted names otherwise.
     """
     import torch  # noqa: PLC0415
 
     by_name = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if isinstance(dtype, torch.dtype) and dtype in by_name.values():
         return dtype
-    if not isinstance(dtype, str) or dtype.strip().lower() not in (*by_name, "auto"):
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in DTYPE_CHOICES)}, got {dtype!r}")
-    text = dtype.strip().lower()
+    choices = DTYPE_CHOICES if allow_auto else tuple(by_name)
+    text = dtype.strip().lower().removeprefix("torch.") if isinstance(dtype, str) else None
+    if text not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {dtype!r}")
     if text != "auto":
         return by_name[text]
     device = torch.device("cpu") if device is None else torch.device(device)

@@ -92,7 +92,7 @@ def test_unknown_name_is_a_clear_error():
 
 def test_bad_arguments(tmp_path):
     for bad in ("fp16", "int8", torch.int8, None):
-        with pytest.raises(ValueError, match=r"dtype must be one of 'float16', 'bfloat16', 'float32'"):
+        with pytest.raises(ValueError, match=r"dtype must be one of 'float32', 'float16', 'bfloat16', got"):
             rm.random_model("tiny", dtype=bad)
     with pytest.raises(ValueError, match="dtype must be one of"):  # checked before the tokenizer is loaded
         rm.save_random_model("tiny", tmp_path / "x", dtype="half")

@@ -122,7 +122,7 @@ def test_auto_with_cuda_is_cuda_half(monkeypatch, bf16, want):
 
 @pytest.mark.parametrize("name,want", [("float32", torch.float32), ("float16", torch.float16),
                                        ("bfloat16", torch.bfloat16), ("BFloat16", torch.bfloat16),
-                                       (torch.bfloat16, torch.bfloat16)])
+                                       ("torch.float16", torch.float16), (torch.bfloat16, torch.bfloat16)])
 def test_explicit_dtypes(name, want):
     assert resolve_dtype(name, torch.device("cpu")) == want
     assert resolve_device_dtype("cpu", name)[1] == want
@@ -158,3 +158,12 @@ def test_bad_device_fails_before_the_dtype_is_read():
 def test_device_info_records_device_and_dtype():
     info = device_info(torch.device("cpu"), torch.bfloat16)
     assert info["device"] == "cpu" and info["dtype"] == "bfloat16" and isinstance(info["device_name"], str)
+
+
+def test_resolve_dtype_without_auto():
+    """``allow_auto=False`` (random_model's fixed defaults): names and dtypes as usual, "auto" refused by name."""
+    assert resolve_dtype("Torch.BFloat16", allow_auto=False, name="dtype") == torch.bfloat16
+    with pytest.raises(ValueError, match=r"^dtype must be one of 'float32', 'float16', 'bfloat16', got 'auto'$"):
+        resolve_dtype("auto", allow_auto=False, name="dtype")
+    with pytest.raises(ValueError, match=r"DTYPE must be one of 'auto', 'float32', 'float16', 'bfloat16', got 'half'"):
+        resolve_dtype("half")
