@@ -597,7 +597,8 @@ def _check_config(config: dict | None) -> None:
         raise ValueError(f"config: unknown keys {unknown}; the keys are {sorted(known)}")
     if "precision" in config:
         check_choice("config['precision']", config["precision"], PRECISIONS)
-    for key in ("block_n", "num_warps", "num_stages", "programs_per_sm") + (("maxnreg",) if config.get("maxnreg") else ()):
+    for key in ("block_n", "num_warps", "num_stages", "programs_per_sm") + (
+            ("maxnreg",) if config.get("maxnreg") is not None else ()):
         if key in config:
             check_int(f"config[{key!r}]", config[key], low=1)
     if "block_n" in config and config["block_n"] & (config["block_n"] - 1):

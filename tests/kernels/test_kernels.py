@@ -514,6 +514,8 @@ def test_decode_config_is_checked(device):
         h1b_decode_attention(*args, **kwargs, backend="triton", config={"precision": "fp16", "use_dot": False})
     with pytest.raises(ValueError, match="power of two"):
         h1b_decode_attention(*args, **kwargs, backend="triton", config={"block_n": 48})
+    with pytest.raises(ValueError, match=r"config\['maxnreg'\] must be in \[1, inf\]"):
+        h1b_decode_attention(*args, **kwargs, backend="triton", config={"maxnreg": 0})
 
 
 @pytest.mark.parametrize("precision", ["fp16", "tf32"])
