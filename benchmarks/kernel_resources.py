@@ -61,7 +61,7 @@ def compile_split_kernel(*, group=1, score="hamming", bits=128, static=False, di
     names = list(inspect.signature(fn.fn).parameters)
     nospec = set(getattr(fn, "do_not_specialize", None) or ())
     nospec |= {names[i] for i in list(nospec) if isinstance(i, int)}
-    cfg = {**da._default_config(score, group, None), **(config or {})}
+    cfg = da._merged_config(score, group, None, config)
     gr, nw_p = triton.next_power_of_2(group), triton.next_power_of_2(bits // 32)
     consts = dict(D=D, BITS=bits, NW_P=nw_p, GROUP=group, VALUE_GROUPS=1, VALUE_BITS=4,
                   SCORE=da._SCORE_ID[score], GR=gr, BLOCK_N=cfg["block_n"], BLOCK_D=D, BLOCK_W=max(2, 16 // gr),
@@ -131,7 +131,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     try:
         config = parse_config(args.config)
-    except argparse.ArgumentTypeError as err:
+        da._check_config(config, args.score, args.group, None)  # what h1b_decode_attention would refuse
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
         parser.error(str(err))
     kernel, cfg = compile_split_kernel(group=args.group, score=args.score, bits=args.bits, static=args.static,
                                        direct=args.direct, config=config, arch=args.arch)

@@ -2,7 +2,10 @@
 
     ncu --clock-control none --kernel-name regex:_decode_split_kernel --launch-skip 3 --launch-count 1 \
         --section SpeedOfLight --section WarpStateStats --section SchedulerStats --section Occupancy \
+        --section LaunchStats --section ComputeWorkloadAnalysis --section InstructionStats \
         python benchmarks/ncu_decode.py --group 4 --context 32768 --config score_dot=true
+
+(the sections of ``benchmarks/results/ncu_h200/``).
 
 Builds the same random cache as ``decode.py`` (``decode_timing.make_h1b_inputs``: 32 query heads, head_dim 128,
 per-token 4-bit values), checks one call against the torch reference, then makes ``--calls`` more calls (the

@@ -11,8 +11,9 @@ popcount of query code XOR key code):
   query is not sketched.
 
 Window keys always get the exact ``q . k / sqrt(D)``. One softmax over all of them; values are
-``zero + code * scale`` per group. All arithmetic is fp32, except GQA's value products: fp16 operands on
-tensor cores with fp32 accumulation (see ``_default_config``).
+``zero + code * scale`` per group. All arithmetic is fp32, except on tensor cores (fp16 operands, fp32
+accumulation): GQA's value products, and GQA "asym"'s query-key products (``R^T q`` in two fp16 parts); see
+``_default_config``.
 
 Kernels, in launch order: ``_query_prep_kernel`` (the query's code words and norm, or ``R^T q`` for
 ``"asym"``, once per call), then ``_decode_split_kernel`` over ``(batch * kv head, split)`` -- each program
@@ -31,7 +32,9 @@ import math
 
 import torch
 
-from h1bkv_lite._validation import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_tensor
+from h1bkv_lite._validation import (
+    FLOAT_DTYPES, check_bool, check_choice, check_int, check_same_device, check_tensor,
+)
 from h1bkv_lite.quant import VALUE_BITS, unpack_codes
 from h1bkv_lite.sketch import pack_bits, unpack_bits
 
@@ -563,9 +566,11 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
     split plan fills one wave of them (:func:`_plan_splits`); the GQA form takes ~153 registers a thread, three
     blocks of 4 warps per SM: 3 was the fastest of 2 / 3 / 4 for 32q/8kv (B = 1 and 8, 32k and 128k) and "asym";
     for 32q/4kv, 2 was 8% faster (27.6 vs 30.0 us, one shape measured; ``results/decode_tune_gqa_waves_h200.json``).
-    ``config={"maxnreg": 128, "programs_per_sm": 4}`` was 2-8% faster still for "hamming" and 1.5x slower for
-    "asym" (spills); not a default. (One program per query head, each re-reading its kv head's cache, measured
+    ``config={"maxnreg": 128, "programs_per_sm": 4}`` was 1-4% faster than the default for "hamming" and 1.5x
+    slower for "asym" (spills); not a default. (One program per query head, each re-reading its kv head's cache, measured
     2-4x slower.)
+    ``config`` overrides are checked by :func:`_check_config`; turning ``use_dot`` off on its own selects the
+    fp32 multiply-adds (``"ieee"``).
     ``single_split_max_n``: contexts up to this many compressed tokens run as one split per (sequence, kv
     head) and write the output directly
     (one launch instead of split + combine). Eager decode is bound by the host's launches: on an H200, 7B
@@ -587,8 +592,19 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
 PRECISIONS = ("ieee", "tf32", "tf32x3", "fp16")
 
 
-def _check_config(config: dict | None) -> None:
-    """``config`` (tuning overrides) names known keys with usable values; raises ValueError otherwise."""
+def _merged_config(score: str, group: int, device, config: dict | None) -> dict:
+    """The defaults of ``_default_config`` with ``config``'s overrides. Turning ``use_dot`` off without naming a
+    precision selects ``"ieee"`` (the GQA default, fp16, exists only as a tensor-core form)."""
+    cfg = {**_default_config(score, group, device), **(config or {})}
+    if config and "use_dot" in config and "precision" not in config and not cfg["use_dot"]:
+        cfg["precision"] = "ieee"
+    return cfg
+
+
+def _check_config(config: dict | None, score: str, group: int, device) -> None:
+    """``config`` (tuning overrides of ``_default_config``) names known keys with usable values, and the merged
+    config is one the kernel serves on every backend. Raises ValueError (TypeError for a value of the wrong type)
+    naming the key and what it accepts."""
     if config is None:
         return
     known = _default_config("hamming", 1, None)
@@ -597,27 +613,39 @@ def _check_config(config: dict | None) -> None:
         raise ValueError(f"config: unknown keys {unknown}; the keys are {sorted(known)}")
     if "precision" in config:
         check_choice("config['precision']", config["precision"], PRECISIONS)
+    for key in ("use_dot", "score_dot"):
+        if key in config:
+            check_bool(f"config[{key!r}]", config[key])
     for key in ("block_n", "num_warps", "num_stages", "programs_per_sm") + (
             ("maxnreg",) if config.get("maxnreg") is not None else ()):
         if key in config:
             check_int(f"config[{key!r}]", config[key], low=1)
-    if "block_n" in config and config["block_n"] & (config["block_n"] - 1):
-        raise ValueError(f"config['block_n'] must be a power of two, got {config['block_n']}")
+    if "single_split_max_n" in config:
+        check_int("config['single_split_max_n']", config["single_split_max_n"], low=0)
+    for key in ("block_n", "num_warps"):
+        if key in config and config[key] & (config[key] - 1):
+            raise ValueError(f"config[{key!r}] must be a power of two, got {config[key]}")
+    cfg = _merged_config(score, group, device, config)
+    if cfg["precision"] != "ieee" and not cfg["use_dot"]:
+        raise ValueError(f"config: precision={cfg['precision']!r} is a tensor-core (tl.dot) form and needs "
+                         "use_dot=True; without tl.dot the products are fp32 ('ieee')")
+    if cfg["use_dot"] and cfg["block_n"] < 16:
+        raise ValueError(f"config['block_n'] must be >= 16 with use_dot=True (the MMA's K dimension), "
+                         f"got {cfg['block_n']}")
 
 
 def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
             projection, score, temperature, value_bits, split_k, config, n_valid=None):
-    """Launch order: (``"asym"`` only) the query-projection kernel, the split kernel, and the combine kernel
-    unless the split kernel wrote the output itself (one split, no window). ``n_valid``: see
+    """Launch order: the query-projection kernel (``"asym"`` always; "hamming"/"cos" when the context is split),
+    the split kernel, and the combine kernel unless the split kernel wrote the output itself (one split, no
+    window). ``n_valid``: see
     :func:`h1b_decode_attention` (the splits are planned for all ``N`` slots)."""
     B, Hq, D = q.shape
     _, Hkv, N, _ = key_codes.shape
     bits = projection.shape[1]
     group = Hq // Hkv
     dev = q.device
-    cfg = {**_default_config(score, group, dev), **(config or {})}
-    if cfg["precision"] == "fp16" and not cfg["use_dot"]:
-        raise ValueError("config: precision='fp16' is a tensor-core (tl.dot) form; it needs use_dot=True")
+    cfg = _merged_config(score, group, dev, config)
     block_n, block_d = cfg["block_n"], max(16, next_pow2(D))
     W = 0 if window_k is None else window_k.shape[2]
     rows = B * Hkv
@@ -781,7 +809,9 @@ def h1b_decode_attention(
     value_bits : 2, 4 or 8.
     split_k : number of context chunks per (sequence, kv head); ``None`` picks enough to fill the GPU.
     backend : ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
-    config : tuning overrides for the Triton path (keys of ``_default_config``); for benchmarks.
+    config : tuning overrides for the Triton path (keys of ``_default_config``: tile, warps, programs per SM,
+        ``use_dot``, ``precision`` in ``PRECISIONS``, ``score_dot``, ``maxnreg``); for benchmarks. Checked on
+        every backend (ValueError / TypeError naming the key).
     n_valid : int32 tensor of one element on q's device, or None (all ``N``). Only the first ``n_valid`` of
         the ``N`` compressed slots hold tokens; the splits are planned for all ``N``, so the call's arguments
         and launch grid stay the same while a static-capacity cache fills (what a CUDA graph replays). Its
@@ -799,7 +829,7 @@ def h1b_decode_attention(
     temperature = _check_temperature(temperature, score, Hq, q.device, B)
     if split_k is not None:
         check_int("split_k", split_k, low=1)
-    _check_config(config)
+    _check_config(config, score, Hq // key_codes.shape[1], q.device)
     if n_valid is not None:
         check_tensor("n_valid", n_valid, dtypes=(torch.int32,), finite=False)
         if n_valid.numel() != 1 or n_valid.device != q.device:

@@ -7,9 +7,9 @@ Tolerances, and why:
   The one allowed difference: a key code bit whose projection is a near-tie, ``|x @ R| < 1e-5 |x| |R_i|``
   (an fp32 dot of <= 128 terms is off by at most ~1e-6 of ``|x| |R_i|``, so only such bits can flip under a
   different summation order). Mismatches are asserted to lie only there, and counted (~0 on random data).
-- Decode outputs: both sides compute in fp32 and differ only by summation order (on CUDA the GQA value
-  products are tf32 by default, see TF32_TOL; a config may choose tf32x3 or ieee dots, ~1e-6 relative), so
-  fp32 outputs get ``rtol=1e-4, atol=1e-5``. fp16/bf16 outputs are those fp32 values rounded once to the output
+- Decode outputs: both sides compute in fp32 and differ only by summation order, so fp32 outputs get
+  ``rtol=1e-4, atol=1e-5`` -- except GQA's tensor-core value products, fp16 by default (or tf32), whose
+  rounded operands get TF32_TOL (a config may choose tf32x3 or ieee dots, ~1e-6 relative). fp16/bf16 outputs are those fp32 values rounded once to the output
   dtype, which can land one ulp apart: ``rtol = atol = 2 ulp`` (2**-9, 2**-6).
 - Query codes are computed by the kernel, so a query projection that is a near-tie could flip one query bit
   and move a whole row of logits by ``2 / bits / T``: such queries (probability ~1e-5 per bit) are redrawn.
@@ -516,6 +516,24 @@ def test_decode_config_is_checked(device):
         h1b_decode_attention(*args, **kwargs, backend="triton", config={"block_n": 48})
     with pytest.raises(ValueError, match=r"config\['maxnreg'\] must be in \[1, inf\]"):
         h1b_decode_attention(*args, **kwargs, backend="triton", config={"maxnreg": 0})
+    with pytest.raises(TypeError, match=r"config\['score_dot'\] must be a bool"):
+        h1b_decode_attention(*args, **kwargs, backend="triton", config={"score_dot": "no"})
+    with pytest.raises(ValueError, match=r"config\['single_split_max_n'\] must be in \[0, inf\]"):
+        h1b_decode_attention(*args, **kwargs, backend="triton", config={"single_split_max_n": -5})
+    with pytest.raises(ValueError, match=r"config\['num_warps'\] must be a power of two"):
+        h1b_decode_attention(*args, **kwargs, backend="triton", config={"num_warps": 3})
+    with pytest.raises(ValueError, match=r"must be >= 16 with use_dot=True"):  # GQA: tl.dot by default
+        h1b_decode_attention(*args, **kwargs, backend="triton", config={"block_n": 8})
+    mha_args = (args[0][:, :2], *args[1:])  # one query head per kv head: no tl.dot by default
+    with pytest.raises(ValueError, match=r"precision='tf32' is a tensor-core \(tl.dot\) form"):
+        h1b_decode_attention(*mha_args, **{**kwargs, "temperature": 0.1}, backend="triton",
+                             config={"precision": "tf32"})
+    for backend in ("torch", "triton"):  # checked whichever path runs
+        with pytest.raises(ValueError, match="needs use_dot=True"):
+            h1b_decode_attention(*args, **kwargs, backend=backend, config={"precision": "fp16", "use_dot": False})
+    # GQA with tl.dot turned off and no precision named: the fp32 multiply-adds ("ieee"), as before fp16 existed
+    exact = h1b_decode_attention(*args, **kwargs, backend="triton", config={"use_dot": False})
+    torch.testing.assert_close(exact, h1b_decode_attention_reference(*args, **kwargs), **OUT_TOL[args[0].dtype])
 
 
 @pytest.mark.parametrize("precision", ["fp16", "tf32"])
