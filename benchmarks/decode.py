@@ -295,22 +295,26 @@ TUNE_SHAPES = [
     dict(B=8, Hq=32, Hkv=8, N=32768, bits=128, score="hamming"),
     dict(B=8, Hq=32, Hkv=8, N=131072, bits=128, score="hamming"),
 ]
-# GQA forms: (value precision, query-key products on tensor cores); all with tl.dot for the values
-GQA_FORMS = [("tf32", False), ("fp16", False), ("fp16", True)]
+# tensor-core forms: (value precision, query-key products on tensor cores, 4-bit values unpacked as fp16 pairs)
+TC_FORMS = [("fp16", False, False), ("fp16", False, True), ("fp16", True, True)]
 
 
 def tune_configs(gqa: bool) -> list[dict]:
-    """The kernel configs ``--tune`` times: GQA's tensor-core forms by tile, warps and programs per SM; MHA's
-    fp32 form by tile, warps and programs per SM."""
+    """The kernel configs ``--tune`` times: the tensor-core forms (``TC_FORMS``) by tile, programs per SM (and for
+    one query head per kv head, warps); for one query head per kv head also the fp32 form at its former default
+    and neighbours."""
+    def tc(form, block_n, per_sm, warps=4, maxnreg=None):
+        prec, sdot, half2 = form
+        return dict(use_dot=True, precision=prec, score_dot=sdot, half2_unpack=half2, block_n=block_n,
+                    num_warps=warps, programs_per_sm=per_sm, num_stages=1, single_split_max_n=0, maxnreg=maxnreg)
     if gqa:
-        grid = [(form, block_n, per_sm, None) for form, block_n, per_sm in
-                itertools.product(GQA_FORMS, (32, 64), (2, 3, 4))] + [(GQA_FORMS[1], 64, 4, 128)]
-        return [dict(use_dot=True, precision=prec, score_dot=sdot, block_n=block_n, num_warps=4,
-                     programs_per_sm=per_sm, num_stages=1, single_split_max_n=0, maxnreg=maxnreg)
-                for (prec, sdot), block_n, per_sm, maxnreg in grid]
-    return [dict(use_dot=False, precision="ieee", score_dot=False, block_n=block_n, num_warps=warps,
-                 programs_per_sm=per_sm, num_stages=1, single_split_max_n=0)
-            for block_n, warps, per_sm in itertools.product((32, 64, 128), (4, 8), (2, 4, 8))]
+        return [tc(form, block_n, per_sm) for form, block_n, per_sm in
+                itertools.product(TC_FORMS, (32, 64), (2, 3, 4))]
+    fp32 = [dict(use_dot=False, precision="ieee", score_dot=False, half2_unpack=False, block_n=block_n,
+                 num_warps=4, programs_per_sm=per_sm, num_stages=1, single_split_max_n=0)
+            for block_n, per_sm in ((128, 4), (64, 4), (128, 2))]
+    return fp32 + [tc(TC_FORMS[0], 128, 4)] + [tc(TC_FORMS[1], block_n, per_sm, warps) for block_n, per_sm, warps in
+                   itertools.product((64, 128), (2, 3, 4), (4, 8))]
 
 
 def tune(device, gqa_only: bool = False, path: Path | None = None, shapes=None) -> dict:

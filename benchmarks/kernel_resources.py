@@ -9,13 +9,15 @@ commit's code, e.g. one ``compare_commits.py`` extracted, to compare) for the ta
 launch would get: B = 1, 32 query heads, head_dim 128, a 32k context split as the launcher would split it,
 per-token 4-bit values, the split form (``--direct``: the one-split form). Integer arguments the kernel does not
 exclude from specialisation are marked divisible by 16 (or folded to 1) as their real values are. The compiled cubin is read with
-``cuobjdump`` from Triton's bundle: registers per thread, stack (spills), and SASS counts. Spills in the loop over
+``cuobjdump`` from Triton's bundle: registers per thread, stack (spills), and SASS counts (the whole kernel, and
+the loop over the cache's tiles: instructions per tile and the commonest opcodes). Spills in the loop over
 the cache are what made the MHA kernel slower than it had been (``benchmarks/README.md``). Results depend on the
 Triton version (the device's was 3.6; install that one beside your own with ``pip install --target``).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import inspect
 import json
 import os
@@ -67,7 +69,7 @@ def compile_split_kernel(*, group=1, score="hamming", bits=128, static=False, di
                   SCORE=da._SCORE_ID[score], GR=gr, BLOCK_N=cfg["block_n"], BLOCK_D=D, BLOCK_W=max(2, 16 // gr),
                   PER_HEAD_T=score == "hamming", USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"],
                   BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=static, DIRECT=direct,
-                  SCORE_DOT=cfg["score_dot"])
+                  SCORE_DOT=cfg["score_dot"], HALF2=da._half2_unpack(cfg, 4, 1), ASM=True)
     values = launch_values(group, bits, cfg["block_n"], cfg["programs_per_sm"])
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(names):
@@ -99,11 +101,46 @@ def resources(kernel) -> dict:
         sass = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     code = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
+    loop = main_loop(sass)
     return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
+            "loop_instructions": len(loop), "loop_opcodes": dict(collections.Counter(map(_opcode, loop)).most_common(12)),
             "shared_bytes": int(fields["SHARED"]), "sass_instructions": len(code),
             "spill_stores": sum(" STL" in line for line in code), "spill_loads": sum(" LDL" in line for line in code),
             "global_loads": sum("LDG" in line for line in code),
             "global_loads_128bit": sum("LDG.E.128" in line for line in code)}
+
+
+def _address(line: str) -> int:
+    return int(re.match(r"\s+/\*([0-9a-f]+)\*/", line).group(1), 16)
+
+
+def _opcode(line: str) -> str:
+    return re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line).group(1)
+
+
+def main_loop(sass: str) -> list[str]:
+    """The SASS lines of the loop over the cache's tiles (one tile per iteration): of the loops (spans of backward
+    branches), the one with the most logic instructions (popcounts, code unpacking; the exact window's loop is
+    floating point)."""
+    lines, labels, code = sass.splitlines(), {}, []
+    for i, line in enumerate(lines):
+        label = re.match(r"\.L_x_(\d+):", line.strip())
+        if label:
+            nxt = next((ln for ln in lines[i + 1:] if re.match(r"\s+/\*[0-9a-f]{4,}\*/", ln)), None)
+            if nxt is not None:
+                labels[label.group(1)] = _address(nxt)
+        elif re.match(r"\s+/\*[0-9a-f]{4,}\*/", line):
+            code.append(line)
+    spans = []
+    for line in code:  # branch targets are labels or addresses, by cuobjdump version
+        m = re.search(r"BRA\s+(?:`\(\.L_x_(\d+)\)|0x([0-9a-f]+))", line)
+        target = (labels.get(m.group(1)) if m.group(1) else int(m.group(2), 16)) if m else None
+        if target is not None and target < _address(line):
+            spans.append((target, _address(line)))
+    if not spans:
+        return []
+    loops = [[line for line in code if start <= _address(line) <= end] for start, end in spans]
+    return max(loops, key=lambda loop: sum(_opcode(line) == "LOP3" for line in loop))
 
 
 def parse_config(items) -> dict:

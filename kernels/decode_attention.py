@@ -38,7 +38,7 @@ from h1bkv_lite._validation import (
 from h1bkv_lite.quant import VALUE_BITS, unpack_codes
 from h1bkv_lite.sketch import pack_bits, unpack_bits
 
-from ._common import as_words, cdiv, next_pow2, pack_sign_words, popcount32, tl, triton, use_triton
+from ._common import HAS_TRITON, as_words, cdiv, is_interpreted, next_pow2, pack_sign_words, popcount32, tl, triton, use_triton
 from .hamming import hamming_scores_reference
 from .sketch_pack import _project_tile
 
@@ -120,6 +120,59 @@ def _codes_as_float(vbytes, J: tl.constexpr, VALUE_BITS: tl.constexpr):
     mantissa of 2**23, minus 2**23 (exact; a logic op and an add instead of a shift and an int-to-float)."""
     bits = (vbytes & (((1 << VALUE_BITS) - 1) << (J * VALUE_BITS))) | 0x4B000000
     return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+
+_NIBBLES_TO_HALF2_PTX = """
+{
+.reg .b32 t0, t1, a0, a1, b0, b1, zero, k1024, k16, km64;
+mov.b32 zero, 0;
+mov.b32 k1024, 0x64006400;
+mov.b32 k16, 0x2C002C00;
+mov.b32 km64, 0xD400D400;
+prmt.b32 t0, $4, zero, 0x4140;
+prmt.b32 t1, $4, zero, 0x4342;
+lop3.b32 a0, t0, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 a1, t1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 b0, t0, 0x00F000F0, 0x64006400, 0xEA;
+lop3.b32 b1, t1, 0x00F000F0, 0x64006400, 0xEA;
+sub.f16x2 a0, a0, k1024;
+sub.f16x2 a1, a1, k1024;
+fma.rn.f16x2 b0, b0, k16, km64;
+fma.rn.f16x2 b1, b1, k16, km64;
+mul.rn.f16x2 $0, a0, $5;
+mul.rn.f16x2 $1, a1, $6;
+mul.rn.f16x2 $2, b0, $5;
+mul.rn.f16x2 $3, b1, $6;
+}
+"""
+"""PTX for :func:`_nibbles_to_half`, four bytes (eight 4-bit codes) per instance: ``$4`` holds bytes ``b0 .. b3``,
+``$5, $6`` their scales as fp16 pairs; out come the low nibbles' values ``code * scale`` as fp16 pairs ``$0, $1``
+and the high nibbles' ``$2, $3``. ``prmt`` spreads bytes ``b0, b1`` (``b2, b3``) to the two 16-bit halves of a
+word; ``lop3`` keeps one nibble of each half and ORs in the exponent of 1024 (``0x6400``), giving the fp16 pair
+``1024 + code`` (low nibble) or ``1024 + 16 * code`` (high nibble: its bits 4-7 land on mantissa bits 4-7); one
+fp16x2 subtract (or multiply-add by 1/16 and -64) leaves the codes, exactly; one fp16x2 multiply makes ``code *
+scale``, rounded once. 14 instructions for eight values, where the fp32 unpack and its conversion to fp16 take ~3.5
+a value. The trick is FasterTransformer's int4 -> fp16 conversion (used by AWQ and BitDecoding too)."""
+_NIBBLES_TO_HALF2 = tl.constexpr(_NIBBLES_TO_HALF2_PTX) if HAS_TRITON else None  # a jit function reads constexprs
+
+
+@triton.jit
+def _nibbles_to_half(vbytes, sc, ASM: tl.constexpr):
+    """4-bit value codes, two per byte (``vbytes`` uint8 ``[BLOCK_N, NBC]``, code ``2c`` in the low nibble of
+    byte ``c``), times their per-token scale ``sc`` (fp16 ``[BLOCK_N, 1]``) as fp16, rounded once: ``(low
+    nibbles, high nibbles)``, each ``[BLOCK_N, NBC]``. ``ASM``: in packed fp16 pairs (:data:`_NIBBLES_TO_HALF2_PTX`);
+    otherwise (Triton's CPU interpreter, which runs no PTX) the same values from fp32 arithmetic (exact products,
+    so the one rounding to fp16 is the same)."""
+    if ASM:
+        lo, hi = tl.inline_asm_elementwise(
+            _NIBBLES_TO_HALF2, "=r,=r,=r,=r,r,r,r", [vbytes, sc], dtype=(tl.float16, tl.float16), is_pure=True,
+            pack=4)
+    else:
+        v = vbytes.to(tl.int32)
+        scf = sc.to(tl.float32)
+        lo = ((v & 15).to(tl.float32) * scf).to(tl.float16)
+        hi = ((v >> 4).to(tl.float32) * scf).to(tl.float16)
+    return lo, hi
 
 
 @triton.jit
@@ -256,13 +309,15 @@ def _attend_tile(m_i, l_rows, z_rows, acc0, acc1, acc2, acc3, kw, kn, vbytes, sc
                  stride_vsn, stride_vzn,
                  D: tl.constexpr, BITS: tl.constexpr, NW_P: tl.constexpr, VALUE_BITS: tl.constexpr,
                  VALUE_GROUPS: tl.constexpr, SCORE: tl.constexpr, GR: tl.constexpr, USE_DOT: tl.constexpr,
-                 PRECISION: tl.constexpr, PER_BYTE: tl.constexpr, SCORE_DOT: tl.constexpr):
+                 PRECISION: tl.constexpr, PER_BYTE: tl.constexpr, SCORE_DOT: tl.constexpr, HALF2: tl.constexpr,
+                 ASM: tl.constexpr):
     """One tile of compressed keys (``nmask`` marks the real ones): logits in log2 units, the online softmax
     and the value sums; returns the updated ``(m_i, l_rows, z_rows, acc0, acc1, acc2, acc3)``.
 
     ``SCORE_DOT``: the query-key products on tensor cores, ``qs_hi [GR, NW_P * 32]`` (fp16) times the key
     signs (:func:`_sign_matrix`): the query's +-1 signs ("hamming", "cos": exact) or, for "asym", ``R^T q``
-    over its row maximum ``qn`` as two fp16 parts (``qs_hi + qs_lo``, ~22 significant bits)."""
+    over its row maximum ``qn`` as two fp16 parts (``qs_hi + qs_lo``, ~22 significant bits). ``HALF2``: 4-bit
+    values dequantized by :func:`_nibbles_to_half` (``ASM``: in PTX) for the fp16 MMA."""
     if SCORE_DOT:
         ks = tl.trans(_sign_matrix(kw, kw.shape[0], BITS // 32, NW_P))  # [NW_P * 32, BLOCK_N]
         dots = tl.dot(qs_hi, ks)  # [GR, BLOCK_N], fp32
@@ -301,21 +356,28 @@ def _attend_tile(m_i, l_rows, z_rows, acc0, acc1, acc2, acc3, kw, kn, vbytes, sc
     p = tl.exp2(s - m_i[:, None])
     l_rows += p
 
-    vbytes = vbytes.to(tl.int32)
-    pv = p
-    if VALUE_GROUPS == 1 and PRECISION != "fp16":  # fp16: zero and scale are folded into the values
-        pv = p * sc[None, :]
+    if HALF2:  # 4-bit codes times scale in packed fp16 pairs; two MMAs (even, odd value columns); zeros in fp32
+        lo, hi = _nibbles_to_half(vbytes, sc.to(tl.float16)[:, None], ASM)
         z_rows += p * zr[None, :]
-    acc0 = _value_update(acc0, p, pv, vbytes, sc, zr, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
-                         0, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
-    if PER_BYTE > 1:
-        acc1 = _value_update(acc1, p, pv, vbytes, sc, zr, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
-                             1, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
-    if PER_BYTE > 2:
-        acc2 = _value_update(acc2, p, pv, vbytes, sc, zr, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
-                             2, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
-        acc3 = _value_update(acc3, p, pv, vbytes, sc, zr, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
-                             3, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
+        p16 = p.to(tl.float16)
+        acc0 = tl.dot(p16, lo, acc0)
+        acc1 = tl.dot(p16, hi, acc1)
+    else:  # the fp32 unpack (:func:`_value_update`)
+        vbytes = vbytes.to(tl.int32)
+        pv = p
+        if VALUE_GROUPS == 1 and PRECISION != "fp16":  # fp16: zero and scale are folded into the values
+            pv = p * sc[None, :]
+            z_rows += p * zr[None, :]
+        acc0 = _value_update(acc0, p, pv, vbytes, sc, zr, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
+                             0, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
+        if PER_BYTE > 1:
+            acc1 = _value_update(acc1, p, pv, vbytes, sc, zr, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
+                                 1, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
+        if PER_BYTE > 2:
+            acc2 = _value_update(acc2, p, pv, vbytes, sc, zr, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
+                                 2, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
+            acc3 = _value_update(acc3, p, pv, vbytes, sc, zr, vs_base, vz_base, n, nmask, c, stride_vsn, stride_vzn,
+                                 3, D, VALUE_BITS, VALUE_GROUPS, USE_DOT, PRECISION, GR)
     return m_i, l_rows, z_rows, acc0, acc1, acc2, acc3
 
 
@@ -336,7 +398,8 @@ def _decode_split_kernel(
     VALUE_BITS: tl.constexpr, SCORE: tl.constexpr,
     GR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
     PER_HEAD_T: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_KQ: tl.constexpr,
-    N_ON_DEVICE: tl.constexpr, DIRECT: tl.constexpr, SCORE_DOT: tl.constexpr,
+    N_ON_DEVICE: tl.constexpr, DIRECT: tl.constexpr, SCORE_DOT: tl.constexpr, HALF2: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     # DIRECT: this row is one split without a window: sketch the query here and write the output itself.
     # A compile-time constant: as a runtime flag (one kernel for both, no compile when a context grows past
@@ -434,7 +497,7 @@ def _decode_split_kernel(
                 m_i, l_rows, z_rows, acc0, acc1, acc2, acc3, kw, kn, vbytes, sc, zr, n, nmask,
                 qw, qs_hi, qs_lo, t_log2, qn, cos_ptr, qp_ptr, qrow, gmask, w, wmask, vs_base, vz_base, c,
                 stride_vsn, stride_vzn, D, BITS, NW_P, VALUE_BITS, VALUE_GROUPS, SCORE, GR, USE_DOT, PRECISION,
-                PER_BYTE, SCORE_DOT)
+                PER_BYTE, SCORE_DOT, HALF2, ASM)
         n_next = start + tl.arange(0, BLOCK_N)
         nmask_next = n_next < full_end
         kw_next, kn_next, vb_next, sc_next, zr_next = _load_tile(
@@ -452,7 +515,7 @@ def _decode_split_kernel(
                 m_i, l_rows, z_rows, acc0, acc1, acc2, acc3, kw, kn, vbytes, sc, zr, n, nmask,
                 qw, qs_hi, qs_lo, t_log2, qn, cos_ptr, qp_ptr, qrow, gmask, w, wmask, vs_base, vz_base, c,
                 stride_vsn, stride_vzn, D, BITS, NW_P, VALUE_BITS, VALUE_GROUPS, SCORE, GR, USE_DOT, PRECISION,
-                PER_BYTE, SCORE_DOT)
+                PER_BYTE, SCORE_DOT, HALF2, ASM)
         l_i = tl.sum(l_rows, axis=1)
         zsum = tl.sum(z_rows, axis=1)[:, None]
         smask = gmask[:, None] & cmask[None, :]
@@ -486,6 +549,10 @@ def _decode_split_kernel(
     if not DIRECT:
         tl.store(m_ptr + part, m_i, mask=gmask)
         tl.store(l_ptr + part, l_i, mask=gmask)
+
+
+_RUNS_PTX = HAS_TRITON and not is_interpreted(_decode_split_kernel)
+"""Whether the split kernel is compiled (inline PTX runs) rather than run by Triton's CPU interpreter."""
 
 
 @triton.jit(do_not_specialize=["SPLITS"])
@@ -545,51 +612,68 @@ def _plan_splits(n: int, rows: int, device: torch.device, block_n: int, split_k:
 
 def _default_config(score: str, group: int, device: torch.device) -> dict:
     """Tile sizes and inner-product form, from sweeps on an H200 (``benchmarks/decode.py --tune``; Triton 3.6) and
-    the compiler's register report (no spills up to 512 bits).
+    the compiler's register report.
 
     One query head per kv head: fp32 multiply-adds into per-row partial sums, 128-key tiles for "hamming"
-    (64 for "cos"/"asym", which need more registers). GQA groups: one program serves the group's query heads
-    from one read of the cache, the value products on tensor cores (``tl.dot``) in **fp16**: the weights ``p``
-    (<= 256 under the lazily moved maximum) and the dequantized values ``zero + code * scale`` (within fp16's
-    range, as the fp16 scale and zero they come from) rounded to fp16, 2**-11 relative each, fp32 accumulation
-    -- flash attention's precision. Against the former tf32 form (weights ``p * scale`` rounded to nearest
-    tf32 by :func:`_round_to_tf32`, still available as ``config={"precision": "tf32"}``), same tiles, same run
-    (``results/decode_tune_gqa_tc_h200.json``): B = 1, 32q/8kv, 32k 42.7 -> 36.1 us, 128k 131.3 -> 104.3; 32q/4kv
-    32k 33.7 -> 30.8; B = 8, 128k 998 -> 789; the error against the torch reference unchanged (8.6e-4 of the
-    largest output, the fp16 output's rounding). Nsight Compute (``benchmarks/ncu_decode.py``, B = 1, 32k,
-    32q/8kv): the tf32 form moved fp32 operands through shared memory (L1 throughput 66%, 40% of issue slots
-    busy, 34.8 us); the fp16 form 42% and 49% (28.3 us). ``"ieee"`` / ``"tf32x3"`` give fp32-accurate products.
-    ``score_dot``: the query-key products as an fp16 MMA of +-1 sign matrices (:func:`_sign_matrix`) instead
-    of xor + popcount: exact, but unpacking 32 signs per code word costs more than popcounts over a group of
-    4-8 heads ("hamming" 36.1 -> 47.2 us at 32k); for "asym" (whose other form applies 32 sign bits per word
-    to ``R^T q``) it is the default (fp16: 52.6 -> 50.7 us). ``programs_per_sm``: programs resident per SM, the
-    split plan fills one wave of them (:func:`_plan_splits`); the GQA form takes ~153 registers a thread, three
-    blocks of 4 warps per SM: 3 was the fastest of 2 / 3 / 4 for 32q/8kv (B = 1 and 8, 32k and 128k) and "asym";
-    for 32q/4kv, 2 was 8% faster (27.6 vs 30.0 us, one shape measured; ``results/decode_tune_gqa_waves_h200.json``).
-    ``config={"maxnreg": 128, "programs_per_sm": 4}`` was 1-4% faster than the default for "hamming" and 1.5x
-    slower for "asym" (spills); not a default. (One program per query head, each re-reading its kv head's cache, measured
-    2-4x slower.)
+    (64 for "cos"/"asym", which need more registers). (The fp16 tensor-core form below, its one query row padded
+    to the MMA's 16, was 4-14% slower there: 65.4 vs 62.7 us at B = 1, 32k; ``results/decode_tune_half2_h200.json``.)
+
+    GQA groups: one program serves the group's query heads from one read of the cache, the value products on tensor
+    cores (``tl.dot``) in **fp16**: the weights ``p`` (<= 256 under the lazily moved maximum) rounded to fp16, and
+    the values: with ``half2_unpack`` (4-bit codes, one scale and zero per token: the paper's format)
+    ``code * scale`` rounded once to fp16 by :func:`_nibbles_to_half` (PTX on packed fp16 pairs) and the zeros
+    summed apart in fp32; otherwise ``zero + code * scale`` rounded to fp16. 2**-11 relative per operand, fp32
+    accumulation: flash attention's precision. Measured (same run, ``results/decode_tune_half2_h200.json``; error
+    against the torch reference 8.6e-4 of the largest output either way, the fp16 output's rounding), fp32 unpack
+    -> ``half2_unpack``: B = 1, 32q/8kv, 32k 35.1 -> 31.9 us, 128k 99.8 -> 88.3; 32q/4kv 32k 27.6 -> 26.9; B = 8,
+    128k 714 -> 622. The earlier tf32 form (``config={"precision": "tf32"}``, weights ``p * scale`` rounded to
+    nearest tf32 by :func:`_round_to_tf32`) was slower still (``results/decode_tune_gqa_tc_h200.json``: 42.7 us at
+    32k). ``"ieee"`` / ``"tf32x3"`` give fp32-accurate products. Nsight Compute of the fp16 form before
+    ``half2_unpack`` (``benchmarks/ncu_decode.py``, B = 1, 32k, 32q/8kv): latency-bound, no eligible warp on 44% of
+    cycles.
+
+    ``score_dot``: the query-key products as an fp16 MMA of +-1 sign matrices (:func:`_sign_matrix`) instead of
+    xor + popcount: exact, but unpacking 32 signs per code word costs more than popcounts ("hamming" 31.9 -> 43.5
+    us at 32k). For "asym" the other form (32 sign bits per word applied to ``R^T q``) is faster at groups of 4
+    (43.4 vs 46.7 us) but spills registers at groups of 8 (255 registers, ~950 stack bytes, compiled for sm_90), so
+    ``score_dot`` is the default there.
+
+    ``programs_per_sm``: programs resident per SM; the split plan fills one wave of them (:func:`_plan_splits`). The
+    "hamming" GQA form takes 146 registers a thread at groups of 4 (sm_90, ``kernel_resources.py``), three blocks of 4
+    warps per SM: 3 was the fastest of 2 / 3 / 4 for 32q/8kv (B = 1 and 8, 32k and 128k); at groups of 8 it takes 204,
+    two blocks fit, and 2 was the fastest (32q/4kv, B = 1, 32k: 26.9 vs 33.4 us). "asym" takes 200-255 registers: two
+    blocks fit, 2 was the fastest (43.4 vs 50.7 us). ``config={"maxnreg": 128, "programs_per_sm": 4}`` was
+    1-4% faster than the fp32-unpack default for "hamming" and 1.5x slower for "asym" (spills); not a default. (One
+    program per query head, each re-reading its kv head's cache, measured 2-4x slower.)
+
     ``config`` overrides are checked by :func:`_check_config`; turning ``use_dot`` off on its own selects the
     fp32 multiply-adds (``"ieee"``).
     ``single_split_max_n``: contexts up to this many compressed tokens run as one split per (sequence, kv
-    head) and write the output directly
-    (one launch instead of split + combine). Eager decode is bound by the host's launches: on an H200, 7B
-    shapes at B = 1, one split made a whole decode step faster at 8k (MHA 29.9 vs 31.9 ms, GQA 35.9 vs
-    38.5 ms) but slower at 32k for GQA (52.4 vs 37.5 ms), where one program per kv head has too much to
-    read. Under CUDA graphs (no launch cost) splitting is always faster; benchmarks pass 0 there.
+    head) and write the output directly (one launch instead of split + combine). Eager decode is bound by the
+    host's launches: on an H200, 7B shapes at B = 1, one split made a whole decode step faster at 8k (MHA 29.9 vs
+    31.9 ms, GQA 35.9 vs 38.5 ms) but slower at 32k for GQA (52.4 vs 37.5 ms), where one program per kv head has
+    too much to read. Under CUDA graphs (no launch cost) splitting is always faster; benchmarks pass 0 there.
 
     Registers (``benchmarks/kernel_resources.py``: compiled for sm_90 without a GPU): every default form fits
-    255 registers a thread without spilling. (The former "asym" form at GQA groups of 8 spilled with 64-key
-    tiles; its ``score_dot`` form does not.)"""
+    255 registers a thread; only "asym" at groups of 4 (its faster form) spills a few bytes."""
     if group > 1:
-        return {"block_n": 64, "use_dot": True, "precision": "fp16",
-                "score_dot": score == "asym", "num_warps": 4, "num_stages": 1, "programs_per_sm": 3,
-                "single_split_max_n": 8192, "maxnreg": None}
-    return {"block_n": 128 if score == "hamming" else 64, "use_dot": False, "precision": "ieee", "score_dot": False,
-            "num_warps": 4, "num_stages": 1, "programs_per_sm": 4, "single_split_max_n": 8192, "maxnreg": None}
+        asym = score == "asym"
+        return {"block_n": 64, "use_dot": True, "precision": "fp16", "half2_unpack": True,
+                "score_dot": asym and group > 4, "num_warps": 4, "num_stages": 1,
+                "programs_per_sm": 2 if asym or group > 4 else 3, "single_split_max_n": 8192, "maxnreg": None}
+    return {"block_n": 128 if score == "hamming" else 64, "use_dot": False, "precision": "ieee", "half2_unpack": True,
+            "score_dot": False, "num_warps": 4, "num_stages": 1, "programs_per_sm": 4, "single_split_max_n": 8192,
+            "maxnreg": None}
 
 
 PRECISIONS = ("ieee", "tf32", "tf32x3", "fp16")
+
+
+def _half2_unpack(cfg: dict, value_bits: int, value_groups: int) -> bool:
+    """Whether the kernel unpacks values in packed fp16 pairs (:func:`_nibbles_to_half`): asked for, on the fp16
+    tensor-core form, for 4-bit codes with one scale and zero per token (the paper's format); other formats take
+    the fp32 unpack."""
+    return bool(cfg["half2_unpack"]) and cfg["precision"] == "fp16" and value_bits == 4 and value_groups == 1
 
 
 def _merged_config(score: str, group: int, device, config: dict | None) -> dict:
@@ -613,7 +697,7 @@ def _check_config(config: dict | None, score: str, group: int, device) -> None:
         raise ValueError(f"config: unknown keys {unknown}; the keys are {sorted(known)}")
     if "precision" in config:
         check_choice("config['precision']", config["precision"], PRECISIONS)
-    for key in ("use_dot", "score_dot"):
+    for key in ("use_dot", "score_dot", "half2_unpack"):
         if key in config:
             check_bool(f"config[{key!r}]", config[key])
     for key in ("block_n", "num_warps", "num_stages", "programs_per_sm") + (
@@ -710,7 +794,8 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
         GR=gr, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_W=max(2, 16 // gr),
         PER_HEAD_T=per_head_t, USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"],
         BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=n_valid is not None, DIRECT=direct,
-        SCORE_DOT=cfg["score_dot"],
+        SCORE_DOT=cfg["score_dot"], HALF2=_half2_unpack(cfg, value_bits, value_scale.shape[-1]),
+        ASM=_RUNS_PTX,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **({} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}),
     )

@@ -26,6 +26,9 @@ def test_compiles_for_sm90_and_reads_the_resources(args):
     assert row["arch"] == 90 and 1 <= row["registers"] <= 255
     assert row["sass_instructions"] > 100 and row["global_loads"] > 0
     assert row["stack_bytes"] >= 0 and row["spill_stores"] >= 0
+    # the loop over the cache's tiles: a strict part of the kernel, with its loads, and the per-tile work's opcodes
+    assert 50 < row["loop_instructions"] < row["sass_instructions"]
+    assert sum(row["loop_opcodes"].values()) <= row["loop_instructions"] and "LOP3" in row["loop_opcodes"]
     assert row["config"]["block_n"] == (32 if args else 128)
 
 

@@ -31,7 +31,9 @@ from h1bkv_lite.kernels import (
     sketch_pack_quantize_into,
 )
 from h1bkv_lite.kernels._common import is_interpreted, tl, triton, use_triton
-from h1bkv_lite.kernels.decode_attention import _decode_split_kernel, _default_config, _round_to_tf32
+from h1bkv_lite.kernels.decode_attention import (
+    _decode_split_kernel, _default_config, _nibbles_to_half, _round_to_tf32,
+)
 from h1bkv_lite.sketch import unpack_bits
 
 _CUDA = torch.cuda.is_available()
@@ -40,9 +42,10 @@ DEVICES = [
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not _CUDA, reason="needs CUDA")]),
 ]
 NEAR_TIE = 1e-5
-# GQA's value products run on tensor cores. In fp16 (the default): weights p (<= 256) and dequantized values rounded
-# to fp16, 2**-11 relative each, round to nearest, fp32 accumulation; the interpreter rounds the same way, then
-# multiplies in fp32. In tf32 (``config={"precision": "tf32"}``): the kernel rounds the weights p * scale (and
+# GQA's value products run on tensor cores. In fp16 (the default): weights p (<= 256) and values rounded to fp16,
+# 2**-11 relative each, round to nearest, fp32 accumulation (4-bit per-token values, ``half2_unpack``: code * scale
+# rounded once, the zero added in fp32; otherwise zero + code * scale rounded); the interpreter rounds the same
+# way, then multiplies in fp32. In tf32 (``config={"precision": "tf32"}``): the kernel rounds the weights p * scale (and
 # per-group values) to nearest tf32 itself (10 mantissa bits: <= 2**-11, either sign). Either way an output moves by
 # <= ~2**-10 of the attended values' range (~2-5 for unit-variance values), on average far less since the errors
 # have both signs. Before the rounding the tf32 MMA's truncation (0 to 2**-10, one-signed) passed this same bound on
@@ -483,6 +486,7 @@ def test_decode_matmul_forms(device, use_dot, precision):
 TENSOR_CORE_FORMS = [
     pytest.param({"score_dot": True}, id="scores-mma"),
     pytest.param({"use_dot": True, "precision": "fp16"}, id="values-fp16"),
+    pytest.param({"use_dot": True, "precision": "fp16", "half2_unpack": False}, id="values-fp16-fp32-unpack"),
     pytest.param({"use_dot": True, "precision": "fp16", "score_dot": True}, id="both"),
 ]
 
@@ -502,6 +506,59 @@ def test_decode_tensor_core_forms(device, form, score):
                                      bits=bits, score=score, groups=groups)
         _check_decode(args, kwargs, f"{seed + i} (group {gqa}, bits {bits})", split_k=split_k,
                       config={**form, "block_n": 32})
+
+
+@triton.jit
+def _apply_nibbles_to_half(v_ptr, sc_ptr, lo_ptr, hi_ptr, N, C: tl.constexpr, BLOCK_N: tl.constexpr,
+                           ASM: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.arange(0, C)
+    mask = (n < N)[:, None]
+    v = tl.load(v_ptr + n[:, None] * C + c[None, :], mask=mask, other=0)
+    sc = tl.load(sc_ptr + n, mask=n < N, other=0.0)
+    lo, hi = _nibbles_to_half(v, sc[:, None], ASM)
+    tl.store(lo_ptr + n[:, None] * C + c[None, :], lo, mask=mask)
+    tl.store(hi_ptr + n[:, None] * C + c[None, :], hi, mask=mask)
+
+
+def test_nibbles_to_half_is_code_times_scale_rounded_once(device):
+    """The 4-bit value unpack of the fp16 tensor-core form: every byte value (low nibble = even column), scales
+    from fp16's smallest normals to its largest usable, each ``code * scale`` rounded once to fp16 -- exactly
+    what torch's fp32 product (exact for a 4-bit code) rounded to fp16 gives. On the GPU this runs the PTX
+    (packed fp16 pairs), in the interpreter the fp32 fallback."""
+    gen = _gen(fresh_seed())
+    N, C = 37, 256
+    data = torch.arange(256, dtype=torch.uint8).repeat(N, 1)[:, torch.randperm(256, generator=gen)]
+    exps = torch.randint(-14, 12, (N,), generator=gen).float()
+    sc = ((1 + torch.rand(N, generator=gen)) * 2.0 ** exps).half()
+    sc[:3] = torch.tensor([6.1035e-05, 1.0, 4095.0]).half()  # smallest normal, one, 15 * 4095 < 65504
+    data, sc = data.to(device), sc.to(device)
+    lo, hi = (torch.empty(N, C, dtype=torch.float16, device=device) for _ in range(2))
+    asm = device.type == "cuda"
+    _apply_nibbles_to_half[(triton.cdiv(N, 16),)](data, sc, lo, hi, N, C=C, BLOCK_N=16, ASM=asm)
+    d = data.long()
+    assert torch.equal(lo, ((d & 15).float() * sc.float()[:, None]).half())
+    assert torch.equal(hi, ((d >> 4).float() * sc.float()[:, None]).half())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="the PTX runs on CUDA only")
+def test_decode_half2_unpack_ptx_equals_its_fallback(monkeypatch):
+    """On the GPU, the decode kernel with the PTX unpack gives bit for bit the output of the same kernel compiled
+    with the fp32 fallback (what the CPU interpreter runs): MHA and GQA, split and direct, with a window."""
+    import h1bkv_lite.kernels.decode_attention as da
+
+    seed = fresh_seed()
+    cuda = torch.device("cuda")
+    for i, (gqa, N, W, split_k) in enumerate(((1, 333, 0, None), (4, 1000, 3, 5), (8, 77, 0, 1))):
+        args, kwargs, _ = make_cache(seed=seed + i, device=cuda, B=2, Hq=2 * gqa, Hkv=2, N=N, W=W, D=128,
+                                     bits=128, dtype=torch.float16)
+        config = {"use_dot": True, "precision": "fp16", "half2_unpack": True, "block_n": 64}
+        ptx = h1b_decode_attention(*args, **kwargs, split_k=split_k, config=config)
+        monkeypatch.setattr(da, "_RUNS_PTX", False)
+        fallback = h1b_decode_attention(*args, **kwargs, split_k=split_k, config=config)
+        monkeypatch.setattr(da, "_RUNS_PTX", True)
+        assert torch.equal(ptx, fallback), f"seed={seed + i}, group {gqa}: max diff {(ptx - fallback).abs().max()}"
 
 
 def test_decode_config_is_checked(device):
