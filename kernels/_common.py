@@ -78,6 +78,17 @@ def as_words(codes: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def popcount(x, PTX: tl.constexpr):
+    """Set bits of each int32 word: the GPU's ``popc`` instruction when ``PTX`` (compiled code), else
+    :func:`popcount32` (Triton's CPU interpreter runs no PTX). One instruction instead of SWAR's twelve: for GQA
+    groups the popcounts were ~16% of the decode kernel's instructions per tile."""
+    if PTX:
+        return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return popcount32(x)
+
+
+@triton.jit
 def popcount32(x):
     """Set bits of each int32 word (SWAR; no tl.popc, and libdevice popc fails in the interpreter).
 

@@ -38,7 +38,9 @@ from h1bkv_lite._validation import (
 from h1bkv_lite.quant import VALUE_BITS, unpack_codes
 from h1bkv_lite.sketch import pack_bits, unpack_bits
 
-from ._common import HAS_TRITON, as_words, cdiv, is_interpreted, next_pow2, pack_sign_words, popcount32, tl, triton, use_triton
+from ._common import (
+    HAS_TRITON, as_words, cdiv, is_interpreted, next_pow2, pack_sign_words, popcount, tl, triton, use_triton,
+)
 from .hamming import hamming_scores_reference
 from .sketch_pack import _project_tile
 
@@ -331,9 +333,9 @@ def _attend_tile(m_i, l_rows, z_rows, acc0, acc1, acc2, acc3, kw, kn, vbytes, sc
         s = _asym_dots(kw, qp_ptr, qrow, gmask, w, wmask, BITS, GR) * kn[None, :]
     else:
         if GR == 1:
-            h = tl.sum(popcount32(tl.reshape(qw, (NW_P,))[None, :] ^ kw), axis=1)[None, :]
+            h = tl.sum(popcount(tl.reshape(qw, (NW_P,))[None, :] ^ kw, ASM), axis=1)[None, :]
         else:
-            h = tl.sum(popcount32(qw[:, None, :] ^ kw[None, :, :]), axis=2)  # [GR, BLOCK_N]
+            h = tl.sum(popcount(qw[:, None, :] ^ kw[None, :, :], ASM), axis=2)  # [GR, BLOCK_N]
         if SCORE == 0:
             s = (1.0 - h.to(tl.float32) * (2.0 / BITS)) * t_log2[:, None]
         else:

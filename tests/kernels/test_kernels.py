@@ -30,7 +30,7 @@ from h1bkv_lite.kernels import (
     sketch_pack_quantize,
     sketch_pack_quantize_into,
 )
-from h1bkv_lite.kernels._common import is_interpreted, tl, triton, use_triton
+from h1bkv_lite.kernels._common import is_interpreted, popcount, tl, triton, use_triton
 from h1bkv_lite.kernels.decode_attention import (
     _decode_split_kernel, _default_config, _nibbles_to_half, _round_to_tf32,
 )
@@ -539,6 +539,25 @@ def test_nibbles_to_half_is_code_times_scale_rounded_once(device):
     d = data.long()
     assert torch.equal(lo, ((d & 15).float() * sc.float()[:, None]).half())
     assert torch.equal(hi, ((d >> 4).float() * sc.float()[:, None]).half())
+
+
+@triton.jit
+def _apply_popcount(x_ptr, out_ptr, n, BLOCK: tl.constexpr, PTX: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, popcount(tl.load(x_ptr + i, mask=i < n, other=0), PTX), mask=i < n)
+
+
+def test_popcount_counts_every_bit(device):
+    """The decode kernel's popcount: the ``popc`` instruction on the GPU, SWAR in the interpreter; words with the
+    sign bit set, zero, all ones, single bits and random ones, against torch's bit count."""
+    gen = _gen(fresh_seed())
+    words = torch.cat([torch.tensor([0, -1, -2**31, 2**31 - 1, 1]), 1 << torch.arange(31),
+                       torch.randint(-2**31, 2**31 - 1, (1000,), generator=gen)]).to(torch.int32)
+    expected = ((words.long() & 0xFFFFFFFF)[:, None] >> torch.arange(32)).bitwise_and(1).sum(-1).to(torch.int32)
+    x = words.to(device)
+    out = torch.empty_like(x)
+    _apply_popcount[(triton.cdiv(x.numel(), 256),)](x, out, x.numel(), BLOCK=256, PTX=device.type == "cuda")
+    assert torch.equal(out.cpu(), expected)
 
 
 @pytest.mark.gpu
