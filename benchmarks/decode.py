@@ -300,21 +300,20 @@ TC_FORMS = [("fp16", False, False), ("fp16", False, True), ("fp16", True, True)]
 
 
 def tune_configs(gqa: bool) -> list[dict]:
-    """The kernel configs ``--tune`` times: the tensor-core forms (``TC_FORMS``) by tile, programs per SM (and for
-    one query head per kv head, warps); for one query head per kv head also the fp32 form at its former default
-    and neighbours."""
-    def tc(form, block_n, per_sm, warps=4, maxnreg=None):
+    """The kernel configs ``--tune`` times, each form by tile, programs per SM and pipeline stages (1: loads of the
+    next tile issued by hand; 2-3: Triton's pipeliner, asynchronous copies): GQA's tensor-core forms with the
+    packed-pair unpack (``TC_FORMS[1:]``); for one query head per kv head the fp32 form and the fp16 one."""
+    def cfg(form, block_n, per_sm, stages):
         prec, sdot, half2 = form
-        return dict(use_dot=True, precision=prec, score_dot=sdot, half2_unpack=half2, block_n=block_n,
-                    num_warps=warps, programs_per_sm=per_sm, num_stages=1, single_split_max_n=0, maxnreg=maxnreg)
+        return dict(use_dot=prec != "ieee", precision=prec, score_dot=sdot, half2_unpack=half2, block_n=block_n,
+                    num_warps=4, programs_per_sm=per_sm, num_stages=stages, single_split_max_n=0, maxnreg=None)
+    stages = (1, 2, 3)
     if gqa:
-        return [tc(form, block_n, per_sm) for form, block_n, per_sm in
-                itertools.product(TC_FORMS, (32, 64), (2, 3, 4))]
-    fp32 = [dict(use_dot=False, precision="ieee", score_dot=False, half2_unpack=False, block_n=block_n,
-                 num_warps=4, programs_per_sm=per_sm, num_stages=1, single_split_max_n=0)
-            for block_n, per_sm in ((128, 4), (64, 4), (128, 2))]
-    return fp32 + [tc(TC_FORMS[0], 128, 4)] + [tc(TC_FORMS[1], block_n, per_sm, warps) for block_n, per_sm, warps in
-                   itertools.product((64, 128), (2, 3, 4), (4, 8))]
+        return [cfg(form, block_n, per_sm, st) for form, block_n, per_sm, st in
+                itertools.product(TC_FORMS[1:], (32, 64), (2, 3, 4), stages)]
+    return ([cfg(("ieee", False, False), block_n, per_sm, st)
+             for block_n, per_sm, st in itertools.product((64, 128), (2, 4), stages)]
+            + [cfg(TC_FORMS[1], 128, 3, st) for st in stages])
 
 
 def tune(device, gqa_only: bool = False, path: Path | None = None, shapes=None) -> dict:

@@ -69,7 +69,8 @@ def compile_split_kernel(*, group=1, score="hamming", bits=128, static=False, di
                   SCORE=da._SCORE_ID[score], GR=gr, BLOCK_N=cfg["block_n"], BLOCK_D=D, BLOCK_W=max(2, 16 // gr),
                   PER_HEAD_T=score == "hamming", USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"],
                   BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=static, DIRECT=direct,
-                  SCORE_DOT=cfg["score_dot"], HALF2=da._half2_unpack(cfg, 4, 1), ASM=True)
+                  SCORE_DOT=cfg["score_dot"], HALF2=da._half2_unpack(cfg, 4, 1), ASM=True,
+                  PIPELINE=cfg["num_stages"] if cfg["num_stages"] > 1 else 0)
     values = launch_values(group, bits, cfg["block_n"], cfg["programs_per_sm"])
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(names):
@@ -87,7 +88,7 @@ def compile_split_kernel(*, group=1, score="hamming", bits=128, static=False, di
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}), cfg
+                          options={"num_warps": cfg["num_warps"], "num_stages": 1}), cfg  # as the launcher
 
 
 def resources(kernel) -> dict:

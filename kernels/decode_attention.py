@@ -126,21 +126,21 @@ def _codes_as_float(vbytes, J: tl.constexpr, VALUE_BITS: tl.constexpr):
 
 _NIBBLES_TO_HALF2_PTX = """
 {
-.reg .b32 t0, t1, a0, a1, b0, b1, zero, k1024, k16, km64;
+.reg .b32 t0, t1, a0, a1, b0, b1, zero, k1032, k16, km72;
 mov.b32 zero, 0;
-mov.b32 k1024, 0x64006400;
+mov.b32 k1032, 0x64086408;
 mov.b32 k16, 0x2C002C00;
-mov.b32 km64, 0xD400D400;
+mov.b32 km72, 0xD480D480;
 prmt.b32 t0, $4, zero, 0x4140;
 prmt.b32 t1, $4, zero, 0x4342;
 lop3.b32 a0, t0, 0x000F000F, 0x64006400, 0xEA;
 lop3.b32 a1, t1, 0x000F000F, 0x64006400, 0xEA;
 lop3.b32 b0, t0, 0x00F000F0, 0x64006400, 0xEA;
 lop3.b32 b1, t1, 0x00F000F0, 0x64006400, 0xEA;
-sub.f16x2 a0, a0, k1024;
-sub.f16x2 a1, a1, k1024;
-fma.rn.f16x2 b0, b0, k16, km64;
-fma.rn.f16x2 b1, b1, k16, km64;
+sub.f16x2 a0, a0, k1032;
+sub.f16x2 a1, a1, k1032;
+fma.rn.f16x2 b0, b0, k16, km72;
+fma.rn.f16x2 b1, b1, k16, km72;
 mul.rn.f16x2 $0, a0, $5;
 mul.rn.f16x2 $1, a1, $6;
 mul.rn.f16x2 $2, b0, $5;
@@ -148,23 +148,27 @@ mul.rn.f16x2 $3, b1, $6;
 }
 """
 """PTX for :func:`_nibbles_to_half`, four bytes (eight 4-bit codes) per instance: ``$4`` holds bytes ``b0 .. b3``,
-``$5, $6`` their scales as fp16 pairs; out come the low nibbles' values ``code * scale`` as fp16 pairs ``$0, $1``
-and the high nibbles' ``$2, $3``. ``prmt`` spreads bytes ``b0, b1`` (``b2, b3``) to the two 16-bit halves of a
-word; ``lop3`` keeps one nibble of each half and ORs in the exponent of 1024 (``0x6400``), giving the fp16 pair
-``1024 + code`` (low nibble) or ``1024 + 16 * code`` (high nibble: its bits 4-7 land on mantissa bits 4-7); one
-fp16x2 subtract (or multiply-add by 1/16 and -64) leaves the codes, exactly; one fp16x2 multiply makes ``code *
-scale``, rounded once. 14 instructions for eight values, where the fp32 unpack and its conversion to fp16 take ~3.5
-a value. The trick is FasterTransformer's int4 -> fp16 conversion (used by AWQ and BitDecoding too)."""
+``$5, $6`` their scales as fp16 pairs; out come the low nibbles' ``(code - 8) * scale`` as fp16 pairs ``$0, $1`` and
+the high nibbles' ``$2, $3``. ``prmt`` spreads bytes ``b0, b1`` (``b2, b3``) to the two 16-bit halves of a word;
+``lop3`` keeps one nibble of each half and ORs in the exponent of 1024 (``0x6400``), giving the fp16 pair ``1024 +
+code`` (low nibble) or ``1024 + 16 * code`` (high nibble: its bits 4-7 land on mantissa bits 4-7); one fp16x2
+subtract of 1032 (or multiply-add by 1/16 and -72) leaves ``code - 8``, exactly; one fp16x2 multiply makes ``(code -
+8) * scale``, rounded once. 14 instructions for eight values, where the fp32 unpack and its conversion to fp16 take
+~3.5 a value. The trick is FasterTransformer's int4 -> fp16 conversion (used by AWQ and BitDecoding too)."""
 _NIBBLES_TO_HALF2 = tl.constexpr(_NIBBLES_TO_HALF2_PTX) if HAS_TRITON else None  # a jit function reads constexprs
 
 
 @triton.jit
 def _nibbles_to_half(vbytes, sc, ASM: tl.constexpr):
     """4-bit value codes, two per byte (``vbytes`` uint8 ``[BLOCK_N, NBC]``, code ``2c`` in the low nibble of
-    byte ``c``), times their per-token scale ``sc`` (fp16 ``[BLOCK_N, 1]``) as fp16, rounded once: ``(low
-    nibbles, high nibbles)``, each ``[BLOCK_N, NBC]``. ``ASM``: in packed fp16 pairs (:data:`_NIBBLES_TO_HALF2_PTX`);
-    otherwise (Triton's CPU interpreter, which runs no PTX) the same values from fp32 arithmetic (exact products,
-    so the one rounding to fp16 is the same)."""
+    byte ``c``), centred and scaled: ``(code - 8) * scale`` (``sc``: fp16 ``[BLOCK_N, 1]``, per token) as fp16,
+    rounded once: ``(low nibbles, high nibbles)``, each ``[BLOCK_N, NBC]``. The value is this plus ``zero + 8 *
+    scale`` (the caller adds that in fp32): centred, the rounded part is at most half the token's value range, so
+    its rounding error is that of rounding the value itself when the values straddle 0 (the usual case), and
+    smaller when they do not. (Uncentred, ``code * scale`` spans the whole range and its rounding moved the
+    outputs ~10x more than fp16 values on the tiny test model.) ``ASM``: in packed fp16 pairs
+    (:data:`_NIBBLES_TO_HALF2_PTX`); otherwise (Triton's CPU interpreter, which runs no PTX) the same values from
+    fp32 arithmetic (exact products, so the one rounding to fp16 is the same)."""
     if ASM:
         lo, hi = tl.inline_asm_elementwise(
             _NIBBLES_TO_HALF2, "=r,=r,=r,=r,r,r,r", [vbytes, sc], dtype=(tl.float16, tl.float16), is_pure=True,
@@ -172,8 +176,8 @@ def _nibbles_to_half(vbytes, sc, ASM: tl.constexpr):
     else:
         v = vbytes.to(tl.int32)
         scf = sc.to(tl.float32)
-        lo = ((v & 15).to(tl.float32) * scf).to(tl.float16)
-        hi = ((v >> 4).to(tl.float32) * scf).to(tl.float16)
+        lo = (((v & 15) - 8).to(tl.float32) * scf).to(tl.float16)
+        hi = (((v >> 4) - 8).to(tl.float32) * scf).to(tl.float16)
     return lo, hi
 
 
@@ -358,10 +362,10 @@ def _attend_tile(m_i, l_rows, z_rows, acc0, acc1, acc2, acc3, kw, kn, vbytes, sc
     p = tl.exp2(s - m_i[:, None])
     l_rows += p
 
-    if HALF2:  # 4-bit codes times scale in packed fp16 pairs; two MMAs (even, odd value columns); zeros in fp32
-        lo, hi = _nibbles_to_half(vbytes, sc.to(tl.float16)[:, None], ASM)
-        z_rows += p * zr[None, :]
+    if HALF2:  # 4-bit codes to fp16 in packed pairs; two MMAs (even, odd value columns); the offsets in fp32
+        lo, hi = _nibbles_to_half(vbytes, sc.to(tl.float16)[:, None], ASM)  # (code - 8) * scale
         p16 = p.to(tl.float16)
+        z_rows += p16.to(tl.float32) * (zr + 8.0 * sc)[None, :]  # the rest of each value, with the MMA's weights
         acc0 = tl.dot(p16, lo, acc0)
         acc1 = tl.dot(p16, hi, acc1)
     else:  # the fp32 unpack (:func:`_value_update`)
@@ -401,7 +405,7 @@ def _decode_split_kernel(
     GR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
     PER_HEAD_T: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_KQ: tl.constexpr,
     N_ON_DEVICE: tl.constexpr, DIRECT: tl.constexpr, SCORE_DOT: tl.constexpr, HALF2: tl.constexpr,
-    ASM: tl.constexpr,
+    ASM: tl.constexpr, PIPELINE: tl.constexpr = 0,
 ):
     # DIRECT: this row is one split without a window: sketch the query here and write the output itself.
     # A compile-time constant: as a runtime flag (one kernel for both, no compile when a context grows past
@@ -500,24 +504,37 @@ def _decode_split_kernel(
                 qw, qs_hi, qs_lo, t_log2, qn, cos_ptr, qp_ptr, qrow, gmask, w, wmask, vs_base, vz_base, c,
                 stride_vsn, stride_vzn, D, BITS, NW_P, VALUE_BITS, VALUE_GROUPS, SCORE, GR, USE_DOT, PRECISION,
                 PER_BYTE, SCORE_DOT, HALF2, ASM)
-        n_next = start + tl.arange(0, BLOCK_N)
-        nmask_next = n_next < full_end
-        kw_next, kn_next, vb_next, sc_next, zr_next = _load_tile(
-            kc_base, kn_base, vd_base, vs_base, vz_base, n_next, nmask_next, w, wmask, c, cmask,
-            stride_kcn, stride_knn, stride_vdn, stride_vsn, stride_vzn, SCORE, VALUE_GROUPS, BLOCK_N)
-        for n0 in range(start, full_end, BLOCK_N):
-            n, nmask = n_next, nmask_next
-            kw, kn, vbytes, sc, zr = kw_next, kn_next, vb_next, sc_next, zr_next
-            n_next = n + BLOCK_N
+        if PIPELINE:  # Triton's software pipeliner (num_stages > 1: asynchronous copies through shared memory)
+            for n0 in tl.range(start, full_end, BLOCK_N, num_stages=PIPELINE):
+                n = n0 + tl.arange(0, BLOCK_N)
+                nmask = n < full_end
+                kw, kn, vbytes, sc, zr = _load_tile(
+                    kc_base, kn_base, vd_base, vs_base, vz_base, n, nmask, w, wmask, c, cmask,
+                    stride_kcn, stride_knn, stride_vdn, stride_vsn, stride_vzn, SCORE, VALUE_GROUPS, BLOCK_N)
+                m_i, l_rows, z_rows, acc0, acc1, acc2, acc3 = _attend_tile(
+                    m_i, l_rows, z_rows, acc0, acc1, acc2, acc3, kw, kn, vbytes, sc, zr, n, nmask,
+                    qw, qs_hi, qs_lo, t_log2, qn, cos_ptr, qp_ptr, qrow, gmask, w, wmask, vs_base, vz_base, c,
+                    stride_vsn, stride_vzn, D, BITS, NW_P, VALUE_BITS, VALUE_GROUPS, SCORE, GR, USE_DOT, PRECISION,
+                    PER_BYTE, SCORE_DOT, HALF2, ASM)
+        else:  # software pipelining by hand: the loads of tile i + 1 are issued before tile i is processed
+            n_next = start + tl.arange(0, BLOCK_N)
             nmask_next = n_next < full_end
             kw_next, kn_next, vb_next, sc_next, zr_next = _load_tile(
                 kc_base, kn_base, vd_base, vs_base, vz_base, n_next, nmask_next, w, wmask, c, cmask,
                 stride_kcn, stride_knn, stride_vdn, stride_vsn, stride_vzn, SCORE, VALUE_GROUPS, BLOCK_N)
-            m_i, l_rows, z_rows, acc0, acc1, acc2, acc3 = _attend_tile(
-                m_i, l_rows, z_rows, acc0, acc1, acc2, acc3, kw, kn, vbytes, sc, zr, n, nmask,
-                qw, qs_hi, qs_lo, t_log2, qn, cos_ptr, qp_ptr, qrow, gmask, w, wmask, vs_base, vz_base, c,
-                stride_vsn, stride_vzn, D, BITS, NW_P, VALUE_BITS, VALUE_GROUPS, SCORE, GR, USE_DOT, PRECISION,
-                PER_BYTE, SCORE_DOT, HALF2, ASM)
+            for n0 in range(start, full_end, BLOCK_N):
+                n, nmask = n_next, nmask_next
+                kw, kn, vbytes, sc, zr = kw_next, kn_next, vb_next, sc_next, zr_next
+                n_next = n + BLOCK_N
+                nmask_next = n_next < full_end
+                kw_next, kn_next, vb_next, sc_next, zr_next = _load_tile(
+                    kc_base, kn_base, vd_base, vs_base, vz_base, n_next, nmask_next, w, wmask, c, cmask,
+                    stride_kcn, stride_knn, stride_vdn, stride_vsn, stride_vzn, SCORE, VALUE_GROUPS, BLOCK_N)
+                m_i, l_rows, z_rows, acc0, acc1, acc2, acc3 = _attend_tile(
+                    m_i, l_rows, z_rows, acc0, acc1, acc2, acc3, kw, kn, vbytes, sc, zr, n, nmask,
+                    qw, qs_hi, qs_lo, t_log2, qn, cos_ptr, qp_ptr, qrow, gmask, w, wmask, vs_base, vz_base, c,
+                    stride_vsn, stride_vzn, D, BITS, NW_P, VALUE_BITS, VALUE_GROUPS, SCORE, GR, USE_DOT, PRECISION,
+                    PER_BYTE, SCORE_DOT, HALF2, ASM)
         l_i = tl.sum(l_rows, axis=1)
         zsum = tl.sum(z_rows, axis=1)[:, None]
         smask = gmask[:, None] & cmask[None, :]
@@ -623,8 +640,8 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
     GQA groups: one program serves the group's query heads from one read of the cache, the value products on tensor
     cores (``tl.dot``) in **fp16**: the weights ``p`` (<= 256 under the lazily moved maximum) rounded to fp16, and
     the values: with ``half2_unpack`` (4-bit codes, one scale and zero per token: the paper's format)
-    ``code * scale`` rounded once to fp16 by :func:`_nibbles_to_half` (PTX on packed fp16 pairs) and the zeros
-    summed apart in fp32; otherwise ``zero + code * scale`` rounded to fp16. 2**-11 relative per operand, fp32
+    ``(code - 8) * scale`` rounded once to fp16 by :func:`_nibbles_to_half` (PTX on packed fp16 pairs) and ``zero +
+    8 * scale`` summed apart in fp32; otherwise ``zero + code * scale`` rounded to fp16. 2**-11 relative per operand, fp32
     accumulation: flash attention's precision. Measured (same run, ``results/decode_tune_half2_h200.json``; error
     against the torch reference 8.6e-4 of the largest output either way, the fp16 output's rounding), fp32 unpack
     -> ``half2_unpack``: B = 1, 32q/8kv, 32k 35.1 -> 31.9 us, 128k 99.8 -> 88.3; 32q/4kv 32k 27.6 -> 26.9; B = 8,
@@ -647,6 +664,13 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
     blocks fit, 2 was the fastest (43.4 vs 50.7 us). ``config={"maxnreg": 128, "programs_per_sm": 4}`` was
     1-4% faster than the fp32-unpack default for "hamming" and 1.5x slower for "asym" (spills); not a default. (One
     program per query head, each re-reading its kv head's cache, measured 2-4x slower.)
+
+    ``num_stages``: 1 issues the next tile's loads by hand before the current tile's work; 2 or 3 hands the tile
+    loop to Triton's software pipeliner (asynchronous copies through shared memory, ``cp.async``). Swept on the
+    H200 (``results/decode_tune_stages_h200.json``, every row checked against the reference): 3 stages made GQA
+    4-15% faster (B = 1, 32q/8kv: 32k 29.9 -> 28.1 us, 128k 79.4 -> 71.6; 32q/4kv 25.3 -> 24.3; B = 8, 128k 551.0
+    -> 478.7; "asym" with ``score_dot`` 42.9 against the default's 44.0) and MHA 9% slower (61.5 -> 67.1 us). It
+    is not yet the GQA default: its GPU tests of the static-capacity (CUDA graph) and windowed paths have not run.
 
     ``config`` overrides are checked by :func:`_check_config`; turning ``use_dot`` off on its own selects the
     fp32 multiply-adds (``"ieee"``).
@@ -797,8 +821,8 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
         PER_HEAD_T=per_head_t, USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"],
         BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=n_valid is not None, DIRECT=direct,
         SCORE_DOT=cfg["score_dot"], HALF2=_half2_unpack(cfg, value_bits, value_scale.shape[-1]),
-        ASM=_RUNS_PTX,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        ASM=_RUNS_PTX, PIPELINE=cfg["num_stages"] if cfg["num_stages"] > 1 else 0,
+        num_warps=cfg["num_warps"], num_stages=1,  # the tile loop's stages come as PIPELINE (the window's loop: 1)
         **({} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}),
     )
     if not direct:

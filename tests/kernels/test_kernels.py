@@ -43,8 +43,8 @@ DEVICES = [
 ]
 NEAR_TIE = 1e-5
 # GQA's value products run on tensor cores. In fp16 (the default): weights p (<= 256) and values rounded to fp16,
-# 2**-11 relative each, round to nearest, fp32 accumulation (4-bit per-token values, ``half2_unpack``: code * scale
-# rounded once, the zero added in fp32; otherwise zero + code * scale rounded); the interpreter rounds the same
+# 2**-11 relative each, round to nearest, fp32 accumulation (4-bit per-token values, ``half2_unpack``: (code - 8) *
+# scale rounded once, zero + 8 * scale added in fp32; otherwise zero + code * scale rounded); the interpreter rounds the same
 # way, then multiplies in fp32. In tf32 (``config={"precision": "tf32"}``): the kernel rounds the weights p * scale (and
 # per-group values) to nearest tf32 itself (10 mantissa bits: <= 2**-11, either sign). Either way an output moves by
 # <= ~2**-10 of the attended values' range (~2-5 for unit-variance values), on average far less since the errors
@@ -473,20 +473,24 @@ def test_decode_plans_one_split_for_short_contexts():
     assert _plan_splits(0, 1, cpu, 16, None, 4, 2048) == (0, 16)
 
 
-@pytest.mark.parametrize("use_dot,precision", [(False, "ieee"), (True, "ieee"), (True, "tf32x3")])
-def test_decode_matmul_forms(device, use_dot, precision):
-    """The fp32 multiply-add and the tl.dot forms (fp32, or three tf32 passes) agree with the reference."""
+@pytest.mark.parametrize("use_dot,precision,stages", [(False, "ieee", 1), (True, "ieee", 1), (True, "tf32x3", 1),
+                                                       (False, "ieee", 2)])
+def test_decode_matmul_forms(device, use_dot, precision, stages):
+    """The fp32 multiply-add and the tl.dot forms (fp32, or three tf32 passes) agree with the reference, with the
+    next tile's loads issued by hand (1 stage) or by Triton's pipeliner (2)."""
     seed = fresh_seed()
     for gqa, score in ((1, "asym"), (3, "hamming"), (4, "hamming"), (6, "asym"), (8, "cos")):
         args, kwargs, _ = make_cache(seed=seed, device=device, B=1, Hq=2 * gqa, Hkv=2, N=90, W=2, D=64,
                                      bits=128, score=score)
-        _check_decode(args, kwargs, seed, config={"use_dot": use_dot, "precision": precision, "block_n": 32})
+        _check_decode(args, kwargs, seed, config={"use_dot": use_dot, "precision": precision, "block_n": 32,
+                                                  "num_stages": stages})
 
 
 TENSOR_CORE_FORMS = [
     pytest.param({"score_dot": True}, id="scores-mma"),
     pytest.param({"use_dot": True, "precision": "fp16"}, id="values-fp16"),
     pytest.param({"use_dot": True, "precision": "fp16", "half2_unpack": False}, id="values-fp16-fp32-unpack"),
+    pytest.param({"use_dot": True, "precision": "fp16", "num_stages": 3}, id="values-fp16-pipelined"),
     pytest.param({"use_dot": True, "precision": "fp16", "score_dot": True}, id="both"),
 ]
 
@@ -521,9 +525,9 @@ def _apply_nibbles_to_half(v_ptr, sc_ptr, lo_ptr, hi_ptr, N, C: tl.constexpr, BL
     tl.store(hi_ptr + n[:, None] * C + c[None, :], hi, mask=mask)
 
 
-def test_nibbles_to_half_is_code_times_scale_rounded_once(device):
+def test_nibbles_to_half_is_centred_code_times_scale_rounded_once(device):
     """The 4-bit value unpack of the fp16 tensor-core form: every byte value (low nibble = even column), scales
-    from fp16's smallest normals to its largest usable, each ``code * scale`` rounded once to fp16 -- exactly
+    from fp16's smallest normals to its largest usable, each ``(code - 8) * scale`` rounded once to fp16 -- exactly
     what torch's fp32 product (exact for a 4-bit code) rounded to fp16 gives. On the GPU this runs the PTX
     (packed fp16 pairs), in the interpreter the fp32 fallback."""
     gen = _gen(fresh_seed())
@@ -531,14 +535,14 @@ def test_nibbles_to_half_is_code_times_scale_rounded_once(device):
     data = torch.arange(256, dtype=torch.uint8).repeat(N, 1)[:, torch.randperm(256, generator=gen)]
     exps = torch.randint(-14, 12, (N,), generator=gen).float()
     sc = ((1 + torch.rand(N, generator=gen)) * 2.0 ** exps).half()
-    sc[:3] = torch.tensor([6.1035e-05, 1.0, 4095.0]).half()  # smallest normal, one, 15 * 4095 < 65504
+    sc[:3] = torch.tensor([6.1035e-05, 1.0, 4095.0]).half()  # smallest normal, one, 8 * 4095 < 65504
     data, sc = data.to(device), sc.to(device)
     lo, hi = (torch.empty(N, C, dtype=torch.float16, device=device) for _ in range(2))
     asm = device.type == "cuda"
     _apply_nibbles_to_half[(triton.cdiv(N, 16),)](data, sc, lo, hi, N, C=C, BLOCK_N=16, ASM=asm)
     d = data.long()
-    assert torch.equal(lo, ((d & 15).float() * sc.float()[:, None]).half())
-    assert torch.equal(hi, ((d >> 4).float() * sc.float()[:, None]).half())
+    assert torch.equal(lo, (((d & 15) - 8).float() * sc.float()[:, None]).half())
+    assert torch.equal(hi, (((d >> 4) - 8).float() * sc.float()[:, None]).half())
 
 
 @triton.jit
