@@ -1,4 +1,5 @@
-"""Host-to-device transfers that do not synchronise the host (for the caches' prefill and decode paths)."""
+"""Devices: a model's, and host-to-device transfers that do not synchronise the host (for the caches' prefill and
+decode paths)."""
 from __future__ import annotations
 
 import torch
@@ -17,3 +18,11 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def model_device(model) -> torch.device:
+    """The device of ``model``'s first parameter: where its inputs go (a model split over devices takes them on
+    the first one). Raises ValueError for a model without parameters."""
+    for param in model.parameters():
+        return param.device
+    raise ValueError(f"model ({type(model).__name__}) has no parameters, so no device to put its inputs on")

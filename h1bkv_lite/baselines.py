@@ -25,6 +25,7 @@ import torch
 from transformers import DynamicCache
 
 from . import memory
+from ._device import model_device
 from ._validation import check_bool, check_choice, check_int
 from .cache import (
     CompressingLayer,
@@ -389,7 +390,7 @@ def calibrate_loki(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     strongest first, so ``basis[..., :rank]`` best preserves dot products with the keys. Padding (mask 0)
     is left out.
     """
-    device = next(model.parameters()).device  # host inputs go to the model's device (as fit_temperature's)
+    device = model_device(model)  # host inputs go to the model's device (as fit_temperature's)
     input_ids = input_ids.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
     cache = DynamicCache()  # full layers only: a sliding-window layer would keep just its window's keys

@@ -89,7 +89,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from . import memory
-from ._device import to_device
+from ._device import model_device, to_device
 from ._validation import check_bool, check_choice, check_int, check_sketch_bits
 from .attention import sampled_temperature_unchecked, sketched_logits_unchecked
 from .quant import VALUE_BITS, QuantizedTensor, quantize_values_unchecked
@@ -1262,7 +1262,7 @@ def fit_temperature(model, input_ids: torch.Tensor, *, bits: int, seed: int = 0,
     """
     cache = H1BCache(model.config, bits=bits, seed=seed, key_mean=key_mean, projection=projection)
     with torch.no_grad():
-        model(input_ids=input_ids.to(next(model.parameters()).device), past_key_values=cache, use_cache=True)
+        model(input_ids=input_ids.to(model_device(model)), past_key_values=cache, use_cache=True)
     return cache.temperatures().mean(dim=1).to(torch.float32)
 
 

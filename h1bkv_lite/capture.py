@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 import torch
 
+from ._device import model_device
+
 __all__ = ["CAPTURE_IMPLEMENTATION", "capture_attention_inputs"]
 
 CAPTURE_IMPLEMENTATION = "h1bkv_capture"
@@ -107,8 +109,8 @@ def capture_attention_inputs(
     wanted = set(_normalize_layers(layers, n_layers))
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
-    model_device = next(model.parameters()).device
-    out_device = model_device if device is None else device
+    device_of_model = model_device(model)
+    out_device = device_of_model if device is None else device
     records: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def copy(t: torch.Tensor) -> torch.Tensor:
@@ -131,9 +133,9 @@ def capture_attention_inputs(
         model.set_attn_implementation(CAPTURE_IMPLEMENTATION)
         kwargs = {"use_cache": False}
         if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask.to(model_device)
+            kwargs["attention_mask"] = attention_mask.to(device_of_model)
         with torch.no_grad():
-            model(input_ids=input_ids.to(model_device), **kwargs)
+            model(input_ids=input_ids.to(device_of_model), **kwargs)
     finally:
         _RECORDERS.remove(record)
         for config, impl in saved:

@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ._device import model_device
 from .baselines import FP16Cache
 
 __all__ = ["decode_perplexity", "generation_agreement", "long_context", "method_name", "passkey_prompt",
@@ -61,7 +62,7 @@ def method_name(method) -> str:
 
 
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    return model_device(model)
 
 
 def _windows(tokenizer_or_ids, seq_len: int, n_windows: int, text: str | None) -> torch.Tensor:

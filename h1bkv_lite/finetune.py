@@ -96,6 +96,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from . import memory
+from ._device import model_device
 from ._validation import check_choice, check_int, check_sketch_bits, check_tensor
 from .cache import (
     H1BCache,
@@ -146,7 +147,7 @@ def resolve_device(device=None, model=None) -> torch.device:
     CUDA device, e.g. a process's own under ``accelerate launch``) else CPU, otherwise ``torch.device(device)``.
     Raises ValueError for a CUDA device on a machine without CUDA."""
     if device is None:
-        return next(model.parameters()).device if model is not None else torch.device("cpu")
+        return model_device(model) if model is not None else torch.device("cpu")
     if device == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
@@ -642,7 +643,7 @@ class H1BFinetuner:
         if config.group_size is not None and D % config.group_size:
             raise ValueError(f"group_size must divide head_dim={D}, got {config.group_size}")
         self.device = resolve_device(device, model)
-        if next(model.parameters()).device != self.device:
+        if model_device(model) != self.device:
             model.to(self.device)
         self.autocast_dtype = _autocast_dtype(autocast, self.device)
         self.gradient_checkpointing = gradient_checkpointing

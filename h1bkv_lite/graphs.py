@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from ._device import model_device
 from ._validation import check_bool, check_int, check_tensor
 from .cache import H1BCache
 
@@ -206,7 +207,7 @@ def _check(model, input_ids, cache, max_new_tokens, cuda_graph, eos_token_id, pa
     if T + max_new_tokens > cache.static_capacity:
         raise ValueError(f"the prompt ({T} tokens) and max_new_tokens ({max_new_tokens}) exceed the cache's "
                          f"max_cache_len={cache.static_capacity}")
-    device = next(model.parameters()).device
+    device = model_device(model)
     if input_ids.device != device:
         raise ValueError(f"input_ids are on {input_ids.device}, the model on {device}")
     return B, T, ends

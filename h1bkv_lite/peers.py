@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 
 from . import memory
+from ._device import model_device
 from ._validation import check_choice, check_int
 
 __all__ = ["BACKENDS", "KVPRESS_REASON", "PEER_LABELS", "QuantizedPeer", "build_peers", "cache_nbytes",
@@ -231,7 +232,7 @@ def stepwise_perplexity(model, ids: torch.Tensor, make_cache) -> tuple[pd.DataFr
     """
     if ids.dim() != 2 or ids.shape[1] < 2:
         raise ValueError(f"ids must be [n_windows, T >= 2], got shape {tuple(ids.shape)}")
-    device = next(model.parameters()).device
+    device = model_device(model)
     rows, caches = [], []
     for w in range(ids.shape[0]):
         x = ids[w : w + 1].to(device)

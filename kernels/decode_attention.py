@@ -921,8 +921,8 @@ def h1b_decode_attention(
     split_k : number of context chunks per (sequence, kv head); ``None`` picks enough to fill the GPU.
     backend : ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
     config : tuning overrides for the Triton path (keys of ``_default_config``: tile, warps, programs per SM,
-        ``use_dot``, ``precision`` in ``PRECISIONS``, ``score_dot``, ``maxnreg``); for benchmarks. Checked on
-        every backend (ValueError / TypeError naming the key).
+        pipeline stages of the tile loop, ``use_dot``, ``precision`` in ``PRECISIONS``, ``half2_unpack``,
+        ``score_dot``, ``maxnreg``); for benchmarks. Checked on every backend (ValueError / TypeError naming the key).
     n_valid : int32 tensor of one element on q's device, or None (all ``N``). Only the first ``n_valid`` of
         the ``N`` compressed slots hold tokens; the splits are planned for all ``N``, so the call's arguments
         and launch grid stay the same while a static-capacity cache fills (what a CUDA graph replays). Its

@@ -167,3 +167,14 @@ def test_resolve_dtype_without_auto():
         resolve_dtype("auto", allow_auto=False, name="dtype")
     with pytest.raises(ValueError, match=r"DTYPE must be one of 'auto', 'float32', 'float16', 'bfloat16', got 'half'"):
         resolve_dtype("half")
+
+
+def test_model_device_is_where_the_first_parameter_lives():
+    """Inputs go to the device of a model's first parameter (h1bkv_lite._device.model_device, used by every helper
+    that runs a model on host token ids); a model without parameters is refused by name, not with StopIteration."""
+    from h1bkv_lite._device import model_device
+
+    layer = torch.nn.Linear(2, 3).to(torch.float64)
+    assert model_device(layer) == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"model \(ReLU\) has no parameters"):
+        model_device(torch.nn.ReLU())

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from .. import memory
+from .._device import model_device
 from .._validation import check_choice, check_int, check_sketch_bits
 
 __all__ = [
@@ -368,7 +369,7 @@ def measure_cache_bytes(model, ids, settings: Sequence[Setting], *, temperatures
     with torch.no_grad():
         for s in settings:
             cache = _factory_for(s, temperatures, loki_basis, seed)(model.config)
-            model(input_ids=ids.to(next(model.parameters()).device), past_key_values=cache, use_cache=True)
+            model(input_ids=ids.to(model_device(model)), past_key_values=cache, use_cache=True)
             measured[s.name] = cache.nbytes() / ids.shape[1]
     return pd.Series(measured, name="measured_bytes_per_token")
 
