@@ -302,15 +302,16 @@ TC_FORMS = [("fp16", False, False), ("fp16", False, True), ("fp16", True, True)]
 def tune_configs(gqa: bool) -> list[dict]:
     """The kernel configs ``--tune`` times, each form by tile, programs per SM and pipeline stages (1: loads of the
     next tile issued by hand; 2-3: Triton's pipeliner, asynchronous copies): GQA's tensor-core forms with the
-    packed-pair unpack (``TC_FORMS[1:]``); for one query head per kv head the fp32 form and the fp16 one."""
+    packed-pair unpack (``TC_FORMS[1:]``; the fp32 unpack once); for one query head per kv head the fp32 form and the
+    fp16 one."""
     def cfg(form, block_n, per_sm, stages):
         prec, sdot, half2 = form
         return dict(use_dot=prec != "ieee", precision=prec, score_dot=sdot, half2_unpack=half2, block_n=block_n,
                     num_warps=4, programs_per_sm=per_sm, num_stages=stages, single_split_max_n=0, maxnreg=None)
     stages = (1, 2, 3)
-    if gqa:
-        return [cfg(form, block_n, per_sm, st) for form, block_n, per_sm, st in
-                itertools.product(TC_FORMS[1:], (32, 64), (2, 3, 4), stages)]
+    if gqa:  # and the fp32 unpack at the default tile, for the comparison
+        return [cfg(TC_FORMS[0], 64, 3, 1)] + [cfg(form, block_n, per_sm, st) for form, block_n, per_sm, st in
+                                               itertools.product(TC_FORMS[1:], (32, 64), (2, 3, 4), stages)]
     return ([cfg(("ieee", False, False), block_n, per_sm, st)
              for block_n, per_sm, st in itertools.product((64, 128), (2, 4), stages)]
             + [cfg(TC_FORMS[1], 128, 3, st) for st in stages])

@@ -64,13 +64,14 @@ def compile_split_kernel(*, group=1, score="hamming", bits=128, static=False, di
     nospec = set(getattr(fn, "do_not_specialize", None) or ())
     nospec |= {names[i] for i in list(nospec) if isinstance(i, int)}
     cfg = da._merged_config(score, group, None, config)
+    half2 = getattr(da, "_half2_unpack", lambda *args: False)(cfg, 4, 1)  # (absent before commit 9bcf03c)
     gr, nw_p = triton.next_power_of_2(group), triton.next_power_of_2(bits // 32)
     consts = dict(D=D, BITS=bits, NW_P=nw_p, GROUP=group, VALUE_GROUPS=1, VALUE_BITS=4,
                   SCORE=da._SCORE_ID[score], GR=gr, BLOCK_N=cfg["block_n"], BLOCK_D=D, BLOCK_W=max(2, 16 // gr),
                   PER_HEAD_T=score == "hamming", USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"],
                   BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=static, DIRECT=direct,
-                  SCORE_DOT=cfg["score_dot"], HALF2=da._half2_unpack(cfg, 4, 1), ASM=True,
-                  PIPELINE=cfg["num_stages"] if cfg["num_stages"] > 1 else 0)
+                  SCORE_DOT=cfg.get("score_dot", False), HALF2=half2, ASM=True,
+                  PIPELINE=cfg.get("num_stages", 1) if cfg.get("num_stages", 1) > 1 else 0)
     values = launch_values(group, bits, cfg["block_n"], cfg["programs_per_sm"])
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(names):
@@ -121,7 +122,7 @@ def _opcode(line: str) -> str:
 
 def main_loop(sass: str) -> list[str]:
     """The SASS lines of the loop over the cache's tiles (one tile per iteration): of the loops (spans of backward
-    branches), the one with the most logic instructions (popcounts, code unpacking; the exact window's loop is
+    branches), the one with the most ``LOP3`` logic instructions (code unpacking, masks; the exact window's loop is
     floating point)."""
     lines, labels, code = sass.splitlines(), {}, []
     for i, line in enumerate(lines):
@@ -134,7 +135,7 @@ def main_loop(sass: str) -> list[str]:
             code.append(line)
     spans = []
     for line in code:  # branch targets are labels or addresses, by cuobjdump version
-        m = re.search(r"BRA\s+(?:`\(\.L_x_(\d+)\)|0x([0-9a-f]+))", line)
+        m = re.search(r"BRA(?:\.\w+)*\s+(?:`\(\.L_x_(\d+)\)|0x([0-9a-f]+))", line)
         target = (labels.get(m.group(1)) if m.group(1) else int(m.group(2), 16)) if m else None
         if target is not None and target < _address(line):
             spans.append((target, _address(line)))

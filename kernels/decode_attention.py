@@ -11,9 +11,9 @@ popcount of query code XOR key code):
   query is not sketched.
 
 Window keys always get the exact ``q . k / sqrt(D)``. One softmax over all of them; values are
-``zero + code * scale`` per group. All arithmetic is fp32, except on tensor cores (fp16 operands, fp32
-accumulation): GQA's value products, and GQA "asym"'s query-key products (``R^T q`` in two fp16 parts); see
-``_default_config``.
+``zero + code * scale`` per group. All arithmetic is fp32, except GQA's: its value products run on tensor cores
+(fp16 operands, fp32 accumulation), their 4-bit values unpacked in packed fp16 pairs (``_nibbles_to_half``), and
+"asym"'s query-key products at groups of more than 4 too (``R^T q`` in two fp16 parts); see ``_default_config``.
 
 Kernels, in launch order: ``_query_prep_kernel`` (the query's code words and norm, or ``R^T q`` for
 ``"asym"``, once per call), then ``_decode_split_kernel`` over ``(batch * kv head, split)`` -- each program
@@ -489,8 +489,7 @@ def _decode_split_kernel(
             end = tl.minimum(start + CHUNK_TILES * BLOCK_N, N)
         # The full tiles are masked against a bound the compiler sees as a multiple of BLOCK_N (a mask against
         # `end`, of unknown alignment, made the MHA kernel spill registers: Triton 3.6, sm_90); the row's
-        # partial last tile, if any, goes first, on its own. Software pipelining by hand: the loads of tile
-        # i + 1 are issued before tile i is processed.
+        # partial last tile, if any, goes first, on its own.
         end = tl.maximum(end, start)  # a static-capacity split past the filled slots: empty
         full_end = start + ((end - start) // BLOCK_N) * BLOCK_N
         if full_end < end:  # the row's partial last tile, first: no prefetched tile is held meanwhile
@@ -570,8 +569,9 @@ def _decode_split_kernel(
         tl.store(l_ptr + part, l_i, mask=gmask)
 
 
-_RUNS_PTX = HAS_TRITON and not is_interpreted(_decode_split_kernel)
-"""Whether the split kernel is compiled (inline PTX runs) rather than run by Triton's CPU interpreter."""
+_RUNS_PTX = HAS_TRITON and not is_interpreted(_decode_split_kernel) and torch.version.hip is None
+"""Whether the split kernel's inline PTX runs: compiled (not Triton's CPU interpreter) for an NVIDIA GPU (a ROCm
+build of torch, whose GPUs are also ``"cuda"`` devices, gets the portable forms: SWAR popcount, fp32 unpack)."""
 
 
 @triton.jit(do_not_specialize=["SPLITS"])
@@ -637,14 +637,17 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
     (64 for "cos"/"asym", which need more registers). (The fp16 tensor-core form below, its one query row padded
     to the MMA's 16, was 4-14% slower there: 65.4 vs 62.7 us at B = 1, 32k; ``results/decode_tune_half2_h200.json``.)
 
+    MHA, ``programs_per_sm``: 2 was ~5% faster than 4 at B = 1, 32k in three sweeps (58.2-60.0 vs 61.3-62.7 us) and
+    slower at B = 8 (390.6 vs 380.6); 4 stays.
+
     GQA groups: one program serves the group's query heads from one read of the cache, the value products on tensor
     cores (``tl.dot``) in **fp16**: the weights ``p`` (<= 256 under the lazily moved maximum) rounded to fp16, and
     the values: with ``half2_unpack`` (4-bit codes, one scale and zero per token: the paper's format)
     ``(code - 8) * scale`` rounded once to fp16 by :func:`_nibbles_to_half` (PTX on packed fp16 pairs) and ``zero +
     8 * scale`` summed apart in fp32; otherwise ``zero + code * scale`` rounded to fp16. 2**-11 relative per operand, fp32
     accumulation: flash attention's precision. Measured (same run, ``results/decode_tune_half2_h200.json``; error
-    against the torch reference 8.6e-4 of the largest output either way, the fp16 output's rounding), fp32 unpack
-    -> ``half2_unpack``: B = 1, 32q/8kv, 32k 35.1 -> 31.9 us, 128k 99.8 -> 88.3; 32q/4kv 32k 27.6 -> 26.9; B = 8,
+    against the torch reference 8.6e-4 of the largest output either way, the fp16 output's rounding; measured before
+    the codes were centred and before ``popc``, which took another 7-19% off from 32k), fp32 unpack -> ``half2_unpack``: B = 1, 32q/8kv, 32k 35.1 -> 31.9 us, 128k 99.8 -> 88.3; 32q/4kv 32k 27.6 -> 26.9; B = 8,
     128k 714 -> 622. The earlier tf32 form (``config={"precision": "tf32"}``, weights ``p * scale`` rounded to
     nearest tf32 by :func:`_round_to_tf32`) was slower still (``results/decode_tune_gqa_tc_h200.json``: 42.7 us at
     32k). ``"ieee"`` / ``"tf32x3"`` give fp32-accurate products. Nsight Compute of the fp16 form before
@@ -659,7 +662,7 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
 
     ``programs_per_sm``: programs resident per SM; the split plan fills one wave of them (:func:`_plan_splits`). The
     "hamming" GQA form takes 146 registers a thread at groups of 4 (sm_90, ``kernel_resources.py``), three blocks of 4
-    warps per SM: 3 was the fastest of 2 / 3 / 4 for 32q/8kv (B = 1 and 8, 32k and 128k); at groups of 8 it takes 204,
+    warps per SM: 3 was the fastest of 2 / 3 / 4 for 32q/8kv (B = 1 and 8, 32k and 128k); at groups of 8 it takes 206,
     two blocks fit, and 2 was the fastest (32q/4kv, B = 1, 32k: 26.9 vs 33.4 us). "asym" takes 200-255 registers: two
     blocks fit, 2 was the fastest (43.4 vs 50.7 us). ``config={"maxnreg": 128, "programs_per_sm": 4}`` was
     1-4% faster than the fp32-unpack default for "hamming" and 1.5x slower for "asym" (spills); not a default. (One
@@ -668,8 +671,9 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
     ``num_stages``: 1 issues the next tile's loads by hand before the current tile's work; 2 or 3 hands the tile
     loop to Triton's software pipeliner (asynchronous copies through shared memory, ``cp.async``). Swept on the
     H200 (``results/decode_tune_stages_h200.json``, every row checked against the reference): 3 stages made GQA
-    4-15% faster (B = 1, 32q/8kv: 32k 29.9 -> 28.1 us, 128k 79.4 -> 71.6; 32q/4kv 25.3 -> 24.3; B = 8, 128k 551.0
-    -> 478.7; "asym" with ``score_dot`` 42.9 against the default's 44.0) and MHA 9% slower (61.5 -> 67.1 us). It
+    "hamming" 4-15% faster (B = 1, 32q/8kv: 32k 29.9 -> 28.1 us, 128k 79.4 -> 71.6; 32q/4kv 25.3 -> 24.3; B = 8,
+    128k 551.0 -> 478.7), "asym" 1% slower in its default form and 9% faster with ``score_dot`` (47.1 -> 42.9), and
+    MHA 9% slower (61.5 -> 67.1 us). It
     is not yet the GQA default: its GPU tests of the static-capacity (CUDA graph) and windowed paths have not run.
 
     ``config`` overrides are checked by :func:`_check_config`; turning ``use_dot`` off on its own selects the
@@ -921,8 +925,9 @@ def h1b_decode_attention(
     split_k : number of context chunks per (sequence, kv head); ``None`` picks enough to fill the GPU.
     backend : ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
     config : tuning overrides for the Triton path (keys of ``_default_config``: tile, warps, programs per SM,
-        pipeline stages of the tile loop, ``use_dot``, ``precision`` in ``PRECISIONS``, ``half2_unpack``,
-        ``score_dot``, ``maxnreg``); for benchmarks. Checked on every backend (ValueError / TypeError naming the key).
+        pipeline stages of the tile loop, ``use_dot``, ``precision`` in ``PRECISIONS``, ``half2_unpack`` (used by the
+        fp16 form with 4-bit per-token values only), ``score_dot``, ``maxnreg``); for benchmarks. Checked on every
+        backend (ValueError / TypeError naming the key).
     n_valid : int32 tensor of one element on q's device, or None (all ``N``). Only the first ``n_valid`` of
         the ``N`` compressed slots hold tokens; the splits are planned for all ``N``, so the call's arguments
         and launch grid stay the same while a static-capacity cache fills (what a CUDA graph replays). Its

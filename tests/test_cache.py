@@ -254,20 +254,28 @@ model = tiny_model()
 ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
 """  # counts the decode steps that reach the kernel
 
-# The kernel in its fp32 form ("ieee") for GQA too, so that the kernel path's logits must equal the torch path's up to
-# fp32 rounding. With the default fp16 value products (<= 2**-11 relative per operand, tested against the reference
-# in tests/kernels) a layer's output moves by ~1e-3, which can flip a sign bit of a later token's key sketch in the
-# next layer and move that step's logits by far more (0.6 once): a property of sign sketches, not a kernel error.
+# use_fp32_kernel(): the kernel in its fp32 form ("ieee") for GQA too, so that the kernel path's logits must equal
+# the torch path's up to fp32 rounding over several decode steps. With the default fp16 value products (<= 2**-11
+# relative per operand, tested against the reference in tests/kernels) a layer's output moves by ~1e-3, which can flip
+# a sign bit of a later token's key sketch in the next layer and move that step's logits by far more (0.6 once): a
+# property of sign sketches, not a kernel error. The first decode step has no such token (the prefill's keys are
+# sketched by the torch path either way; the step's own key is in the exact window), so it checks the default forms.
 _FP32_KERNEL = """
 from h1bkv_lite.kernels import decode_attention as _da
-_default = _da._default_config
-_da._default_config = lambda score, group, device: dict(_default(score, group, device), use_dot=False,
-                                                        precision="ieee", half2_unpack=False, score_dot=False)
+def use_fp32_kernel():
+    default = _da._default_config
+    _da._default_config = lambda score, group, device: dict(default(score, group, device), use_dot=False,
+                                                            precision="ieee", half2_unpack=False, score_dot=False)
 """
 
 _KERNEL_CHECK = _KERNEL_SPY + _FP32_KERNEL + """
 ref, ref_scores = greedy(model, ids, H1BCache(model.config, bits=64, window=3, backend="torch"), n_new=4)
 assert not calls
+out, scores = greedy(model, ids, H1BCache(model.config, bits=64, window=3, backend="triton"), n_new=2)
+assert len(calls) == 2, calls  # the first decode step, default kernel forms (GQA: fp16 value products)
+torch.testing.assert_close(scores[:, :2], ref_scores[:, :2], atol=2**-9, rtol=2**-9)
+calls.clear()
+use_fp32_kernel()
 out, scores = greedy(model, ids, H1BCache(model.config, bits=64, window=3, backend="triton"), n_new=4)
 assert len(calls) == 6, calls  # 3 decode steps x 2 layers (the prefill takes the torch path)
 assert torch.equal(out, ref)
@@ -335,8 +343,8 @@ for score in ("hamming", "cos", "asym"):
     calls.clear()
     assert torch.equal(out, ref), score
     finite = ref_scores.isfinite()
-    # tf32-rounded weights (see above), through two layers whose centred keys and sinks give larger value ranges:
-    # up to ~5e-3 here; a kernel path that dropped the mean term would be off by ~8
+    # the default kernel forms (GQA: fp16 value products, see _FP32_KERNEL), through two layers whose centred keys
+    # and sinks give larger value ranges: up to ~5e-3 here; a kernel path that dropped the mean term would be off by ~8
     torch.testing.assert_close(scores[finite], ref_scores[finite], atol=1e-2, rtol=1e-2)
 """
 
@@ -846,6 +854,7 @@ from h1bkv_lite.cache import H1BCache, H1BLayer
 calls = []
 kernel = H1BLayer._kernel_decode
 H1BLayer._kernel_decode = lambda self, q: calls.append(1) or kernel(self, q)
+use_fp32_kernel()
 model = tiny_model("mistral")
 model.config.sliding_window = 6
 ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))

@@ -174,7 +174,7 @@ def test_model_device_is_where_the_first_parameter_lives():
     that runs a model on host token ids); a model without parameters is refused by name, not with StopIteration."""
     from h1bkv_lite._device import model_device
 
-    layer = torch.nn.Linear(2, 3).to(torch.float64)
-    assert model_device(layer) == torch.device("cpu")
+    assert model_device(torch.nn.Linear(2, 3)) == torch.device("cpu")
+    assert model_device(torch.nn.Linear(2, 3, device="meta")) == torch.device("meta")
     with pytest.raises(ValueError, match=r"model \(ReLU\) has no parameters"):
         model_device(torch.nn.ReLU())
