@@ -503,25 +503,22 @@ def _decode_split_kernel(
                 qw, qs_hi, qs_lo, t_log2, qn, cos_ptr, qp_ptr, qrow, gmask, w, wmask, vs_base, vz_base, c,
                 stride_vsn, stride_vzn, D, BITS, NW_P, VALUE_BITS, VALUE_GROUPS, SCORE, GR, USE_DOT, PRECISION,
                 PER_BYTE, SCORE_DOT, HALF2, ASM)
-        if PIPELINE:  # Triton's software pipeliner (num_stages > 1: asynchronous copies through shared memory)
-            for n0 in tl.range(start, full_end, BLOCK_N, num_stages=PIPELINE):
-                n = n0 + tl.arange(0, BLOCK_N)
-                nmask = n < full_end
-                kw, kn, vbytes, sc, zr = _load_tile(
-                    kc_base, kn_base, vd_base, vs_base, vz_base, n, nmask, w, wmask, c, cmask,
-                    stride_kcn, stride_knn, stride_vdn, stride_vsn, stride_vzn, SCORE, VALUE_GROUPS, BLOCK_N)
-                m_i, l_rows, z_rows, acc0, acc1, acc2, acc3 = _attend_tile(
-                    m_i, l_rows, z_rows, acc0, acc1, acc2, acc3, kw, kn, vbytes, sc, zr, n, nmask,
-                    qw, qs_hi, qs_lo, t_log2, qn, cos_ptr, qp_ptr, qrow, gmask, w, wmask, vs_base, vz_base, c,
-                    stride_vsn, stride_vzn, D, BITS, NW_P, VALUE_BITS, VALUE_GROUPS, SCORE, GR, USE_DOT, PRECISION,
-                    PER_BYTE, SCORE_DOT, HALF2, ASM)
-        else:  # software pipelining by hand: the loads of tile i + 1 are issued before tile i is processed
+        # The next tile's loads: by Triton's software pipeliner (PIPELINE = its stages: asynchronous copies through
+        # shared memory), or by hand, issued before the current tile is processed.
+        if not PIPELINE:
             n_next = start + tl.arange(0, BLOCK_N)
             nmask_next = n_next < full_end
             kw_next, kn_next, vb_next, sc_next, zr_next = _load_tile(
                 kc_base, kn_base, vd_base, vs_base, vz_base, n_next, nmask_next, w, wmask, c, cmask,
                 stride_kcn, stride_knn, stride_vdn, stride_vsn, stride_vzn, SCORE, VALUE_GROUPS, BLOCK_N)
-            for n0 in range(start, full_end, BLOCK_N):
+        for n0 in tl.range(start, full_end, BLOCK_N, num_stages=PIPELINE if PIPELINE else None):
+            if PIPELINE:
+                n = n0 + tl.arange(0, BLOCK_N)
+                nmask = n < full_end
+                kw, kn, vbytes, sc, zr = _load_tile(
+                    kc_base, kn_base, vd_base, vs_base, vz_base, n, nmask, w, wmask, c, cmask,
+                    stride_kcn, stride_knn, stride_vdn, stride_vsn, stride_vzn, SCORE, VALUE_GROUPS, BLOCK_N)
+            else:
                 n, nmask = n_next, nmask_next
                 kw, kn, vbytes, sc, zr = kw_next, kn_next, vb_next, sc_next, zr_next
                 n_next = n + BLOCK_N
@@ -529,11 +526,11 @@ def _decode_split_kernel(
                 kw_next, kn_next, vb_next, sc_next, zr_next = _load_tile(
                     kc_base, kn_base, vd_base, vs_base, vz_base, n_next, nmask_next, w, wmask, c, cmask,
                     stride_kcn, stride_knn, stride_vdn, stride_vsn, stride_vzn, SCORE, VALUE_GROUPS, BLOCK_N)
-                m_i, l_rows, z_rows, acc0, acc1, acc2, acc3 = _attend_tile(
-                    m_i, l_rows, z_rows, acc0, acc1, acc2, acc3, kw, kn, vbytes, sc, zr, n, nmask,
-                    qw, qs_hi, qs_lo, t_log2, qn, cos_ptr, qp_ptr, qrow, gmask, w, wmask, vs_base, vz_base, c,
-                    stride_vsn, stride_vzn, D, BITS, NW_P, VALUE_BITS, VALUE_GROUPS, SCORE, GR, USE_DOT, PRECISION,
-                    PER_BYTE, SCORE_DOT, HALF2, ASM)
+            m_i, l_rows, z_rows, acc0, acc1, acc2, acc3 = _attend_tile(
+                m_i, l_rows, z_rows, acc0, acc1, acc2, acc3, kw, kn, vbytes, sc, zr, n, nmask,
+                qw, qs_hi, qs_lo, t_log2, qn, cos_ptr, qp_ptr, qrow, gmask, w, wmask, vs_base, vz_base, c,
+                stride_vsn, stride_vzn, D, BITS, NW_P, VALUE_BITS, VALUE_GROUPS, SCORE, GR, USE_DOT, PRECISION,
+                PER_BYTE, SCORE_DOT, HALF2, ASM)
         l_i = tl.sum(l_rows, axis=1)
         zsum = tl.sum(z_rows, axis=1)[:, None]
         smask = gmask[:, None] & cmask[None, :]
