@@ -105,7 +105,8 @@ def resources(kernel) -> dict:
     code = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
     loop = main_loop(sass)
     return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]),
-            "loop_instructions": len(loop), "loop_opcodes": dict(collections.Counter(map(_opcode, loop)).most_common(12)),
+            "loop_instructions": len(loop),
+            "loop_opcodes": dict(collections.Counter(map(_opcode, loop)).most_common(12)),
             "shared_bytes": int(fields["SHARED"]), "sass_instructions": len(code),
             "spill_stores": sum(" STL" in line for line in code), "spill_loads": sum(" LDL" in line for line in code),
             "global_loads": sum("LDG" in line for line in code),

@@ -165,8 +165,9 @@ def _nibbles_to_half(vbytes, sc, ASM: tl.constexpr):
     rounded once: ``(low nibbles, high nibbles)``, each ``[BLOCK_N, NBC]``. The value is this plus ``zero + 8 *
     scale`` (the caller adds that in fp32): centred, the rounded part is at most half the token's value range, so
     its rounding error is that of rounding the value itself when the values straddle 0 (the usual case), and
-    smaller when they do not. (Uncentred, ``code * scale`` spans the whole range and its rounding moved the
-    outputs ~10x more than fp16 values on the tiny test model.) ``ASM``: in packed fp16 pairs
+    smaller when they do not. (Uncentred, ``code * scale`` spans the whole range: on random unit-variance values
+    the kernel's error against the reference was 2-10x that of rounding the values themselves.) ``ASM``: in packed
+    fp16 pairs
     (:data:`_NIBBLES_TO_HALF2_PTX`); otherwise (Triton's CPU interpreter, which runs no PTX) the same values from
     fp32 arithmetic (exact products, so the one rounding to fp16 is the same)."""
     if ASM:
@@ -641,11 +642,13 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
     cores (``tl.dot``) in **fp16**: the weights ``p`` (<= 256 under the lazily moved maximum) rounded to fp16, and
     the values: with ``half2_unpack`` (4-bit codes, one scale and zero per token: the paper's format)
     ``(code - 8) * scale`` rounded once to fp16 by :func:`_nibbles_to_half` (PTX on packed fp16 pairs) and ``zero +
-    8 * scale`` summed apart in fp32; otherwise ``zero + code * scale`` rounded to fp16. 2**-11 relative per operand, fp32
-    accumulation: flash attention's precision. Measured (same run, ``results/decode_tune_half2_h200.json``; error
-    against the torch reference 8.6e-4 of the largest output either way, the fp16 output's rounding; measured before
-    the codes were centred and before ``popc``, which took another 7-19% off from 32k), fp32 unpack -> ``half2_unpack``: B = 1, 32q/8kv, 32k 35.1 -> 31.9 us, 128k 99.8 -> 88.3; 32q/4kv 32k 27.6 -> 26.9; B = 8,
-    128k 714 -> 622. The earlier tf32 form (``config={"precision": "tf32"}``, weights ``p * scale`` rounded to
+    8 * scale`` summed apart in fp32; otherwise ``zero + code * scale`` rounded to fp16. 2**-11 relative per
+    operand, fp32 accumulation: flash attention's precision. Measured (same run,
+    ``results/decode_tune_half2_h200.json``; error against the torch reference 8.6e-4 of the largest output either
+    way, the fp16 output's rounding; measured before the codes were centred and before ``popc``, which took another
+    7-19% off from 32k), fp32 unpack ->
+    ``half2_unpack``: B = 1, 32q/8kv, 32k 35.1 -> 31.9 us, 128k 99.8 -> 88.3; 32q/4kv 32k 27.6 -> 26.9; B = 8, 128k
+    714 -> 622. The earlier tf32 form (``config={"precision": "tf32"}``, weights ``p * scale`` rounded to
     nearest tf32 by :func:`_round_to_tf32`) was slower still (``results/decode_tune_gqa_tc_h200.json``: 42.7 us at
     32k). ``"ieee"`` / ``"tf32x3"`` give fp32-accurate products. Nsight Compute of the fp16 form before
     ``half2_unpack`` (``benchmarks/ncu_decode.py``, B = 1, 32k, 32q/8kv): latency-bound, no eligible warp on 44% of

@@ -49,7 +49,8 @@ def test_main_loop_finds_the_tile_loop_in_both_branch_forms():
     window = [line(0x10, "FADD R1, R1, R2"), line(0x20, "FFMA R3, R1, R2, R3"), line(0x30, "BRA 0x10")]
     tile = [line(0x40, "LOP3.LUT R4, R4, 0xf, RZ, 0xc0, !PT"), line(0x50, "LOP3.LUT R5, R4, 0xf0, RZ, 0xc0, !PT"),
             line(0x60, "@P0 BRA.U 0x40")]
-    assert [ln.split("*/")[1].split()[0] for ln in main_loop("\n".join(window + tile))] == ["LOP3.LUT", "LOP3.LUT", "@P0"]
+    opcodes = [ln.split("*/")[1].split()[0] for ln in main_loop("\n".join(window + tile))]
+    assert opcodes == ["LOP3.LUT", "LOP3.LUT", "@P0"]
     labelled = ["        .L_x_7:", line(0x40, "LOP3.LUT R4, R4, 0xf, RZ, 0xc0, !PT"), line(0x50, "BRA `(.L_x_7)")]
     assert len(main_loop("\n".join(window + labelled))) == 2
     assert main_loop("\n".join(line(0x10 * i, "NOP") for i in range(1, 4))) == []

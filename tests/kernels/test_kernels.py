@@ -44,12 +44,12 @@ DEVICES = [
 NEAR_TIE = 1e-5
 # GQA's value products run on tensor cores. In fp16 (the default): weights p (<= 256) and values rounded to fp16,
 # 2**-11 relative each, round to nearest, fp32 accumulation (4-bit per-token values, ``half2_unpack``: (code - 8) *
-# scale rounded once, zero + 8 * scale added in fp32; otherwise zero + code * scale rounded); the interpreter rounds the same
-# way, then multiplies in fp32. In tf32 (``config={"precision": "tf32"}``): the kernel rounds the weights p * scale (and
-# per-group values) to nearest tf32 itself (10 mantissa bits: <= 2**-11, either sign). Either way an output moves by
-# <= ~2**-10 of the attended values' range (~2-5 for unit-variance values), on average far less since the errors
-# have both signs. Before the rounding the tf32 MMA's truncation (0 to 2**-10, one-signed) passed this same bound on
-# CUDA; values of a larger range would need a wider one.
+# scale rounded once, zero + 8 * scale added in fp32; otherwise zero + code * scale rounded); the interpreter rounds
+# the same way, then multiplies in fp32. In tf32 (``config={"precision": "tf32"}``): the kernel rounds the weights
+# p * scale (and per-group values) to nearest tf32 itself (10 mantissa bits: <= 2**-11, either sign). Either way an
+# output moves by <= ~2**-10 of the attended values' range (~2-5 for unit-variance values), on average far less
+# since the errors have both signs. Before the rounding the tf32 MMA's truncation (0 to 2**-10, one-signed) passed
+# this same bound on CUDA; values of a larger range would need a wider one.
 TF32_TOL = dict(rtol=2**-9, atol=2**-9)
 OUT_TOL = {
     torch.float32: dict(rtol=1e-4, atol=1e-5),
