@@ -35,7 +35,8 @@ HEADS, D, CONTEXT, SMS = 32, 128, 32768, 132  # the shape compiled; SMS: an H100
 POINTERS = {"q_ptr": "*fp16", "out_ptr": "*fp16", "r_ptr": "*fp32", "qw_ptr": "*i32", "qn_ptr": "*fp32",
             "qsq_ptr": "*fp32", "qp_ptr": "*fp32", "t_ptr": "*fp32", "cos_ptr": "*fp32", "kc_ptr": "*i32",
             "kn_ptr": "*fp16", "vd_ptr": "*u8", "vs_ptr": "*fp16", "vz_ptr": "*fp16", "wk_ptr": "*fp16",
-            "wv_ptr": "*fp16", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "n_ptr": "*i32"}
+            "wv_ptr": "*fp16", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "n_ptr": "*i32",
+            "cnt_ptr": "*i32"}
 FLOATS = ("inv_t", "qk_scale")
 
 
@@ -71,7 +72,8 @@ def compile_split_kernel(*, group=1, score="hamming", bits=128, static=False, di
                   PER_HEAD_T=score == "hamming", USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"],
                   BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=static, DIRECT=direct,
                   SCORE_DOT=cfg.get("score_dot", False), HALF2=half2, ASM=True,
-                  PIPELINE=cfg.get("num_stages", 1) if cfg.get("num_stages", 1) > 1 else 0)
+                  PIPELINE=cfg.get("num_stages", 1) if cfg.get("num_stages", 1) > 1 else 0,
+                  FUSED=cfg.get("fused_combine", False) and not direct, BLOCK_S=32)  # (eager: the fused combine)
     values = launch_values(group, bits, cfg["block_n"], cfg["programs_per_sm"])
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(names):

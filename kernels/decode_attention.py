@@ -399,14 +399,14 @@ def _decode_split_kernel(
     vz_ptr, stride_vzb, stride_vzh, stride_vzn,
     wk_ptr, stride_wkb, stride_wkh, stride_wkn,
     wv_ptr, stride_wvb, stride_wvh, stride_wvn,
-    m_ptr, l_ptr, acc_ptr,
+    m_ptr, l_ptr, acc_ptr, cnt_ptr,
     N, W, HKV, CHUNK_TILES, NUM_SPLITS, SPLITS_TOTAL, qk_scale, n_ptr,
     D: tl.constexpr, BITS: tl.constexpr, NW_P: tl.constexpr, GROUP: tl.constexpr, VALUE_GROUPS: tl.constexpr,
     VALUE_BITS: tl.constexpr, SCORE: tl.constexpr,
     GR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
     PER_HEAD_T: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_KQ: tl.constexpr,
     N_ON_DEVICE: tl.constexpr, DIRECT: tl.constexpr, SCORE_DOT: tl.constexpr, HALF2: tl.constexpr,
-    ASM: tl.constexpr, PIPELINE: tl.constexpr = 0,
+    ASM: tl.constexpr, PIPELINE: tl.constexpr = 0, FUSED: tl.constexpr = False, BLOCK_S: tl.constexpr = 32,
 ):
     # DIRECT: this row is one split without a window: sketch the query here and write the output itself.
     # A compile-time constant: as a runtime flag (one kernel for both, no compile when a context grows past
@@ -565,6 +565,14 @@ def _decode_split_kernel(
     if not DIRECT:
         tl.store(m_ptr + part, m_i, mask=gmask)
         tl.store(l_ptr + part, l_i, mask=gmask)
+        if FUSED:  # the row's last program to finish merges its partials: no combine launch
+            tl.debug_barrier()  # every thread's partial stores are issued before the release below
+            finished = tl.atomic_add(cnt_ptr + pid_bh, 1, sem="acq_rel")  # programs of this row done before us
+            if finished == SPLITS_TOTAL - 1:
+                for gi in range(GROUP):
+                    _combine_row(m_ptr, l_ptr, acc_ptr, out_ptr, b * (HKV * GROUP) + hk * GROUP + gi, SPLITS_TOTAL,
+                                 stride_ob, stride_oh, HKV * GROUP, D, BLOCK_D, BLOCK_S, ".cg")
+                tl.atomic_xchg(cnt_ptr + pid_bh, 0)  # zero again for the next call on this stream
 
 
 _RUNS_PTX = HAS_TRITON and not is_interpreted(_decode_split_kernel) and torch.version.hip is None
@@ -572,29 +580,40 @@ _RUNS_PTX = HAS_TRITON and not is_interpreted(_decode_split_kernel) and torch.ve
 build of torch, whose GPUs are also ``"cuda"`` devices, gets the portable forms: SWAR popcount, fp32 unpack)."""
 
 
-@triton.jit(do_not_specialize=["SPLITS"])
-def _decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, stride_ob, stride_oh, HQ,
-                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    row = tl.program_id(0)  # b * HQ + head
+@triton.jit
+def _combine_row(m_ptr, l_ptr, acc_ptr, out_ptr, row, SPLITS, stride_ob, stride_oh, HQ,
+                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CACHE: tl.constexpr):
+    """Merge the ``SPLITS`` partials ``(max, sum, acc)`` of query row ``row = b * HQ + head`` into its output.
+    ``CACHE``: the loads' cache modifier (``".cg"``, through L2 only, when other programs wrote the partials during
+    this launch)."""
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     m_max = tl.full((BLOCK_S,), -float("inf"), dtype=tl.float32)
     for s0 in range(0, SPLITS, BLOCK_S):
-        m_max = tl.maximum(m_max, tl.load(m_ptr + row * SPLITS + s0 + s, mask=s0 + s < SPLITS, other=-float("inf")))
+        m_max = tl.maximum(m_max, tl.load(m_ptr + row * SPLITS + s0 + s, mask=s0 + s < SPLITS, other=-float("inf"),
+                                          cache_modifier=CACHE))
     m = tl.max(m_max, axis=0)
     l_tot = tl.zeros((BLOCK_S,), dtype=tl.float32)
     o = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for s0 in range(0, SPLITS, BLOCK_S):
         smask = s0 + s < SPLITS
-        wgt = tl.exp2(tl.load(m_ptr + row * SPLITS + s0 + s, mask=smask, other=-float("inf")) - m)
-        l_tot += wgt * tl.load(l_ptr + row * SPLITS + s0 + s, mask=smask, other=0.0)
+        wgt = tl.exp2(tl.load(m_ptr + row * SPLITS + s0 + s, mask=smask, other=-float("inf"), cache_modifier=CACHE)
+                      - m)
+        l_tot += wgt * tl.load(l_ptr + row * SPLITS + s0 + s, mask=smask, other=0.0, cache_modifier=CACHE)
         part = tl.load(acc_ptr + (row * SPLITS + s0 + s)[:, None] * BLOCK_D + d[None, :],
-                       mask=smask[:, None], other=0.0)
+                       mask=smask[:, None], other=0.0, cache_modifier=CACHE)
         o += tl.sum(part * wgt[:, None], axis=0)
     o = o / tl.sum(l_tot, axis=0)
     bidx = row // HQ
     hidx = row % HQ
     tl.store(out_ptr + bidx * stride_ob + hidx * stride_oh + d, o.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+@triton.jit(do_not_specialize=["SPLITS"])
+def _decode_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, stride_ob, stride_oh, HQ,
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    _combine_row(m_ptr, l_ptr, acc_ptr, out_ptr, tl.program_id(0), SPLITS, stride_ob, stride_oh, HQ, D, BLOCK_D,
+                 BLOCK_S, "")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -610,6 +629,27 @@ def _sm_count(device: torch.device) -> int:
 def _cos_table(bits: int, device: torch.device) -> torch.Tensor:
     """``log2(e) * cos(pi h / bits)`` for h = 0..bits (the reference's expression, on the same device)."""
     return torch.cos(math.pi * torch.arange(bits + 1, device=device).float() / bits) * _LOG2E
+
+
+_COUNTERS: dict = {}
+
+
+def _combine_counters(device: torch.device, rows: int) -> torch.Tensor | None:
+    """The split kernel's per-row arrival counters for its fused combine (int32, zero between calls: the last
+    program of a row resets its counter), one buffer per device and stream, grown by doubling. None while the
+    current stream captures a CUDA graph: nothing is allocated mid-capture, and a graph replays launches for free,
+    so the separate combine kernel runs there."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        key = (device, torch.cuda.current_stream(device).cuda_stream)
+    else:  # Triton's CPU interpreter
+        key = (device, 0)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < rows:
+        counters = torch.zeros(max(1024, 2 * rows), dtype=torch.int32, device=device)
+        _COUNTERS[key] = counters
+    return counters
 
 
 def _plan_splits(n: int, rows: int, device: torch.device, block_n: int, split_k: int | None,
@@ -673,27 +713,33 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
     H200 (``results/decode_tune_stages_h200.json``, every row checked against the reference): 3 stages made GQA
     "hamming" 4-15% faster (B = 1, 32q/8kv: 32k 29.9 -> 28.1 us, 128k 79.4 -> 71.6; 32q/4kv 25.3 -> 24.3; B = 8,
     128k 551.0 -> 478.7), "asym" 1% slower in its default form and 9% faster with ``score_dot`` (47.1 -> 42.9), and
-    MHA 9% slower (61.5 -> 67.1 us). It
-    is not yet the GQA default: its GPU tests of the static-capacity (CUDA graph) and windowed paths have not run.
+    MHA 9% slower (61.5 -> 67.1 us). So GQA takes 3 stages, except "asym" in its default form at groups of 4 or
+    fewer; MHA keeps 1.
 
     ``config`` overrides are checked by :func:`_check_config`; turning ``use_dot`` off on its own selects the
     fp32 multiply-adds (``"ieee"``).
-    ``single_split_max_n``: contexts up to this many compressed tokens run as one split per (sequence, kv
-    head) and write the output directly (one launch instead of split + combine). Eager decode is bound by the
-    host's launches: on an H200, 7B shapes at B = 1, one split made a whole decode step faster at 8k (MHA 29.9 vs
-    31.9 ms, GQA 35.9 vs 38.5 ms) but slower at 32k for GQA (52.4 vs 37.5 ms), where one program per kv head has
-    too much to read. Under CUDA graphs (no launch cost) splitting is always faster; benchmarks pass 0 there.
+    ``fused_combine``: the split kernel merges each row's partials itself -- the last of the row's programs to
+    finish (an atomic arrival counter per row, :func:`_combine_counters`) runs the combine -- so an eager call
+    launches the query prep (split rows) and one split kernel, not three kernels. While a CUDA graph is being
+    captured the separate combine kernel runs instead (no allocation mid-capture; a replay launches for free).
+    ``single_split_max_n``: contexts up to this many compressed tokens run as one split per (sequence, kv head) and
+    write the output directly (no prep, no partials). Before the fused combine it was 8192: on an H200, 7B shapes
+    at B = 1, one split made a whole eager decode step faster at 8k (MHA 29.9 vs 31.9 ms, GQA 35.9 vs 38.5 ms),
+    bound by the host's three launches, though its GPU time is far longer where there are few rows (B = 1,
+    32q/8kv, 8k: 8 programs, 132 us against 17 us split; ``results/decode_h200.json``'s eager column). With the
+    fused combine the default is 0: split whenever there is more than one tile.
 
     Registers (``benchmarks/kernel_resources.py``: compiled for sm_90 without a GPU): every default form fits
     255 registers a thread; only "asym" at groups of 4 (its faster form) spills a few bytes."""
     if group > 1:
         asym = score == "asym"
         return {"block_n": 64, "use_dot": True, "precision": "fp16", "half2_unpack": True,
-                "score_dot": asym and group > 4, "num_warps": 4, "num_stages": 1,
-                "programs_per_sm": 2 if asym or group > 4 else 3, "single_split_max_n": 8192, "maxnreg": None}
+                "score_dot": asym and group > 4, "num_warps": 4, "num_stages": 1 if asym and group <= 4 else 3,
+                "programs_per_sm": 2 if asym or group > 4 else 3, "single_split_max_n": 0, "fused_combine": True,
+                "maxnreg": None}
     return {"block_n": 128 if score == "hamming" else 64, "use_dot": False, "precision": "ieee", "half2_unpack": True,
-            "score_dot": False, "num_warps": 4, "num_stages": 1, "programs_per_sm": 4, "single_split_max_n": 8192,
-            "maxnreg": None}
+            "score_dot": False, "num_warps": 4, "num_stages": 1, "programs_per_sm": 4, "single_split_max_n": 0,
+            "fused_combine": True, "maxnreg": None}
 
 
 PRECISIONS = ("ieee", "tf32", "tf32x3", "fp16")
@@ -727,7 +773,7 @@ def _check_config(config: dict | None, score: str, group: int, device) -> None:
         raise ValueError(f"config: unknown keys {unknown}; the keys are {sorted(known)}")
     if "precision" in config:
         check_choice("config['precision']", config["precision"], PRECISIONS)
-    for key in ("use_dot", "score_dot", "half2_unpack"):
+    for key in ("use_dot", "score_dot", "half2_unpack", "fused_combine"):
         if key in config:
             check_bool(f"config[{key!r}]", config[key])
     for key in ("block_n", "num_warps", "num_stages", "programs_per_sm") + (
@@ -766,6 +812,7 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     splits, chunk = _plan_splits(N, rows, dev, block_n, split_k, cfg["programs_per_sm"], cfg["single_split_max_n"])
     total = splits + (1 if W > 0 else 0)
     direct = total == 1 and W == 0
+    counters = _combine_counters(dev, rows) if cfg["fused_combine"] and not direct and total > 0 else None
     score_id = _SCORE_ID[score]
     qk_scale = 1.0 / math.sqrt(D)
 
@@ -817,7 +864,7 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
         value_zero, *value_zero.stride()[:3],
         wk, *wk.stride()[:3],
         wv, *wv.stride()[:3],
-        m, lse, acc,
+        m, lse, acc, kw if counters is None else counters,
         N, W, Hkv, chunk // block_n, splits, total, qk_scale, q if n_valid is None else n_valid,
         D=D, BITS=bits, NW_P=nw_p, GROUP=group, VALUE_GROUPS=value_scale.shape[-1],
         VALUE_BITS=value_bits, SCORE=score_id,
@@ -825,11 +872,12 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
         PER_HEAD_T=per_head_t, USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"],
         BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=n_valid is not None, DIRECT=direct,
         SCORE_DOT=cfg["score_dot"], HALF2=_half2_unpack(cfg, value_bits, value_scale.shape[-1]),
-        ASM=_RUNS_PTX, PIPELINE=cfg["num_stages"] if cfg["num_stages"] > 1 else 0,
+        ASM=_RUNS_PTX, PIPELINE=cfg["num_stages"] if cfg["num_stages"] > 1 else 0, FUSED=counters is not None,
+        BLOCK_S=min(32, next_pow2(total)),
         num_warps=cfg["num_warps"], num_stages=1,  # the tile loop's stages come as PIPELINE (the window's loop: 1)
         **({} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}),
     )
-    if not direct:
+    if not direct and counters is None:
         _decode_combine_kernel[(B * Hq,)](
             m, lse, acc, out, total, out.stride(0), out.stride(1), Hq,
             D=D, BLOCK_D=block_d, BLOCK_S=min(32, next_pow2(total)),

@@ -440,15 +440,9 @@ def test_decode_sketches_the_query_once_per_call(device, score, monkeypatch):
     96 bits: three code words, padded to four in the kernel."""
     from h1bkv_lite.kernels import decode_attention as da
 
-    launches = []
-    real = da._query_prep_kernel
-
-    class CountingLaunches:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(da, "_query_prep_kernel", CountingLaunches())
+    prep = _CountingLaunches(da._query_prep_kernel)
+    launches = prep.grids
+    monkeypatch.setattr(da, "_query_prep_kernel", prep)
     seed = fresh_seed()
     args, kwargs, _ = make_cache(seed=seed, device=device, B=2, Hq=8, Hkv=2, N=300, W=0, D=64, bits=96,
                                  score=score)
@@ -471,6 +465,96 @@ def test_decode_plans_one_split_for_short_contexts():
     assert splits > 1 and splits * chunk >= 2049 and (splits - 1) * chunk < 2049
     assert _plan_splits(100, 1, cpu, 16, 3, 4, 2048) == (3, 48)
     assert _plan_splits(0, 1, cpu, 16, None, 4, 2048) == (0, 16)
+
+
+class _CountingLaunches:
+    """Stands in for a Triton kernel: records each launch's grid, then launches the real kernel."""
+
+    def __init__(self, real):
+        self.real, self.grids = real, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.real[grid]
+
+
+@pytest.mark.parametrize("gqa,W,split_k", [(1, 0, 5), (4, 3, 3), (8, 0, 40), (3, 2, None)])
+def test_decode_fused_combine_equals_the_combine_kernel(device, gqa, W, split_k, monkeypatch):
+    """With ``fused_combine`` (the default) the last program of each (sequence, kv head) row to finish merges the
+    row's partials inside the split kernel: no combine launch, and the row's arrival counter is zero again after
+    the call. The separate combine kernel (what a CUDA graph capture runs) gives the same output: the same fp32
+    operations in the same order, so equal up to one fp32 rounding of the output (the compiler may contract a
+    multiply-add differently in the two kernels). 40 splits: more partials than one 32-wide block of the combine.
+    Both match the reference."""
+    from h1bkv_lite.kernels import decode_attention as da
+
+    seed = fresh_seed()
+    args, kwargs, _ = make_cache(seed=seed, device=device, B=2, Hq=2 * gqa, Hkv=2, N=650, W=W, D=64, bits=128,
+                                 score="hamming" if gqa != 3 else "cos")
+    combine = _CountingLaunches(da._decode_combine_kernel)
+    monkeypatch.setattr(da, "_decode_combine_kernel", combine)
+    fused = h1b_decode_attention(*args, backend="triton", split_k=split_k, config={"block_n": 16}, **kwargs)
+    assert combine.grids == [], f"seed={seed}: the fused call launched the combine kernel"
+    counters = da._combine_counters(args[0].device, 4)
+    assert int(counters.abs().sum()) == 0, f"seed={seed}: arrival counters not reset: {counters[:4].tolist()}"
+    separate = h1b_decode_attention(*args, backend="triton", split_k=split_k,
+                                    config={"block_n": 16, "fused_combine": False}, **kwargs)
+    assert len(combine.grids) == 1, f"seed={seed}: {len(combine.grids)} combine launches without fused_combine"
+    torch.testing.assert_close(fused, separate, rtol=2**-22, atol=2**-22 * float(separate.abs().max()),
+                               msg=lambda m: f"seed={seed}\n{m}")
+    _check_decode(args, kwargs, seed, split_k=split_k, config={"block_n": 16})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+def test_decode_fused_combine_on_streams_and_under_graph_capture(monkeypatch):
+    """On the GPU, where the split programs of a row run concurrently: the fused combine equals the combine kernel
+    on the default stream and on a side stream (each with its own counters), many calls in a row (a counter left
+    non-zero would stop the next call's rows from being combined); a CUDA graph captures the combine kernel
+    (nothing is allocated mid-capture) and its replays equal the eager calls."""
+    from h1bkv_lite.kernels import decode_attention as da
+
+    seed = fresh_seed()
+    device = torch.device("cuda")
+    args, kwargs, _ = make_cache(seed=seed, device=device, B=3, Hq=32, Hkv=8, N=2000, W=0, D=128, bits=128,
+                                 dtype=torch.float16)
+
+    def call(**config):
+        return h1b_decode_attention(*args, backend="triton", config=config, **kwargs)
+
+    separate = call(fused_combine=False)
+    tol = dict(rtol=2**-10, atol=2**-10 * float(separate.abs().max()))  # fp16 outputs: one rounding apart
+    for _ in range(20):
+        torch.testing.assert_close(call(), separate, **tol, msg=lambda m: f"seed={seed}\n{m}")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = [call() for _ in range(5)]
+    torch.cuda.current_stream().wait_stream(side)
+    for out in on_side:
+        torch.testing.assert_close(out, separate, **tol, msg=lambda m: f"seed={seed}\n{m}")
+    combine = _CountingLaunches(da._decode_combine_kernel)
+    monkeypatch.setattr(da, "_decode_combine_kernel", combine)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    assert len(combine.grids) == 1, "the captured call did not launch the combine kernel"
+    graph.replay()
+    torch.testing.assert_close(captured, separate, **tol, msg=lambda m: f"seed={seed}\n{m}")
+
+
+def test_combine_counters_are_zeroed_cached_and_grown():
+    """One int32 buffer per device (and CUDA stream), zero when handed out, reused while big enough, replaced by a
+    zeroed one twice the asked size when a call has more rows."""
+    from h1bkv_lite.kernels import decode_attention as da
+
+    cpu = torch.device("cpu")
+    da._COUNTERS.pop((cpu, 0), None)
+    first = da._combine_counters(cpu, 10)
+    assert first.dtype == torch.int32 and first.numel() >= 10 and int(first.abs().sum()) == 0
+    assert da._combine_counters(cpu, first.numel()) is first
+    grown = da._combine_counters(cpu, first.numel() + 1)
+    assert grown is not first and grown.numel() == 2 * (first.numel() + 1) and int(grown.abs().sum()) == 0
 
 
 @pytest.mark.parametrize("use_dot,precision,stages", [(False, "ieee", 1), (True, "ieee", 1), (True, "tf32x3", 1),
@@ -636,11 +720,15 @@ def test_decode_tensor_core_products_round_to_nearest(device, precision):
 
 
 @pytest.mark.parametrize("split_k", [None, 3, 7])
-@pytest.mark.parametrize("gqa,score,W", [(1, "hamming", 0), (4, "hamming", 0), (3, "asym", 4), (2, "cos", 0)])
-def test_decode_n_valid_reads_only_the_filled_slots(device, split_k, gqa, score, W):
+@pytest.mark.parametrize("gqa,score,W,stages", [(1, "hamming", 0, 1), (4, "hamming", 0, 1), (3, "asym", 4, 1),
+                                                (2, "cos", 0, 1), (4, "hamming", 0, 3), (8, "hamming", 5, 3),
+                                                (6, "asym", 2, 3)])
+def test_decode_n_valid_reads_only_the_filled_slots(device, split_k, gqa, score, W, stages):
     """A static-capacity cache: N slots, the first n_valid (a device int) hold tokens and the rest garbage. The
     output equals the reference over the first n_valid slots (and the checked call with only those slots),
-    whatever the split plan over N; one compiled kernel serves every n_valid (a CUDA graph replays it)."""
+    whatever the split plan over N; one compiled kernel serves every n_valid (a CUDA graph replays it). With the
+    tile loop pipelined (3 stages: Triton's asynchronous copies) too: its loads run ahead of the tiles it
+    processes, and must not read past n_valid either."""
     seed = fresh_seed()
     gen = _gen(seed)
     N, n = 300, int(torch.randint(1, 300, (1,), generator=gen))
@@ -652,7 +740,8 @@ def test_decode_n_valid_reads_only_the_filled_slots(device, split_k, gqa, score,
     data[:, :, n:] = 255
     scale[:, :, n:] = 1e4
     n_valid = torch.tensor([n], dtype=torch.int32, device=device)
-    got = h1b_decode_attention(*args, backend="triton", split_k=split_k, n_valid=n_valid, **kwargs)
+    got = h1b_decode_attention(*args, backend="triton", split_k=split_k, n_valid=n_valid,
+                               config={"num_stages": stages}, **kwargs)
     short = {k: (v[:, :, :n] if k == "key_norms" else v) for k, v in kwargs.items()}
     ref = h1b_decode_attention_reference(q, codes[:, :, :n], data[:, :, :n], scale[:, :, :n], zero[:, :, :n],
                                          **short)

@@ -1,0 +1,137 @@
+"""Eager decode attention (launch cost included): the kernel's launch forms side by side, against SDPA, one GPU.
+
+    python benchmarks/decode_eager.py --out benchmarks/results      # -> decode_eager_<device>.json
+
+What an eager ``generate()`` step pays per layer is the GPU time of its launches plus the host time to issue
+them. For each shape (32 query heads, head_dim 128, "hamming" b = 128, 4-bit values, B = 1 by default) and
+each form, two numbers, from the same Python call the cache makes after its first step
+(``h1b_decode_attention_unchecked``'s path, checks included here as in the first step):
+
+- ``eager_us``: ``triton.testing.do_bench`` median (L2 flushed before each call): GPU time of the call's
+  launches and the gaps between them;
+- ``host_us``: host time to issue one call, from 200 back-to-back calls without a sync (the launch queue
+  absorbs them).
+
+Forms (``config`` overrides of the kernel's defaults):
+
+- ``split+combine``: splits filling the GPU, the query prep, split and combine kernels (three launches);
+- ``one-split``: one program per (sequence, kv head) that writes the output (one launch; the default up to
+  8192 tokens before the fused combine);
+- ``fused`` (the default): splits filling the GPU, the combine done by each row's last split program (the
+  query prep and one split kernel).
+
+SDPA: ``F.scaled_dot_product_attention`` on an fp16 cache, flash backend (``enable_gqa``). Timings never gate
+tests; the ratios are read side by side from one run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from h1bkv_lite.kernels.decode_attention import _default_config, h1b_decode_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode import device_slug, environment, parse_context, write_json  # noqa: E402
+from decode_timing import make_h1b_inputs  # noqa: E402
+
+FORMS = {
+    "split+combine": {"single_split_max_n": 0, "fused_combine": False},
+    "one-split": {"single_split_max_n": 1 << 40},
+    "fused": {},
+}
+HOST_CALLS = 200
+
+
+def host_us(fn) -> float:
+    """Host microseconds to issue one call (``HOST_CALLS`` calls, no sync between them)."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(HOST_CALLS):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / HOST_CALLS * 1e6
+
+
+def eager_us(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def measure_shape(*, B: int, group: int, N: int, device) -> dict:
+    Hq, D, bits = 32, 128, 128
+    Hkv = Hq // group
+    gen = torch.Generator(device=device).manual_seed(0)
+    projection = torch.randn(D, bits, device=device, generator=gen)
+    args, kwargs = make_h1b_inputs(B=B, Hq=Hq, Hkv=Hkv, N=N, D=D, bits=bits, score="hamming", device=device, gen=gen)
+    row = {"B": B, "Hq": Hq, "Hkv": Hkv, "group": group, "D": D, "context": N, "bits": bits, "score": "hamming",
+           "defaults": _default_config("hamming", group, device), "forms": {}}
+    reference = None
+    for name, config in FORMS.items():
+        def call(config=config):
+            return h1b_decode_attention(*args, projection=projection, backend="triton", config=config, **kwargs)
+        out = call().float()
+        reference = out if reference is None else reference
+        row["forms"][name] = {"config": config, "eager_us": eager_us(call), "host_us": host_us(call),
+                              "max_abs_diff_vs_first_form": float((out - reference).abs().max())}
+    del args, kwargs
+    q = torch.randn(B, Hq, 1, D, device=device, dtype=torch.float16, generator=gen)
+    k, v = (torch.randn(B, Hkv, N, D, device=device, dtype=torch.float16, generator=gen) for _ in range(2))
+
+    def sdpa():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv)
+
+    row["sdpa"] = {"eager_us": eager_us(sdpa), "host_us": host_us(sdpa)}
+    for form in row["forms"].values():
+        form["speedup_eager"] = row["sdpa"]["eager_us"] / form["eager_us"]
+    del q, k, v
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the JSON")
+    parser.add_argument("--out-name", help="file name in --out (default: decode_eager_<device>.json)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1], help="batch sizes (default: 1)")
+    parser.add_argument("--groups", nargs="+", type=int, default=[1, 4, 8],
+                        help="query heads per kv head, of 32 (default: 1 4 8)")
+    parser.add_argument("--contexts", nargs="+", type=parse_context, default=[4096, 8192, 32768],
+                        help="tokens, 4096 or 4k (default: 4k 8k 32k)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    bad = [g for g in args.groups if g < 1 or 32 % g]
+    if bad:
+        parser.error(f"--groups: each must divide the 32 query heads, got {bad}")
+    if any(b < 1 for b in args.batches):
+        parser.error(f"--batches: positive integers, got {args.batches}")
+    device = torch.device("cuda")
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {**environment(device), "timing": "eager_us: do_bench median, L2 flushed; host_us: "
+              f"{HOST_CALLS} calls without a sync", "rows": []}
+    path = args.out / (args.out_name or f"decode_eager_{device_slug(torch.cuda.get_device_name(device))}.json")
+    for B in args.batches:
+        for group in args.groups:
+            for N in args.contexts:
+                row = measure_shape(B=B, group=group, N=N, device=device)
+                result["rows"].append(row)
+                write_json(path, result)
+                forms = "  ".join(f"{k} {f['eager_us']:6.1f} us (host {f['host_us']:5.1f}, {f['speedup_eager']:4.2f}x)"
+                                  for k, f in row["forms"].items())
+                print(f"B={B} 32/{32 // group} ctx={N:>6}: sdpa {row['sdpa']['eager_us']:6.1f} us "
+                      f"(host {row['sdpa']['host_us']:5.1f})  {forms}", flush=True)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
