@@ -4,8 +4,7 @@
 
 What an eager ``generate()`` step pays per layer is the GPU time of its launches plus the host time to issue
 them. For each shape (32 query heads, head_dim 128, "hamming" b = 128, 4-bit values, B = 1 by default) and
-each form, two numbers, from the same Python call the cache makes after its first step
-(``h1b_decode_attention_unchecked``'s path, checks included here as in the first step):
+each form, two numbers:
 
 - ``eager_us``: ``triton.testing.do_bench`` median (L2 flushed before each call): GPU time of the call's
   launches and the gaps between them;
@@ -18,7 +17,12 @@ Forms (``config`` overrides of the kernel's defaults):
 - ``one-split``: one program per (sequence, kv head) that writes the output (one launch; the default up to
   8192 tokens before the fused combine);
 - ``fused`` (the default): splits filling the GPU, the combine done by each row's last split program (the
-  query prep and one split kernel).
+  query prep and one split kernel);
+- ``fused-unchecked``: the same launches through ``h1b_decode_attention_unchecked``, the call the cache makes on
+  every decode step after its first (no argument checks).
+
+``host_profile``: the unchecked call's host time by function (cProfile over ``HOST_CALLS`` calls, the top
+entries by own time), to see what the launches cost against the Python around them.
 
 SDPA: ``F.scaled_dot_product_attention`` on an fp16 cache, flash backend (``enable_gqa``). Timings never gate
 tests; the ratios are read side by side from one run.
@@ -26,6 +30,9 @@ tests; the ratios are read side by side from one run.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -35,7 +42,9 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from h1bkv_lite.kernels.decode_attention import _default_config, h1b_decode_attention
+from h1bkv_lite.kernels.decode_attention import (
+    _default_config, h1b_decode_attention, h1b_decode_attention_unchecked,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode import device_slug, environment, parse_context, write_json  # noqa: E402
@@ -61,6 +70,21 @@ def host_us(fn) -> float:
     return elapsed / HOST_CALLS * 1e6
 
 
+def host_profile(fn, top: int = 15) -> list[str]:
+    """cProfile of ``HOST_CALLS`` calls: the ``top`` functions by own time, as pstats prints them."""
+    fn()
+    torch.cuda.synchronize()
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(HOST_CALLS):
+        fn()
+    profile.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(top)
+    return [line for line in text.getvalue().splitlines() if line.strip()]
+
+
 def eager_us(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
 
@@ -81,6 +105,14 @@ def measure_shape(*, B: int, group: int, N: int, device) -> dict:
         reference = out if reference is None else reference
         row["forms"][name] = {"config": config, "eager_us": eager_us(call), "host_us": host_us(call),
                               "max_abs_diff_vs_first_form": float((out - reference).abs().max())}
+    def unchecked():
+        return h1b_decode_attention_unchecked(*args, projection=projection, score="hamming",
+                                              temperature=kwargs["temperature"], key_norms=None, window_k=None,
+                                              window_v=None, value_bits=kwargs["value_bits"])
+    out = unchecked().float()
+    row["forms"]["fused-unchecked"] = {"config": {}, "eager_us": eager_us(unchecked), "host_us": host_us(unchecked),
+                                       "max_abs_diff_vs_first_form": float((out - reference).abs().max())}
+    row["host_profile"] = host_profile(unchecked)
     del args, kwargs
     q = torch.randn(B, Hq, 1, D, device=device, dtype=torch.float16, generator=gen)
     k, v = (torch.randn(B, Hkv, N, D, device=device, dtype=torch.float16, generator=gen) for _ in range(2))

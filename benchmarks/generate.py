@@ -59,8 +59,8 @@ from decode import git_commit  # noqa: E402
 
 BATCH_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 SYNC_COUNT_STEPS = 2  # decode steps count_decode_syncs runs on a row's cache after its generate() call
-# warm-up prompt: past the decode kernel's one-split limit (8192 compressed tokens), so that every kernel a
-# measured row launches (split, combine) is compiled before the rows are timed
+# warm-up prompt: long enough that every kernel a measured row launches (query prep, split with its fused combine;
+# the combine kernel under graph capture) is compiled, at the specialisations long prompts take, before rows are timed
 WARMUP_PROMPT = 8192 + 256
 
 
