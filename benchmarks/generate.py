@@ -25,6 +25,12 @@ random prompt and records:
 :func:`h1bkv_lite.graphs.generate_greedy`, each decode step one replayed CUDA graph (its ``prefill_s`` and
 decode time come from the function's own ``timings``; a replay makes no host sync by construction).
 
+``--prefill-chunk N`` forwards every row's prompt in chunks of ``N`` tokens (transformers' ``prefill_chunk_size``;
+``generate_greedy``'s for the graph rows), for every cache alike: the model's prefill activations then scale with the
+chunk instead of the prompt. With H1BCache the later chunks attend to the earlier ones through the cache (their
+compressed tokens from the sketches, :mod:`h1bkv_lite.chunk_attention`); with DynamicCache exactly. The file name
+gets ``_chunk<N>``.
+
 ``StaticCache`` rows are run twice with the same shape, the first call unmeasured: transformers compiles its decode
 step for each cache shape, and the compilation is not what the row measures. Before that first call the
 compiled step of any earlier shape is dropped (``reset_compiled``): every shape compiles from scratch.
@@ -129,13 +135,15 @@ def run_generate(model, spec: dict, *, count_syncs: bool = True) -> dict:
         cache = make_cache(spec, model)
         if spec["cache"] == "h1b-graph":  # greedy decoding, each decode step one replayed CUDA graph
             times = {}
-            out = generate_greedy(model, ids, cache, N, cuda_graph=True, timings=times)
+            out = generate_greedy(model, ids, cache, N, cuda_graph=True, timings=times,
+                                  prefill_chunk_size=spec.get("prefill_chunk"))
             prefill_s, decode_s = times["prefill_s"], times["decode_s"]
         else:
             first = _FirstLogits()
             t0 = time.perf_counter()
             out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=N,
-                                 min_new_tokens=N, do_sample=False, logits_processor=[first], pad_token_id=0)
+                                 min_new_tokens=N, do_sample=False, logits_processor=[first], pad_token_id=0,
+                                 prefill_chunk_size=spec.get("prefill_chunk"))
             torch.cuda.synchronize()
             prefill_s, decode_s = first.t_first - t0, time.perf_counter() - first.t_first
         row.update(prefill_s=prefill_s, decode_tok_s=(N - 1) / decode_s,
@@ -260,12 +268,16 @@ def main():
                         "(0: skip)")
     parser.add_argument("--no-refine", action="store_true", help="max-batch search over the candidates only "
                         "(default: then bisect between the last fit and the first out-of-memory batch)")
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="prompt forwarded in chunks of this many "
+                        "tokens (transformers' prefill_chunk_size), for every cache; default: the whole prompt at once")
     parser.add_argument("--quick", action="store_true", help="tiny model, short prompts (a smoke run)")
     parser.add_argument("--out", type=Path, required=True,
                         help="folder for the results (writes generate_<device>_<models>.json there)")
     args = parser.parse_args()
     if args.quick:
         args.model, args.prompts, args.batches, args.new_tokens, args.max_batch_len = ["tiny"], [1024, 4096], [1, 2], 16, 0
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        parser.error(f"--prefill-chunk: a positive number of tokens, got {args.prefill_chunk}")
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/generate.py needs CUDA")
     torch.backends.cuda.enable_cudnn_sdp(False)
@@ -275,11 +287,13 @@ def main():
               "triton": __import__("triton").__version__, "python": platform.python_version(), "commit": git_commit(),
               "date": time.strftime("%Y-%m-%d"),
               "new_tokens": args.new_tokens, "rows": [], "max_batch_32k": {}, "max_batch_first_oom": {},
-              "max_batch_len": args.max_batch_len, "sdpa_kernels": {}}
+              "max_batch_len": args.max_batch_len, "prefill_chunk": args.prefill_chunk, "sdpa_kernels": {}}
     tag = re.sub(r"[^a-z0-9]+", "_", name.lower().replace("nvidia", "")).strip("_")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"generate_{tag}_{'_'.join(args.model)}.json"
-    specs = cache_specs(args.static, args.bits, args.scores, args.graphs, args.caches)
+    chunked = "" if args.prefill_chunk is None else f"_chunk{args.prefill_chunk}"
+    path = args.out / f"generate_{tag}_{'_'.join(args.model)}{chunked}.json"
+    specs = [{**spec, "prefill_chunk": args.prefill_chunk}
+             for spec in cache_specs(args.static, args.bits, args.scores, args.graphs, args.caches)]
     for model_name in args.model:
         model = build_model(model_name, dev)
         result["sdpa_kernels"][model_name] = sdpa_kernels(model)

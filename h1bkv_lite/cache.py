@@ -88,7 +88,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from . import memory
+from . import chunk_attention, memory
 from ._device import model_device, to_device
 from ._validation import check_bool, check_choice, check_int, check_sketch_bits
 from .attention import sampled_temperature_unchecked, sketched_logits_unchecked
@@ -822,11 +822,11 @@ class H1BLayer(CompressingLayer):
         return super().update(key_states, value_states, *args, **kwargs)
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self.max_cache_len is None or self.window == 0 or self.n_seen == k.shape[2]:
-            return super()._append(k, v)  # a growing store, no window, or the prompt (then the window is in order)
+        if self.max_cache_len is None or self.window == 0 or (self._ring_head is None and k.shape[2] > 1):
+            return super()._append(k, v)  # a growing store, no window, or the prompt (or its chunks): in order
         if k.shape[2] != 1 or self.exact_call:
             raise ValueError(
-                f"a static-capacity cache with a window decodes one token per forward after its prompt, got "
+                f"a static-capacity cache with a window decodes one token per forward once decoding has begun, got "
                 f"{k.shape[2]} (layer {self.layer_idx}); use max_cache_len=None for multi-token calls")
         self._ring_step(k, v)
 
@@ -952,19 +952,60 @@ class H1BLayer(CompressingLayer):
         self.calibrated = sampled_temperature_unchecked(q, self._centered(k), self.sketcher, valid, scaling=scaling)
 
     def _attend_fast(self, q, attention_mask, scaling: float) -> torch.Tensor | None:
-        """The Triton decode kernel, for what it serves: one query, some compressed tokens, a batch without
+        """A multi-token call (:meth:`_attend_chunk`) or the Triton decode kernel, for what they serve. The kernel: one query, some compressed tokens, a batch without
         padding, scaling 1/sqrt(D), a temperature known (given or calibrated), and (sliding layers) nothing
         held outside the query's window (the kernel has no mask; past recording may hold more). Centered keys
         too (see :meth:`_kernel_decode`). Decided from host state only: no sync."""
         if self._padded and self.max_cache_len is not None:
             raise ValueError("a static-capacity cache does not serve padded batches (the decode kernel has no mask, "
                              "and its ring window no token order); use max_cache_len=None")
+        if q.shape[2] > 1:
+            return self._attend_chunk(q, scaling) if self._chunk_serves(q) else None
         if not (self._use_triton and q.shape[2] == 1 and self.held_compressed > 0 and not self._padded
                 and scaling == q.shape[-1] ** -0.5
                 and (self.sliding_window is None or self.n_seen - self.window_start <= self.sliding_window)
                 and (self.score != "hamming" or self.temperature is not None or self.calibrated is not None)):
             return None
         return self._kernel_decode(q)
+
+    def _chunk_serves(self, q: torch.Tensor) -> bool:
+        """Host state only: an exact multi-token call after the first (chunked prefill), starting past the sinks, in
+        an unpadded batch, on a full-attention layer, scored by "hamming" (temperature known) or "asym", in a dtype
+        and head size the flash kernels take (:func:`chunk_attention.serves`)."""
+        return (self.exact_call and self.n_seen - q.shape[2] >= max(self.sink, 1) and self.score != "cos"
+                and not self._padded and self.sliding_window is None
+                and (self.score != "hamming" or self._temperature() is not None)
+                and chunk_attention.serves(q, self.head_dim, self.sketcher.bits))
+
+    def _attend_chunk(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention of a multi-token call (a prefill chunk: transformers' ``prefill_chunk_size``) over everything
+        held, as the general path computes it (the call's own tokens exact and causal, the held exact tokens, the
+        compressed ones scored from their sketches), through flash attention merged by log-sum-exp
+        (:mod:`h1bkv_lite.chunk_attention`): no ``Tq x N`` matrix, memory bounded by the call's length and a block of
+        the store. ``q [B, Hq, Tq, D]``; returns float32 ``[B, Hq, Tq, D]``."""
+        own = self.recent_k.shape[2] - q.shape[2]  # recent = [exact window held before the call | the call]
+        parts = [chunk_attention.exact_part(q, self.recent_k[:, :, own:], self.recent_v[:, :, own:], causal=True,
+                                            scaling=scaling)]
+        if self.sink_k.shape[2] + own:
+            held_k = torch.cat([self.sink_k, self.recent_k[:, :, :own]], dim=2)
+            held_v = torch.cat([self.sink_v, self.recent_v[:, :, :own]], dim=2)
+            parts.append(chunk_attention.exact_part(q, held_k, held_v, causal=False, scaling=scaling))
+        if self.held_compressed:
+            stored, projection = self.stored, self.sketcher.projection_on(q.device)
+            if self.score == "hamming":
+                q_sketch = chunk_attention.hamming_queries(q, projection, self._temperature(q.device))
+            else:
+                q_sketch = chunk_attention.asym_queries(q, projection, scaling)
+
+            def values(start: int, end: int) -> torch.Tensor:
+                return self._compressed_values({k: t[:, :, start:end] for k, t in stored.items()}).to(q.dtype)
+
+            offset = None if self.key_mean is None else self._mean_term(q, scaling).squeeze(-1)
+            parts.append(chunk_attention.compressed_part(q_sketch, stored["key_codes"], values,
+                                                         key_norms=stored.get("key_norms"), row_offset=offset))
+        out = chunk_attention.merge(parts)[0]
+        self._settle()
+        return out
 
     def _kernel_decode(self, q: torch.Tensor) -> torch.Tensor:
         """One decode step through the Triton kernel. Centered keys: the kernel scores compressed keys by the

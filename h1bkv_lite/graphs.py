@@ -33,7 +33,7 @@ EOS_CHECK_EVERY = 16
 
 def generate_greedy(model, input_ids: torch.Tensor, cache: H1BCache, max_new_tokens: int, *,
                     cuda_graph: bool | None = None, eos_token_id: int | list[int] | None = None,
-                    pad_token_id: int | None = None, warmup_steps: int = 2,
+                    pad_token_id: int | None = None, warmup_steps: int = 2, prefill_chunk_size: int | None = None,
                     timings: dict | None = None) -> torch.Tensor:
     """Greedy decoding (the argmax token each step, as ``model.generate(do_sample=False)``), every decode step
     after ``warmup_steps`` eager ones replayed from one CUDA graph.
@@ -52,6 +52,10 @@ def generate_greedy(model, input_ids: torch.Tensor, cache: H1BCache, max_new_tok
         row has produced one (checked every ``EOS_CHECK_EVERY`` steps, so up to that many steps more run); tokens
         after a row's end are ``pad_token_id`` (default: the first end id).
     warmup_steps : eager decode steps before the capture (Triton compiles, allocator and cuBLAS state), >= 1.
+    prefill_chunk_size : None (default: the prompt in one forward) or >= 1: the prompt in forwards of at most that
+        many tokens (chunked prefill, as transformers' ``generate(..., prefill_chunk_size=...)``): the model's
+        activations scale with the chunk, not the prompt, and later chunks attend to the earlier ones through the
+        cache (:meth:`H1BLayer._attend_chunk`: their compressed tokens from the sketches).
     timings : None, or a dict that receives ``prefill_s`` (the prompt's forward, to its logits) and ``decode_s``
         (every decode step after it, capture included), seconds of wall time; asking for them costs two device
         syncs (after the prefill and at the end), for benchmarks.
@@ -66,12 +70,13 @@ def generate_greedy(model, input_ids: torch.Tensor, cache: H1BCache, max_new_tok
     bad arguments; RuntimeError naming the step if the capture fails (``cuda_graph=False`` runs eagerly).
     """
     B, T, ends = _check(model, input_ids, cache, max_new_tokens, cuda_graph, eos_token_id, pad_token_id,
-                        warmup_steps)
+                        warmup_steps, prefill_chunk_size)
     if cuda_graph is None:
         cuda_graph = input_ids.device.type == "cuda"
     clock = _Clock(timings, input_ids.device)
     with torch.no_grad():
-        logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        for chunk in input_ids.split(prefill_chunk_size or T, dim=1):
+            logits = model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         clock.lap("prefill_s")
         ids = logits.argmax(-1, keepdim=True)  # the step's input token ...
         pos = torch.full((B, 1), T, dtype=torch.long, device=input_ids.device)  # ... and its position
@@ -179,7 +184,8 @@ def _pad_after_end(out: torch.Tensor, ends: list[int], pad_token_id: int) -> tor
     return out
 
 
-def _check(model, input_ids, cache, max_new_tokens, cuda_graph, eos_token_id, pad_token_id, warmup_steps):
+def _check(model, input_ids, cache, max_new_tokens, cuda_graph, eos_token_id, pad_token_id, warmup_steps,
+           prefill_chunk_size=None):
     if not isinstance(cache, H1BCache):
         raise TypeError(f"cache must be an H1BCache, got {type(cache).__name__}")
     if cache.static_capacity is None:
@@ -189,6 +195,8 @@ def _check(model, input_ids, cache, max_new_tokens, cuda_graph, eos_token_id, pa
     check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.long,), finite=False)
     check_int("max_new_tokens", max_new_tokens, low=1)
     check_int("warmup_steps", warmup_steps, low=1)
+    if prefill_chunk_size is not None:
+        check_int("prefill_chunk_size", prefill_chunk_size, low=1)
     if cuda_graph is not None:
         check_bool("cuda_graph", cuda_graph)
         if cuda_graph and input_ids.device.type != "cuda":
@@ -204,6 +212,9 @@ def _check(model, input_ids, cache, max_new_tokens, cuda_graph, eos_token_id, pa
     if T < cache.window + cache.sink:
         raise ValueError(f"the prompt ({T} tokens) must fill the cache's exact window and sinks "
                          f"(window={cache.window} + sink={cache.sink})")
+    if prefill_chunk_size is not None and min(T, prefill_chunk_size) < cache.sink:
+        raise ValueError(f"prefill_chunk_size ({prefill_chunk_size}) must hold the cache's sinks (sink={cache.sink}): "
+                         "the first chunk is the prompt the sinks come from")
     if T + max_new_tokens > cache.static_capacity:
         raise ValueError(f"the prompt ({T} tokens) and max_new_tokens ({max_new_tokens}) exceed the cache's "
                          f"max_cache_len={cache.static_capacity}")

@@ -48,6 +48,18 @@ def test_eager_steps_equal_model_generate(device, kw):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("kw", [dict(score="hamming"), dict(window=6, sink=2)])
+def test_prefill_chunks_equal_model_generate_with_chunks(device, kw):
+    """``prefill_chunk_size``: the prompt in forwards of 10 tokens (its later chunks through the flash path of
+    ``H1BLayer._attend_chunk``, then the static ring window), as ``model.generate(..., prefill_chunk_size=10)`` with
+    the same cache settings."""
+    model, ids = _model(device), _ids(device, T=35)
+    got = generate_greedy(model, ids, _cache(model, 50, **kw), 7, cuda_graph=False, prefill_chunk_size=10)
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=_cache(model, 50, **kw),
+                          max_new_tokens=7, do_sample=False, pad_token_id=0, prefill_chunk_size=10)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("kw", [dict(), dict(window=6, sink=2)])
@@ -100,6 +112,11 @@ def test_arguments_are_checked(device):
         generate_greedy(model, ids, used, 2)
     with pytest.raises(ValueError, match=r"must fill the cache's exact window and sinks \(window=20 \+ sink=8\)"):
         generate_greedy(model, ids, _cache(model, 40, window=20, sink=8), 2)
+    for bad, error in ((0, ValueError), (2.5, TypeError)):
+        with pytest.raises(error, match="prefill_chunk_size"):
+            generate_greedy(model, ids, _cache(model, 40), 2, prefill_chunk_size=bad)
+    with pytest.raises(ValueError, match=r"prefill_chunk_size \(3\) must hold the cache's sinks \(sink=4\)"):
+        generate_greedy(model, ids, _cache(model, 40, sink=4), 2, prefill_chunk_size=3)
     for bad in ([], True, [5, False], -1, 2.0):
         with pytest.raises(TypeError, match=r"eos_token_id must be a token id >= 0 or a non-empty list"):
             generate_greedy(model, ids, _cache(model, 40), 2, eos_token_id=bad)

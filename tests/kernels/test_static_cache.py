@@ -153,7 +153,7 @@ def test_static_window_needs_a_prompt_that_fills_it_and_single_token_steps(devic
         _run(short, q[:, :, :8], k[:, :, :8], v[:, :, :8], 6)
     cache = H1BCache(_config(heads=4, kv_heads=2), **kw)
     _run(cache, q[:, :, :22], k[:, :, :22], v[:, :, :22], 20)
-    with pytest.raises(ValueError, match="one token per forward after its prompt, got 3"):
+    with pytest.raises(ValueError, match="one token per forward once decoding has begun, got 3"):
         cache.layers[0].update(k[:, :, 22:25], v[:, :, 22:25])
     with pytest.raises(NotImplementedError, match="cannot roll back"):
         cache.crop(-1)
