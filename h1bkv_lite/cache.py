@@ -26,7 +26,10 @@ any later multi-token forward) attends exactly, like a deployment that compresse
 the first forward of a layer goes through torch SDPA over its own k/v (:func:`prompt_attention`, no ``T x T``
 matrix without padding), and only then are tokens older than the window compressed, in place, into the
 layer's preallocated :class:`~h1bkv_lite.storage.TokenStore` (nothing of the prompt's full-precision K/V
-survives beyond the window and sinks). Decode steps always see compressed keys. With
+survives beyond the window and sinks). A later multi-token forward (a chunk of a chunked prefill) attends to its
+own tokens exactly and causally and to what the layer holds as stored (compressed tokens through their sketches),
+through flash attention in parts merged by log-sum-exp (:mod:`h1bkv_lite.chunk_attention`; "cos", padded batches
+and sliding-window layers take the general masked path). Decode steps always see compressed keys. With
 ``compressed_prefill=True`` every query of a multi-token forward already sees what it would see had the
 tokens been decoded one by one (``h1b_attention`` semantics, window relative to each query) -- the mode
 :mod:`h1bkv_lite.eval` uses for perplexity.
@@ -1141,7 +1144,9 @@ class H1BCache(HookedCache):
         are the first columns, so a padded row's sinks are padding). On a sliding-window layer (window ``W``)
         both apply within the ``W - 1`` tokens it keeps: sinks leave with the window, and ``window >= W`` keeps
         that layer entirely exact (a decode query sees ``W`` tokens: the ``W - 1`` kept and its own).
-    compressed_prefill : multi-token forwards attend as if decoded token by token (default: exactly).
+    compressed_prefill : multi-token forwards attend as if decoded token by token (default: exactly -- their own
+        tokens exact and causal, what the layer holds as stored; a later chunk of a chunked prefill,
+        ``generate(..., prefill_chunk_size=...)``, attends through flash attention, :mod:`h1bkv_lite.chunk_attention`).
     seed : layer ``i`` sketches with ``SimHashSketcher(head_dim, bits, seed + i)``.
     key_mean : None (default, the paper's) or float ``[L, Hkv, D]``: sketch ``k - mu`` and add the exact
         ``q . mu * scaling`` (key centering, module docstring; e.g. from :func:`fit_key_mean`).

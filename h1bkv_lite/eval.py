@@ -120,7 +120,7 @@ def perplexity(model, tokenizer_or_ids, method="fp16", *, seq_len: int = 512, n_
 @torch.no_grad()
 def decode_perplexity(model, tokenizer_or_ids, method="fp16", *, prefill: int = 1024, decode: int = 128,
                       n_windows: int = 1, batch_size: int = 1, text: str | None = None,
-                      progress: bool = True) -> pd.DataFrame:
+                      prefill_chunk: int | None = None, progress: bool = True) -> pd.DataFrame:
     """Long-context decode perplexity: prefill ``prefill`` tokens into the cache, then score ``decode`` tokens
     decoded one at a time through it.
 
@@ -140,6 +140,9 @@ def decode_perplexity(model, tokenizer_or_ids, method="fp16", *, prefill: int = 
     method : ``"fp16"`` or a cache factory (module docstring), e.g. ``ft.method()`` of a finetune.
     prefill, decode : tokens written by the prefill (>= 1) and tokens scored by decode steps (>= 1).
     n_windows : windows (when cut here).  batch_size : windows decoded together.
+    prefill_chunk : None (the prefill in one forward) or >= 1: the prefill in forwards of at most that many tokens
+        (chunked prefill, as ``generate(..., prefill_chunk_size=...)``). An exact cache gives the same loss either
+        way; with an H1B cache the later chunks see the earlier ones compressed (:mod:`h1bkv_lite.chunk_attention`).
 
     Returns
     -------
@@ -154,6 +157,8 @@ def decode_perplexity(model, tokenizer_or_ids, method="fp16", *, prefill: int = 
     check_int("decode", decode, low=1)
     check_int("n_windows", n_windows, low=1)
     check_int("batch_size", batch_size, low=1)
+    if prefill_chunk is not None:
+        check_int("prefill_chunk", prefill_chunk, low=1)
     factory = _factory(method)
     length = prefill + decode + 1
     ids = _windows(tokenizer_or_ids, length, n_windows, text)
@@ -165,14 +170,15 @@ def decode_perplexity(model, tokenizer_or_ids, method="fp16", *, prefill: int = 
     for start in tqdm(starts, desc=f"decode ppl {method_name(method)}", disable=not progress):
         batch = ids[start : start + batch_size]
         cache = factory(model.config)
-        model(input_ids=batch[:, :prefill], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for chunk in batch[:, :prefill].split(prefill_chunk or prefill, dim=1):
+            model(input_ids=chunk, past_key_values=cache, use_cache=True, logits_to_keep=1)
         nll = torch.zeros(batch.shape[0], dtype=torch.float32, device=batch.device)
         for t in range(prefill, prefill + decode):
             logits = model(input_ids=batch[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
             nll += torch.nn.functional.cross_entropy(logits.float(), batch[:, t + 1], reduction="none")
         for i, value in enumerate(nll.tolist()):  # one read-back per batch
             rows.append({"method": method_name(method), "window": start + i, "prefill": prefill, "tokens": decode,
-                         "nll": value, "ppl": math.exp(value / decode)})
+                         "prefill_chunk": prefill_chunk, "nll": value, "ppl": math.exp(value / decode)})
     return pd.DataFrame(rows)
 
 

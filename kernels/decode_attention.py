@@ -19,7 +19,9 @@ Kernels, in launch order: ``_query_prep_kernel`` (the query's code words and nor
 ``"asym"``, once per call), then ``_decode_split_kernel`` over ``(batch * kv head, split)`` -- each program
 walks one chunk of the context for all query heads of its kv head (GQA: the cache is read once per kv head)
 with an online softmax and writes a partial ``(max, sum, acc)``; the last split of each row is the exact
-window. ``_decode_combine_kernel`` merges the partials per query head. When a row is a single split without
+window. The last program of a row to finish merges the row's partials (an arrival counter per row: the fused
+combine, one launch fewer); under CUDA-graph capture ``_decode_combine_kernel`` does it instead, one program per
+query head. When a row is a single split without
 a window (short contexts), the split kernel sketches its query heads itself and writes the output: one launch
 per call for "hamming" and "cos". (Sketching inside every split program instead -- each loading all of R
 before its first tile -- made B = 1, 32k MHA decode 1.5x slower on an H200: 70.8 -> 103 us.) Reference:

@@ -635,7 +635,7 @@ def test_decode_perplexity_fp16_is_the_models_loss_and_h1b_sees_compressed_keys(
     model = tiny_model()
     windows = torch.cat([ids, ids], dim=1)[:3, :30]  # 30 = prefill 20 + decode 9 + 1
     fp16 = decode_perplexity(model, windows, "fp16", prefill=20, decode=9, batch_size=2, progress=False)
-    assert list(fp16.columns) == ["method", "window", "prefill", "tokens", "nll", "ppl"]
+    assert list(fp16.columns) == ["method", "window", "prefill", "tokens", "prefill_chunk", "nll", "ppl"]
     assert (fp16.tokens == 9).all() and (fp16.prefill == 20).all()
     logits = model(windows).logits[:, 20:29]
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), windows[:, 21:30], reduction="none").sum(-1)
@@ -654,7 +654,15 @@ def test_decode_perplexity_fp16_is_the_models_loss_and_h1b_sees_compressed_keys(
         for t in range(20, 29))
     assert cache.layers[0].n_compressed == 29
     assert h1b.nll[0] == pytest.approx(by_hand, rel=1e-5)
-    for kw, match in [(dict(prefill=0), "prefill"), (dict(decode=0), "decode"), (dict(prefill=25, decode=9), "too short")]:
+    # chunked prefill: exact caches see the same prompt; H1B's later chunks see the earlier ones compressed
+    chunked = decode_perplexity(model, windows, "fp16", prefill=20, decode=9, prefill_chunk=7, progress=False)
+    assert chunked.nll.tolist() == pytest.approx(fp16.nll.tolist(), rel=1e-5) and (chunked.prefill_chunk == 7).all()
+    one_chunk = decode_perplexity(model, windows, ft.method(), prefill=20, decode=9, prefill_chunk=20, progress=False)
+    assert one_chunk.nll.tolist() == pytest.approx(h1b.nll.tolist(), rel=1e-6)
+    h1b_chunked = decode_perplexity(model, windows, ft.method(), prefill=20, decode=9, prefill_chunk=7, progress=False)
+    assert h1b_chunked.nll.sum() != pytest.approx(h1b.nll.sum(), rel=1e-4)
+    for kw, match in [(dict(prefill=0), "prefill"), (dict(decode=0), "decode"), (dict(prefill=25, decode=9), "too short"),
+                      (dict(prefill_chunk=0), "prefill_chunk")]:
         with pytest.raises(ValueError, match=match):
             decode_perplexity(model, windows, "fp16", **kw, progress=False)
 

@@ -95,3 +95,8 @@ def test_generate_ratios_use_the_dynamic_row_of_the_same_file(tmp_path):
     df = load_generate_results(tmp_path / "merged.json").set_index(["run_id", "label"])
     assert df.loc[("r1", "h1b-graph b=128 hamming"), "decode_tok_s_vs_dynamic"] == pytest.approx(2.0)
     assert df.loc[("r2", "h1b-graph b=128 hamming"), "decode_tok_s_vs_dynamic"] == pytest.approx(4.0)
+    chunked = [{**row("dynamic", 20.0), "prefill_chunk": 8192}, {**row("h1b", 10.0, 128, "hamming"), "prefill_chunk": 8192}]
+    (tmp_path / "chunked.json").write_text(json.dumps({"device": "X", "rows": chunked}))
+    df = load_generate_results(tmp_path / "chunked.json").set_index("label")
+    assert df.loc["h1b b=128 hamming, chunks of 8192", "decode_tok_s_vs_dynamic"] == pytest.approx(0.5)
+    assert "dynamic, chunks of 8192" in df.index
