@@ -6,10 +6,11 @@ What an eager ``generate()`` step pays per layer is the GPU time of its launches
 them. For each shape (32 query heads, head_dim 128, "hamming" b = 128, 4-bit values, B = 1 by default) and
 each form, two numbers:
 
-- ``eager_us``: ``triton.testing.do_bench`` median (L2 flushed before each call): GPU time of the call's
-  launches and the gaps between them;
-- ``host_us``: host time to issue one call, from 200 back-to-back calls without a sync (the launch queue
-  absorbs them).
+- ``eager_us``: wall time per call of ``HOST_CALLS`` back-to-back calls and one sync at the end (median of
+  ``REPEATS``): what an eager loop pays per call, the larger of the host's time to issue it and the GPU's time to
+  run it (the inputs are not flushed from L2 between calls: at these sizes both sides are bound by the host);
+- ``host_us``: host time to issue one call, from ``HOST_CALLS`` back-to-back calls without a sync (the launch
+  queue absorbs them).
 
 Forms (``config`` overrides of the kernel's defaults):
 
@@ -33,13 +34,13 @@ import argparse
 import cProfile
 import io
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from h1bkv_lite.kernels.decode_attention import (
@@ -56,6 +57,7 @@ FORMS = {
     "fused": {},
 }
 HOST_CALLS = 200
+REPEATS = 5
 
 
 def host_us(fn) -> float:
@@ -86,7 +88,17 @@ def host_profile(fn, top: int = 15) -> list[str]:
 
 
 def eager_us(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+    """Median over ``REPEATS`` of the wall time per call of ``HOST_CALLS`` calls and one sync (microseconds)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        for _ in range(HOST_CALLS):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / HOST_CALLS * 1e6)
+    return statistics.median(times)
 
 
 def measure_shape(*, B: int, group: int, N: int, device) -> dict:
@@ -148,8 +160,8 @@ def main(argv=None) -> int:
         parser.error(f"--batches: positive integers, got {args.batches}")
     device = torch.device("cuda")
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {**environment(device), "timing": "eager_us: do_bench median, L2 flushed; host_us: "
-              f"{HOST_CALLS} calls without a sync", "rows": []}
+    result = {**environment(device), "timing": f"eager_us: wall time per call of {HOST_CALLS} calls and one sync, "
+              f"median of {REPEATS}; host_us: {HOST_CALLS} calls without a sync", "rows": []}
     path = args.out / (args.out_name or f"decode_eager_{device_slug(torch.cuda.get_device_name(device))}.json")
     for B in args.batches:
         for group in args.groups:

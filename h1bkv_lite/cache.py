@@ -825,8 +825,10 @@ class H1BLayer(CompressingLayer):
         return super().update(key_states, value_states, *args, **kwargs)
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self.max_cache_len is None or self.window == 0 or (self._ring_head is None and k.shape[2] > 1):
-            return super()._append(k, v)  # a growing store, no window, or the prompt (or its chunks): in order
+        filling = self._ring_head is None and (k.shape[2] > 1 or self.recent_k.shape[2] < self.window
+                                                or self.sink_k.shape[2] < self.sink)
+        if self.max_cache_len is None or self.window == 0 or filling:
+            return super()._append(k, v)  # a growing store, no window, or the prompt and its chunks: in order
         if k.shape[2] != 1 or self.exact_call:
             raise ValueError(
                 f"a static-capacity cache with a window decodes one token per forward once decoding has begun, got "
@@ -838,12 +840,8 @@ class H1BLayer(CompressingLayer):
         ignores their order). The oldest, at the device slot ``_ring_head``, is compressed into the store, the
         new token takes its slot and the head moves on: fixed tensors and device indices only, the same
         launches every step."""
-        if self._ring_head is None:
-            if self.recent_k.shape[2] != self.window or self.sink_k.shape[2] != self.sink:
-                raise ValueError(
-                    f"a static-capacity cache with window={self.window} and sink={self.sink} needs a prompt of at "
-                    f"least {self.window + self.sink} tokens, got {self.n_seen - 1} (layer {self.layer_idx})")
-            self._ring_head = torch.zeros(1, dtype=torch.long, device=k.device)  # the prompt left them in order
+        if self._ring_head is None:  # the window and sinks are full (_append): the prompt left them in order
+            self._ring_head = torch.zeros(1, dtype=torch.long, device=k.device)
         head = self._ring_head
         self._store_compressed(self.recent_k.index_select(2, head), self.recent_v.index_select(2, head))
         self.n_compressed += 1
@@ -978,7 +976,7 @@ class H1BLayer(CompressingLayer):
         return (self.exact_call and self.n_seen - q.shape[2] >= max(self.sink, 1) and self.score != "cos"
                 and not self._padded and self.sliding_window is None
                 and (self.score != "hamming" or self._temperature() is not None)
-                and chunk_attention.serves(q, self.head_dim, self.sketcher.bits))
+                and chunk_attention.serves(q.device, q.dtype, self.head_dim, self.sketcher.bits))
 
     def _attend_chunk(self, q: torch.Tensor, scaling: float) -> torch.Tensor:
         """Attention of a multi-token call (a prefill chunk: transformers' ``prefill_chunk_size``) over everything
@@ -1004,7 +1002,7 @@ class H1BLayer(CompressingLayer):
                 return self._compressed_values({k: t[:, :, start:end] for k, t in stored.items()}).to(q.dtype)
 
             offset = None if self.key_mean is None else self._mean_term(q, scaling).squeeze(-1)
-            parts.append(chunk_attention.compressed_part(q_sketch, stored["key_codes"], values,
+            parts.append(chunk_attention.compressed_part(q_sketch, stored["key_codes"], values, self.head_dim,
                                                          key_norms=stored.get("key_norms"), row_offset=offset))
         out = chunk_attention.merge(parts)[0]
         self._settle()

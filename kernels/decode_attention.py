@@ -21,10 +21,10 @@ walks one chunk of the context for all query heads of its kv head (GQA: the cach
 with an online softmax and writes a partial ``(max, sum, acc)``; the last split of each row is the exact
 window. The last program of a row to finish merges the row's partials (an arrival counter per row: the fused
 combine, one launch fewer); under CUDA-graph capture ``_decode_combine_kernel`` does it instead, one program per
-query head. When a row is a single split without
-a window (short contexts), the split kernel sketches its query heads itself and writes the output: one launch
-per call for "hamming" and "cos". (Sketching inside every split program instead -- each loading all of R
-before its first tile -- made B = 1, 32k MHA decode 1.5x slower on an H200: 70.8 -> 103 us.) Reference:
+query head. When a row is a single split without a window (``single_split_max_n``, 0 by default: a context of one
+tile, or ``split_k=1``), the split kernel sketches its query heads itself and writes the output: one launch per call
+for "hamming" and "cos". (Sketching inside every split program instead -- each loading all of R before its first
+tile -- made B = 1, 32k MHA decode 1.5x slower on an H200: 70.8 -> 103 us.) Reference:
 :func:`h1b_decode_attention_reference`, which follows ``h1bkv_lite.attention.sketched_logits``.
 """
 from __future__ import annotations
@@ -801,9 +801,10 @@ def _check_config(config: dict | None, score: str, group: int, device) -> None:
 def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
             projection, score, temperature, value_bits, split_k, config, n_valid=None):
     """Launch order: the query-projection kernel (``"asym"`` always; "hamming"/"cos" when the context is split),
-    the split kernel, and the combine kernel unless the split kernel wrote the output itself (one split, no
-    window). ``n_valid``: see
-    :func:`h1b_decode_attention` (the splits are planned for all ``N`` slots)."""
+    the split kernel, and the combine kernel only while a CUDA graph is being captured (or with
+    ``fused_combine=False``): otherwise the split kernel merges each row's partials itself, and with one split and no
+    window it writes the output directly. ``n_valid``: see :func:`h1b_decode_attention` (the splits are planned for
+    all ``N`` slots)."""
     B, Hq, D = q.shape
     _, Hkv, N, _ = key_codes.shape
     bits = projection.shape[1]
@@ -877,7 +878,7 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
         BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=n_valid is not None, DIRECT=direct,
         SCORE_DOT=cfg["score_dot"], HALF2=_half2_unpack(cfg, value_bits, value_scale.shape[-1]),
         ASM=_RUNS_PTX, PIPELINE=cfg["num_stages"] if cfg["num_stages"] > 1 else 0, FUSED=counters is not None,
-        BLOCK_S=min(32, next_pow2(total)),
+        BLOCK_S=32,  # the fused combine's partials per step, masked: a constant, so no recompile as contexts grow
         num_warps=cfg["num_warps"], num_stages=1,  # the tile loop's stages come as PIPELINE (the window's loop: 1)
         **({} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}),
     )

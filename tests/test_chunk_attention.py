@@ -48,10 +48,11 @@ def _calls(cache, seed, B, Hq, Hkv, sizes, D=64, device="cpu", dtype=torch.float
     ("asym", None, (6, 3), 4, 3, 64, True)])
 def test_chunk_path_equals_the_general_path(monkeypatch, score, temperature, heads, window, sink, bits, centered):
     """A prompt, then chunks of 9 and 13 tokens and one decode step: the flash path and the general path give the
-    same outputs and leave the same stored state. ``COMPRESSED_BLOCK`` 7: the store is read in several blocks."""
+    same outputs and leave the same stored state. ``BLOCK_BYTES`` for 7 tokens: the store is read in several
+    blocks."""
     seed = _seed()
     Hq, Hkv = heads
-    monkeypatch.setattr(chunk_attention, "COMPRESSED_BLOCK", 7)
+    monkeypatch.setattr(chunk_attention, "BLOCK_BYTES", 2 * Hkv * max(bits, 64) * 4 * 7)
     gen = torch.Generator().manual_seed(seed + 1)
     kw = dict(bits=bits, score=score, temperature=temperature, window=window, sink=sink, backend="torch",
               key_mean=torch.randn(1, Hkv, 64, generator=gen) * 0.5 if centered else None)
@@ -79,6 +80,38 @@ def test_general_path_keeps_what_the_flash_path_does_not_serve(monkeypatch):
     _calls(H1BCache(_config(4, 2), bits=64, score="cos", backend="torch"), _seed(), 1, 4, 2, (20, 6))
     _calls(H1BCache(_config(4, 2), bits=64, sink=8, backend="torch"), _seed(), 1, 4, 2, (5, 6))
     assert used == []
+
+
+def test_serves_only_what_the_flash_kernels_run(monkeypatch):
+    """CPU: any float dtype. CUDA: fp16/bf16, head sizes <= 256 and multiples of 8, and a GPU of compute capability
+    8.0 or newer (FlashAttention-2 refuses Volta and Turing): anything else takes the general path."""
+    assert chunk_attention.serves(torch.device("cpu"), torch.float32, 64, 128)
+    assert not chunk_attention.serves(torch.device("meta"), torch.float16, 64, 128)
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
+    cuda = torch.device("cuda", 0)
+    for capability, want in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        chunk_attention._cuda_flash_runs.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
+        assert chunk_attention.serves(cuda, torch.float16, 128, 128) is (want and torch.version.hip is None)
+    assert not chunk_attention.serves(cuda, torch.float32, 128, 128)
+    assert not chunk_attention.serves(cuda, torch.bfloat16, 128, 384)  # padded sketch width over 256
+    assert not chunk_attention.serves(cuda, torch.bfloat16, 60, 128)
+    chunk_attention._cuda_flash_runs.cache_clear()
+
+
+def test_merge_and_signs():
+    """Merging parts by log-sum-exp equals one softmax over all their keys; the +-1 signs are the sketcher's."""
+    from h1bkv_lite.sketch import SimHashSketcher
+
+    gen = torch.Generator().manual_seed(_seed())
+    logits, v = torch.randn(2, 3, 5, 20, generator=gen) * 3, torch.randn(2, 3, 20, 8, generator=gen)
+    parts = [(torch.softmax(logits[..., a:b], -1) @ v[:, :, a:b], torch.logsumexp(logits[..., a:b], -1))
+             for a, b in ((0, 4), (4, 13), (13, 20))]
+    out, lse = chunk_attention.merge(parts)
+    torch.testing.assert_close(out, torch.softmax(logits, -1) @ v)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1))
+    codes = torch.randint(0, 256, (2, 3, 7, 16), dtype=torch.uint8, generator=gen)
+    assert torch.equal(chunk_attention._signs(codes, torch.float16), SimHashSketcher(64, 128).signs(codes).half())
 
 
 def _tiny_model(seed: int = 0):
@@ -127,7 +160,7 @@ def test_cuda_chunk_path_equals_the_general_path(monkeypatch, score, dtype, head
     (~1.5)."""
     seed = _seed()
     Hq, Hkv = heads
-    monkeypatch.setattr(chunk_attention, "COMPRESSED_BLOCK", 1024)
+    monkeypatch.setattr(chunk_attention, "BLOCK_BYTES", 2 * Hkv * 128 * 2 * 1024)
     kw = dict(bits=128, score=score, window=16, sink=4)
     sizes = (3000, 700, 1100)
     config = _config(Hq, Hkv, head_dim=128)

@@ -48,16 +48,19 @@ def test_eager_steps_equal_model_generate(device, kw):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("kw", [dict(score="hamming"), dict(window=6, sink=2)])
-def test_prefill_chunks_equal_model_generate_with_chunks(device, kw):
-    """``prefill_chunk_size``: the prompt in forwards of 10 tokens (its later chunks through the flash path of
-    ``H1BLayer._attend_chunk``, then the static ring window), as ``model.generate(..., prefill_chunk_size=10)`` with
-    the same cache settings."""
-    model, ids = _model(device), _ids(device, T=35)
-    got = generate_greedy(model, ids, _cache(model, 50, **kw), 7, cuda_graph=False, prefill_chunk_size=10)
-    want = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=_cache(model, 50, **kw),
-                          max_new_tokens=7, do_sample=False, pad_token_id=0, prefill_chunk_size=10)
-    assert torch.equal(got, want)
+@pytest.mark.parametrize("kw,T,chunk", [(dict(score="hamming"), 35, 10), (dict(window=6, sink=2), 35, 10),
+                                        (dict(window=6, sink=2), 15, 7)])
+def test_prefill_chunks_equal_model_generate_with_chunks(device, kw, T, chunk):
+    """``prefill_chunk_size``: the prompt in forwards of ``chunk`` tokens (its later chunks through the flash path of
+    ``H1BLayer._attend_chunk``; 15 in chunks of 7 ends with a one-token chunk while the window is still filling),
+    then the static ring window, as ``model.generate(..., prefill_chunk_size=chunk)`` with the same cache settings
+    and as the growing store (no ``max_cache_len``) decoded by ``generate``, to the same tokens."""
+    model, ids = _model(device), _ids(device, T=T)
+    got = generate_greedy(model, ids, _cache(model, 50, **kw), 7, cuda_graph=False, prefill_chunk_size=chunk)
+    for cache in (_cache(model, 50, **kw), H1BCache(model.config, bits=64, backend="triton", **kw)):
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=7,
+                              do_sample=False, pad_token_id=0, prefill_chunk_size=chunk)
+        assert torch.equal(got, want), type(cache.layers[0]).__name__
 
 
 @pytest.mark.gpu

@@ -145,12 +145,19 @@ def test_replayed_advances_the_host_counts(device):
         H1BCache(_config(heads=4, kv_heads=2), bits=64, temperature=0.2).replayed(1)
 
 
-def test_static_window_needs_a_prompt_that_fills_it_and_single_token_steps(device):
-    q, k, v = _qkv(_seed(), 1, 4, 2, 30, device)
-    kw = dict(bits=64, temperature=0.2, backend="triton", max_cache_len=64, window=8, sink=2)
-    short = H1BCache(_config(heads=4, kv_heads=2), **kw)
-    with pytest.raises(ValueError, match="needs a prompt of at least 10 tokens, got 6"):
-        _run(short, q[:, :, :8], k[:, :, :8], v[:, :, :8], 6)
+def test_static_window_fills_in_order_then_takes_single_token_steps(device):
+    """A prompt (or a last prompt chunk of one token) shorter than the window and sinks: the next tokens fill them in
+    order, then the ring starts; the outputs equal the growing store's. Once decoding has begun, multi-token calls
+    are refused."""
+    seed = _seed()
+    q, k, v = _qkv(seed, 1, 4, 2, 30, device)
+    kw = dict(bits=64, temperature=0.2, backend="triton", window=8, sink=2)
+    short = H1BCache(_config(heads=4, kv_heads=2), **kw, max_cache_len=64)
+    growing = H1BCache(_config(heads=4, kv_heads=2), **kw)
+    torch.testing.assert_close(_run(short, q[:, :, :14], k[:, :, :14], v[:, :, :14], 6),
+                               _run(growing, q[:, :, :14], k[:, :, :14], v[:, :, :14], 6), **TOL,
+                               msg=lambda m: f"seed={seed}\n{m}")
+    kw["max_cache_len"] = 64
     cache = H1BCache(_config(heads=4, kv_heads=2), **kw)
     _run(cache, q[:, :, :22], k[:, :, :22], v[:, :, :22], 20)
     with pytest.raises(ValueError, match="one token per forward once decoding has begun, got 3"):
