@@ -21,8 +21,8 @@ walks one chunk of the context for all query heads of its kv head (GQA: the cach
 with an online softmax and writes a partial ``(max, sum, acc)``; the last split of each row is the exact
 window. The last program of a row to finish merges the row's partials (an arrival counter per row: the fused
 combine, one launch fewer); under CUDA-graph capture ``_decode_combine_kernel`` does it instead, one program per
-query head. When a row is a single split without a window (``single_split_max_n``, 0 by default: a context of one
-tile, or ``split_k=1``), the split kernel sketches its query heads itself and writes the output: one launch per call
+query head. When a row is a single split without a window (eager calls up to ``single_split_max_n`` compressed
+tokens, or ``split_k=1``), the split kernel sketches its query heads itself and writes the output: one launch per call
 for "hamming" and "cos". (Sketching inside every split program instead -- each loading all of R before its first
 tile -- made B = 1, 32k MHA decode 1.5x slower on an H200: 70.8 -> 103 us.) Reference:
 :func:`h1b_decode_attention_reference`, which follows ``h1bkv_lite.attention.sketched_logits``.
@@ -636,14 +636,12 @@ def _cos_table(bits: int, device: torch.device) -> torch.Tensor:
 _COUNTERS: dict = {}
 
 
-def _combine_counters(device: torch.device, rows: int) -> torch.Tensor | None:
+def _combine_counters(device: torch.device, rows: int) -> torch.Tensor:
     """The split kernel's per-row arrival counters for its fused combine (int32, zero between calls: the last
-    program of a row resets its counter), one buffer per device and stream, grown by doubling. None while the
-    current stream captures a CUDA graph: nothing is allocated mid-capture, and a graph replays launches for free,
-    so the separate combine kernel runs there."""
+    program of a row resets its counter), one buffer per device and stream, grown by doubling. Not called while
+    the current stream captures a CUDA graph (nothing is allocated mid-capture, and a graph replays launches for
+    free, so the separate combine kernel runs there)."""
     if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            return None
         key = (device, torch.cuda.current_stream(device).cuda_stream)
     else:  # Triton's CPU interpreter
         key = (device, 0)
@@ -726,12 +724,13 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
     finish (an atomic arrival counter per row, :func:`_combine_counters`) runs the combine -- so an eager call
     launches the query prep (split rows) and one split kernel, not three kernels. While a CUDA graph is being
     captured the separate combine kernel runs instead (no allocation mid-capture; a replay launches for free).
-    ``single_split_max_n``: contexts up to this many compressed tokens run as one split per (sequence, kv head) and
-    write the output directly (no prep, no partials). Before the fused combine it was 8192: on an H200, 7B shapes
-    at B = 1, one split made a whole eager decode step faster at 8k (MHA 29.9 vs 31.9 ms, GQA 35.9 vs 38.5 ms),
-    bound by the host's three launches, though its GPU time is far longer where there are few rows (B = 1,
-    32q/8kv, 8k: 8 programs, 132 us against 17 us split; ``results/decode_h200.json``'s eager column). With the
-    fused combine the default is 0: split whenever there is more than one tile.
+    ``single_split_max_n``: outside CUDA-graph capture, contexts up to this many compressed tokens run as one split per
+    (sequence, kv head) and write the output directly (one launch: no query prep, no partials); under capture every
+    context is split (launches cost nothing in a graph). Eager decode is bound by the host's launches: on an H200, 7B
+    shapes at B = 1, one split made a whole eager decode step faster at 8k (MHA 29.9 vs 31.9 ms, GQA 35.9 vs 38.5 ms),
+    though its GPU time is far longer where there are few rows (B = 1, 32q/8kv, 8k: 8 programs, 132 us against 17 us
+    split), and an eager call issues faster (``results/decode_eager_h200.json``, B = 1, 8k, through the checked entry
+    point: 101-160 us against 153-232 us split with the fused combine; SDPA 47-85 us).
 
     Registers (``benchmarks/kernel_resources.py``: compiled for sm_90 without a GPU): every default form fits
     255 registers a thread; only "asym" at groups of 4 (its faster form) spills a few bytes."""
@@ -739,10 +738,10 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
         asym = score == "asym"
         return {"block_n": 64, "use_dot": True, "precision": "fp16", "half2_unpack": True,
                 "score_dot": asym and group > 4, "num_warps": 4, "num_stages": 1 if asym and group <= 4 else 3,
-                "programs_per_sm": 2 if asym else 3, "single_split_max_n": 0, "fused_combine": True,
+                "programs_per_sm": 2 if asym else 3, "single_split_max_n": 8192, "fused_combine": True,
                 "maxnreg": None}
     return {"block_n": 128 if score == "hamming" else 64, "use_dot": False, "precision": "ieee", "half2_unpack": True,
-            "score_dot": False, "num_warps": 4, "num_stages": 1, "programs_per_sm": 4, "single_split_max_n": 0,
+            "score_dot": False, "num_warps": 4, "num_stages": 1, "programs_per_sm": 4, "single_split_max_n": 8192,
             "fused_combine": True, "maxnreg": None}
 
 
@@ -814,10 +813,14 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     block_n, block_d = cfg["block_n"], max(16, next_pow2(D))
     W = 0 if window_k is None else window_k.shape[2]
     rows = B * Hkv
-    splits, chunk = _plan_splits(N, rows, dev, block_n, split_k, cfg["programs_per_sm"], cfg["single_split_max_n"])
+    # under CUDA-graph capture launches cost nothing: always split, and merge in the combine kernel
+    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    splits, chunk = _plan_splits(N, rows, dev, block_n, split_k, cfg["programs_per_sm"],
+                                 0 if capturing else cfg["single_split_max_n"])
     total = splits + (1 if W > 0 else 0)
     direct = total == 1 and W == 0
-    counters = _combine_counters(dev, rows) if cfg["fused_combine"] and not direct and total > 0 else None
+    fused = cfg["fused_combine"] and not (capturing or direct or total == 0)
+    counters = _combine_counters(dev, rows) if fused else None
     score_id = _SCORE_ID[score]
     qk_scale = 1.0 / math.sqrt(D)
 

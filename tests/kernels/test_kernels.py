@@ -511,7 +511,7 @@ def test_decode_fused_combine_on_streams_and_under_graph_capture(monkeypatch):
     """On the GPU, where the split programs of a row run concurrently: the fused combine equals the combine kernel
     on the default stream and on a side stream (each with its own counters), many calls in a row (a counter left
     non-zero would stop the next call's rows from being combined); a CUDA graph captures the combine kernel
-    (nothing is allocated mid-capture) and its replays equal the eager calls."""
+    (nothing is allocated mid-capture; every context is split there) and its replays equal the eager calls."""
     from h1bkv_lite.kernels import decode_attention as da
 
     seed = fresh_seed()
@@ -519,8 +519,8 @@ def test_decode_fused_combine_on_streams_and_under_graph_capture(monkeypatch):
     args, kwargs, _ = make_cache(seed=seed, device=device, B=3, Hq=32, Hkv=8, N=2000, W=0, D=128, bits=128,
                                  dtype=torch.float16)
 
-    def call(**config):
-        return h1b_decode_attention(*args, backend="triton", config=config, **kwargs)
+    def call(**config):  # split (eagerly too: 2000 tokens would be one split by default)
+        return h1b_decode_attention(*args, backend="triton", config={"single_split_max_n": 0, **config}, **kwargs)
 
     separate = call(fused_combine=False)
     tol = dict(rtol=2**-10, atol=2**-10 * float(separate.abs().max()))  # fp16 outputs: one rounding apart
@@ -537,7 +537,7 @@ def test_decode_fused_combine_on_streams_and_under_graph_capture(monkeypatch):
     monkeypatch.setattr(da, "_decode_combine_kernel", combine)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = call()
+        captured = h1b_decode_attention(*args, backend="triton", **kwargs)  # the defaults: one split eagerly
     assert len(combine.grids) == 1, "the captured call did not launch the combine kernel"
     graph.replay()
     torch.testing.assert_close(captured, separate, **tol, msg=lambda m: f"seed={seed}\n{m}")
