@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from .sketch import unpack_bits
+
 BLOCK_BYTES = 256 * 2**20
 """Bytes of one block's unpacked key signs (in the query's dtype): the store is read in blocks of
 ``BLOCK_BYTES // (B * Hkv * width * itemsize)`` tokens, so the signs and values alive at once stay near this bound
@@ -91,11 +93,8 @@ def _expand_heads(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def _signs(codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Packed codes uint8 ``[..., b / 8]`` -> +-1 ``[..., b]`` in ``dtype`` (``pack_bits``' bit order), through
-    uint8 (one byte per bit before the cast)."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=codes.device)
-    bits = (codes.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(*codes.shape[:-1], codes.shape[-1] * 8).to(dtype).mul_(2).sub_(1)
+    """Packed codes uint8 ``[..., b / 8]`` -> +-1 ``[..., b]`` in ``dtype`` (``pack_bits``' bit order)."""
+    return unpack_bits(codes).to(dtype).mul_(2).sub_(1)
 
 
 def compressed_part(q_sketch: torch.Tensor, key_codes: torch.Tensor, values, head_dim: int, *, key_norms=None,

@@ -138,12 +138,13 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_bits(codes: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: ``uint8 [..., B]`` -> ``bool [..., 8 * B]``."""
-    expanded = ((codes.to(torch.int32).unsqueeze(-1) >> _bit_shifts(codes.device)) & 1) != 0
+    """Inverse of :func:`pack_bits`: ``uint8 [..., B]`` -> ``bool [..., 8 * B]`` (shifted in uint8: one byte per bit
+    alive, no wider copy of the codes)."""
+    expanded = ((codes.unsqueeze(-1) >> _bit_shifts(codes.device, torch.uint8)) & 1) != 0
     return expanded.reshape(*codes.shape[:-1], codes.shape[-1] * 8)
 
 
-def _bit_shifts(device) -> torch.Tensor:
-    """int32 ``[0, 1, ..., 7]`` made on ``device`` (a fill, not a copy of a host constant: on CUDA a host-to-device
-    copy would synchronise the host on every call, i.e. on every decode step of the torch path)."""
-    return torch.arange(8, dtype=torch.int32, device=device)
+def _bit_shifts(device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """``[0, 1, ..., 7]`` in ``dtype`` made on ``device`` (a fill, not a copy of a host constant: on CUDA a
+    host-to-device copy would synchronise the host on every call, i.e. on every decode step of the torch path)."""
+    return torch.arange(8, dtype=dtype, device=device)
