@@ -43,9 +43,11 @@ def test_notebook_06_numbers_are_consistent(metrics):
     assert metrics["ppl_h1b_before"]["paper_64"] == pytest.approx(unadapted, rel=1e-6)
     assert metrics["ppl_h1b_before"]["lora_64"] == pytest.approx(unadapted, rel=1e-6)
     # the paper's recipe lowers held-out H1B perplexity well beyond the evaluation's noise floor even in four
-    # short steps (measured at this setting: 829 -> 431, noise floor 2%)
+    # short steps (measured at this setting: 829 -> 431, noise floor 2%; on another CPU 751 before, and one 1e-6
+    # jitter of T moved it 12%, four jitters 1-12%: the floor is their mean, 4.8% there)
     noise = metrics["noise_floor"]["64"]
-    assert 0 <= noise < 0.1
+    assert 0 <= noise <= metrics["noise_floor_max"]["64"] and noise < 0.1
+    assert len(metrics["ppl_h1b_unadapted_T_jitters"]["64"]) == len(metrics["T_jitters"]) == 4
     assert metrics["ppl_h1b_after"]["paper_64"] < (1 - 5 * noise) * metrics["ppl_h1b_before"]["paper_64"]
     # ... without hurting the model when it runs with an exact cache (measured: 91 vs FP16 105)
     assert metrics["ppl_exact_cache_adapted"]["paper_64"] < 1.1 * fp16
