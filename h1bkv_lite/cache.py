@@ -953,10 +953,11 @@ class H1BLayer(CompressingLayer):
         self.calibrated = sampled_temperature_unchecked(q, self._centered(k), self.sketcher, valid, scaling=scaling)
 
     def _attend_fast(self, q, attention_mask, scaling: float) -> torch.Tensor | None:
-        """A multi-token call (:meth:`_attend_chunk`) or the Triton decode kernel, for what they serve. The kernel: one query, some compressed tokens, a batch without
-        padding, scaling 1/sqrt(D), a temperature known (given or calibrated), and (sliding layers) nothing
-        held outside the query's window (the kernel has no mask; past recording may hold more). Centered keys
-        too (see :meth:`_kernel_decode`). Decided from host state only: no sync."""
+        """A multi-token call (:meth:`_attend_chunk`) or the Triton decode kernel, for what they serve. The kernel: one
+        query, some compressed tokens, a batch without padding, scaling 1/sqrt(D), a temperature known (given or
+        calibrated), and (sliding layers) nothing held outside the query's window (the kernel has no mask; past
+        recording may hold more). Centered keys too (see :meth:`_kernel_decode`). Decided from host state only: no
+        sync."""
         if self._padded and self.max_cache_len is not None:
             raise ValueError("a static-capacity cache does not serve padded batches (the decode kernel has no mask, "
                              "and its ring window no token order); use max_cache_len=None")

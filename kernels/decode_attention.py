@@ -705,8 +705,9 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
     warps per SM: 3 was the fastest of 2 / 3 / 4 for 32q/8kv (B = 1 and 8, 32k and 128k; with 3 stages, 154
     registers: 27.8 vs 32.3 us at 4, ``results/decode_tune_pps_h200.json``); at groups of 8 it took 206 with 1 stage
     (two blocks fit; 2 was the fastest, 32q/4kv, B = 1, 32k: 26.9 vs 33.4 us) and takes 148 with 3 stages, so three
-    fit: 3 is faster at 128k (B = 1: 52.4 vs 57.1 us; B = 8: 308.7 vs 355.8) and 5% slower at 32k (25.1 vs 23.9). "asym" takes 200-255 registers: two
-    blocks fit, 2 was the fastest (43.4 vs 50.7 us). ``config={"maxnreg": 128, "programs_per_sm": 4}`` was
+    fit: 3 is faster at 128k (B = 1: 52.4 vs 57.1 us; B = 8: 308.7 vs 355.8) and 5% slower at 32k (25.1 vs 23.9).
+    "asym" takes 200-255 registers: two blocks fit, 2 was the fastest (43.4 vs 50.7 us).
+    ``config={"maxnreg": 128, "programs_per_sm": 4}`` was
     1-4% faster than the fp32-unpack default for "hamming" and 1.5x slower for "asym" (spills); not a default. (One
     program per query head, each re-reading its kv head's cache, measured 2-4x slower.)
 

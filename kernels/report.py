@@ -146,7 +146,9 @@ GENERATE_METRICS = {"peak_over_weights_bytes": "peak memory over weights", "pref
 def _label(row) -> str:
     """A row's cache and its settings: "dynamic", "h1b b=128 hamming", "h1b-graph b=128 hamming"...; with a chunked
     prefill (``prefill_chunk``) ", chunks of 8192" follows (its reference is DynamicCache chunked the same way)."""
-    label = f"{row['cache']} b={int(row['bits'])} {row['score']}" if str(row["cache"]).startswith("h1b") else row["cache"]
+    label = row["cache"]
+    if str(label).startswith("h1b"):
+        label = f"{label} b={int(row['bits'])} {row['score']}"
     chunk = row.get("prefill_chunk")
     return label if chunk is None or chunk != chunk else f"{label}, chunks of {int(chunk)}"
 
