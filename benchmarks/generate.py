@@ -21,12 +21,15 @@ random prompt and records:
 - ``oom``: the call ran out of GPU memory (recorded, the benchmark goes on); any other error stops the benchmark
   and is recorded as ``aborted`` beside the rows so far (a device-side assert leaves CUDA unusable).
 
-``--graphs`` adds rows ``cache="h1b-graph"``: ``H1BCache(..., max_cache_len=prompt + N)`` decoded greedily by
-:func:`h1bkv_lite.graphs.generate_greedy`, each decode step one replayed CUDA graph (its ``prefill_s`` and
-decode time come from the function's own ``timings``; a replay makes no host sync by construction).
+``--graphs`` adds rows ``cache="h1b-graph"``: ``H1BCache(..., max_cache_len=prompt + N)`` through the same
+``model.generate`` call with ``custom_generate=decode_with_cuda_graphs`` (:mod:`h1bkv_lite.graphs`): transformers'
+inputs, logits processors and stopping criteria, each decode step's model forward one replayed CUDA graph, timed as
+the other rows (a replay makes no host sync by construction; the loop makes one a step, as generate() does).
+Before 2026-12-01's second session these rows ran :func:`h1bkv_lite.graphs.generate_greedy` (no logits processors,
+an end-of-sequence check every 16 steps) and timed it with its own ``timings``.
 
-``--prefill-chunk N`` forwards every row's prompt in chunks of ``N`` tokens (transformers' ``prefill_chunk_size``;
-``generate_greedy``'s for the graph rows), for every cache alike: the model's prefill activations then scale with the
+``--prefill-chunk N`` forwards every row's prompt in chunks of ``N`` tokens (transformers' ``prefill_chunk_size``,
+which the graph rows' loop honours too), for every cache alike: the model's prefill activations then scale with the
 chunk instead of the prompt. With H1BCache the later chunks attend to the earlier ones through the cache (their
 compressed tokens from the sketches, :mod:`h1bkv_lite.chunk_attention`); with DynamicCache exactly. The file name
 gets ``_chunk<N>``.
@@ -57,7 +60,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessor, StaticCache
 
 from h1bkv_lite import H1BCache
-from h1bkv_lite.graphs import generate_greedy
+from h1bkv_lite.graphs import decode_with_cuda_graphs
 from h1bkv_lite.random_model import PRESETS, random_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -133,19 +136,15 @@ def run_generate(model, spec: dict, *, count_syncs: bool = True) -> dict:
     cache = out = None
     try:
         cache = make_cache(spec, model)
-        if spec["cache"] == "h1b-graph":  # greedy decoding, each decode step one replayed CUDA graph
-            times = {}
-            out = generate_greedy(model, ids, cache, N, cuda_graph=True, timings=times,
-                                  prefill_chunk_size=spec.get("prefill_chunk"))
-            prefill_s, decode_s = times["prefill_s"], times["decode_s"]
-        else:
-            first = _FirstLogits()
-            t0 = time.perf_counter()
-            out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=N,
-                                 min_new_tokens=N, do_sample=False, logits_processor=[first], pad_token_id=0,
-                                 prefill_chunk_size=spec.get("prefill_chunk"))
-            torch.cuda.synchronize()
-            prefill_s, decode_s = first.t_first - t0, time.perf_counter() - first.t_first
+        # the graph rows: generate()'s decoding loop replaced by one whose decode forwards are replayed CUDA graphs
+        loop = dict(custom_generate=decode_with_cuda_graphs) if spec["cache"] == "h1b-graph" else {}
+        first = _FirstLogits()
+        t0 = time.perf_counter()
+        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=N,
+                             min_new_tokens=N, do_sample=False, logits_processor=[first], pad_token_id=0,
+                             prefill_chunk_size=spec.get("prefill_chunk"), **loop)
+        torch.cuda.synchronize()
+        prefill_s, decode_s = first.t_first - t0, time.perf_counter() - first.t_first
         row.update(prefill_s=prefill_s, decode_tok_s=(N - 1) / decode_s,
                    peak_over_weights_bytes=torch.cuda.max_memory_allocated() - base,
                    held_after_bytes=torch.cuda.memory_allocated() - base, cache_bytes=cache_nbytes(cache))
@@ -260,8 +259,8 @@ def main():
     parser.add_argument("--scores", nargs="+", default=["hamming", "asym"],
                         help="H1BCache scores (default: hamming asym)")
     parser.add_argument("--static", action="store_true", help="add transformers' StaticCache (compiled decode step)")
-    parser.add_argument("--graphs", action="store_true", help="add H1BCache(max_cache_len=...) decoded by "
-                        "h1bkv_lite.graphs.generate_greedy (each decode step one replayed CUDA graph)")
+    parser.add_argument("--graphs", action="store_true", help="add H1BCache(max_cache_len=...) rows through "
+                        "generate(custom_generate=decode_with_cuda_graphs): each decode forward a replayed CUDA graph")
     parser.add_argument("--caches", nargs="+", choices=CACHES, default=None,
                         help="only these caches' rows (default: every cache the other options add)")
     parser.add_argument("--max-batch-len", type=int, default=32768, help="prompt length of the max-batch search "

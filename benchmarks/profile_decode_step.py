@@ -57,6 +57,8 @@ def profile_cache(model, name: str, make_cache, prompt: int, steps: int) -> str:
     text = io.StringIO()
     stats = pstats.Stats(prof, stream=text)
     stats.sort_stats("tottime").print_stats(30)
+    text.write("--- the cache's and Triton's functions by cumulative time (same run) ---\n")
+    stats.sort_stats("cumulative").print_stats(r"h1bkv_lite|kernels|triton|cache_utils", 40)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as tp:
         decode_steps(model, cache, token, mask, steps)
         torch.cuda.synchronize()

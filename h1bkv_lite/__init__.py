@@ -13,7 +13,8 @@ With transformers (imported lazily, on first use of these names):
 - :class:`FP16Cache`, :class:`KIVICache`, :class:`EvictionCache`, :class:`LokiCache` -- the baselines.
 - :func:`load_model`, :func:`load_corpus` -- the bundled offline model and text.
 - :func:`generate_greedy` -- greedy decoding over ``H1BCache(max_cache_len=...)``, each decode step one replayed
-  CUDA graph (:mod:`h1bkv_lite.graphs`).
+  CUDA graph (:mod:`h1bkv_lite.graphs`); :func:`decode_with_cuda_graphs`, the same inside ``model.generate``
+  (``custom_generate=decode_with_cuda_graphs``: its logits processors, sampling and stopping criteria).
 """
 import importlib
 
@@ -32,6 +33,7 @@ _LAZY = {
     "load_model": "data",
     "load_corpus": "data",
     "generate_greedy": "graphs",
+    "decode_with_cuda_graphs": "graphs",
 }
 
 

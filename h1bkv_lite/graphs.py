@@ -14,6 +14,12 @@ is the fp16 counterpart.
 The step replayed is ``model(input_ids=ids, position_ids=pos, past_key_values=cache)`` followed by the argmax
 that feeds the next step; the host only counts (``H1BCache.replayed``). Without CUDA (or with
 ``cuda_graph=False``) the same step runs eagerly, which is how the CPU tests check its tokens.
+
+Through ``model.generate`` itself, with its generation config, logits processors, sampling and stopping criteria,
+:func:`decode_with_cuda_graphs` is the decoding loop transformers runs in place of its own (``custom_generate``); the
+model's forward of each decode step is the replayed graph, everything after the logits runs as in ``generate()``:
+
+    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=128, custom_generate=decode_with_cuda_graphs)
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from ._device import model_device
 from ._validation import check_bool, check_int, check_tensor
 from .cache import H1BCache
 
-__all__ = ["generate_greedy"]
+__all__ = ["decode_with_cuda_graphs", "generate_greedy"]
 
 EOS_CHECK_EVERY = 16
 """Decode steps between checks for end of sequence (each check is one device sync)."""
@@ -81,23 +87,11 @@ def generate_greedy(model, input_ids: torch.Tensor, cache: H1BCache, max_new_tok
         ids = logits.argmax(-1, keepdim=True)  # the step's input token ...
         pos = torch.full((B, 1), T, dtype=torch.long, device=input_ids.device)  # ... and its position
         new = [ids.clone()]
-        step = _Step(model, cache, ids, pos)
-        side = torch.cuda.Stream() if cuda_graph else None  # warm-up off the capture's stream (torch.cuda.graph)
-        graph = None
+        run = _Runner(_Step(model, cache, ids, pos), cache, cuda_graph, warmup_steps)
         for i in range(1, max_new_tokens):
             if ends and i % EOS_CHECK_EVERY == 0 and _all_ended(new, ends):
                 break
-            if not cuda_graph:
-                step()
-            elif i <= warmup_steps:
-                with _on(side):
-                    step()
-            elif graph is None:
-                graph = step.capture()  # records this step (the host counts advance once); the replay runs it
-                graph.replay()
-            else:
-                cache.replayed(1)  # what the replay's update() calls would have counted
-                graph.replay()
+            run()
             new.append(ids.clone())
         clock.lap("decode_s")
     out = torch.cat(new, dim=1)
@@ -106,16 +100,130 @@ def generate_greedy(model, input_ids: torch.Tensor, cache: H1BCache, max_new_tok
     return torch.cat([input_ids, out], dim=1)
 
 
-class _Step:
-    """One decode step on fixed tensors: logits of ``ids`` at ``pos``, then ``ids`` <- argmax, ``pos`` += 1."""
+def decode_with_cuda_graphs(model, input_ids: torch.Tensor, logits_processor, stopping_criteria, generation_config,
+                            cuda_graph: bool | None = None, warmup_steps: int = 2, **model_kwargs):
+    """The decoding loop of ``model.generate(..., custom_generate=decode_with_cuda_graphs)`` over a static-capacity
+    :class:`H1BCache`: the model's forward of every decode step after ``warmup_steps`` eager ones is one replayed CUDA
+    graph; the rest of each step runs as in transformers' own loop (``GenerationMixin._sample``).
 
-    def __init__(self, model, cache, ids, pos):
-        self.model, self.cache, self.ids, self.pos = model, cache, ids, pos
+    ``generate()`` prepares the inputs, the generation config, the logits processors and the stopping criteria, then
+    calls this function with them (transformers' ``custom_generate`` callables). Per prompt: the prompt's forward (in
+    chunks of ``prefill_chunk_size`` when the generation config sets it, as ``generate`` does), then per new token: the
+    logits processors, greedy (``do_sample=False``) or sampled (``do_sample=True``: softmax and ``torch.multinomial``
+    of the processed scores) token choice, finished rows padded with the pad token, the stopping criteria; one device
+    sync a step decides whether to go on (``generate`` makes one too, unless it can defer it). Greedy tokens equal
+    ``generate()``'s with the same cache and no ``custom_generate``: the same kernels and arithmetic.
+
+    Parameters (passed by ``generate``; ``cuda_graph`` and ``warmup_steps`` may be given to ``generate`` too)
+    ----------
+    model : a transformers causal LM whose attention goes through the cache (built from ``model.config``).
+    input_ids : int64 ``[B, T]``: whole prompts (no padding: an ``attention_mask`` with a zero is refused).
+    logits_processor, stopping_criteria, generation_config : ``generate``'s, prepared.
+    cuda_graph : None (default: on CUDA), True, or False (every step eager: the same arithmetic, for CPU tests).
+    warmup_steps : eager decode steps before the capture (Triton compiles, allocator and cuBLAS state), >= 1.
+    model_kwargs : ``past_key_values`` -- a fresh ``H1BCache(model.config, ..., max_cache_len=L)`` with ``L >=
+        generation_config.max_length`` (the prompt plus ``max_new_tokens``) -- and ``attention_mask``,
+        ``use_cache`` (True). Other model inputs are refused: the captured step passes only the token and its
+        position.
+
+    Returns
+    -------
+    int64 ``[B, T + n]``, or a ``GenerateDecoderOnlyOutput`` (``sequences``, ``scores`` / ``logits`` if asked,
+    ``past_key_values``) when ``return_dict_in_generate=True``, as ``generate``.
+
+    Raises
+    ------
+    TypeError / ValueError, before anything runs, for a cache that is not a fresh static-capacity ``H1BCache``, too
+    small a capacity, padding, beam search (``num_beams > 1``), ``output_attentions`` / ``output_hidden_states``,
+    ``use_cache=False``, other model inputs, or bad ``cuda_graph`` / ``warmup_steps``; RuntimeError naming the step
+    if the capture fails (``cuda_graph=False`` runs eagerly). The loop is transformers' sampling loop (its
+    ``_sample``), with the model's decode forward replayed; a ``streamer`` given to ``generate`` is not passed to
+    ``custom_generate`` callables by transformers, so none is fed.
+    """
+    cache = model_kwargs.pop("past_key_values", None)
+    mask = model_kwargs.pop("attention_mask", None)
+    _check_generate_call(cache, mask, generation_config, model_kwargs)
+    B, T = input_ids.shape
+    chunk = getattr(generation_config, "prefill_chunk_size", None)
+    _check(model, input_ids, cache, generation_config.max_length - T, cuda_graph, None, None, warmup_steps, chunk)
+    if cuda_graph is None:
+        cuda_graph = input_ids.device.type == "cuda"
+    pad = getattr(generation_config, "_pad_token_tensor", None)
+    pad_ends = pad is not None and any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+    want_scores = generation_config.return_dict_in_generate and generation_config.output_scores
+    want_logits = generation_config.return_dict_in_generate and generation_config.output_logits
+    scores_seen, logits_seen = [], []
+    unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    with torch.no_grad():
+        for part in input_ids.split(chunk or T, dim=1):
+            logits = model(input_ids=part, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        token = torch.zeros(B, 1, dtype=torch.long, device=input_ids.device)
+        pos = torch.full((B, 1), T, dtype=torch.long, device=input_ids.device)
+        run = _Runner(_Step(model, cache, token, pos, choose=False), cache, cuda_graph, warmup_steps)
+        while True:
+            raw = logits.to(copy=True, dtype=torch.float32)  # a replay rewrites the graph's logits
+            scores = logits_processor(input_ids, raw)
+            if generation_config.do_sample:
+                chosen = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                chosen = scores.argmax(dim=-1)
+            if pad_ends:  # rows that had ended get the pad token
+                chosen = torch.where(unfinished, chosen, pad.to(chosen.device))
+            input_ids = torch.cat([input_ids, chosen[:, None]], dim=-1)
+            scores_seen += [scores] if want_scores else []
+            logits_seen += [raw] if want_logits else []
+            unfinished &= ~stopping_criteria(input_ids, scores)
+            if not bool(unfinished.any()):  # the step's one sync
+                break
+            token.copy_(chosen[:, None])
+            run()
+            logits = run.step.logits
+    if not generation_config.return_dict_in_generate:
+        return input_ids
+    from transformers.generation.utils import GenerateDecoderOnlyOutput  # noqa: PLC0415 -- only when asked
+
+    return GenerateDecoderOnlyOutput(sequences=input_ids, scores=tuple(scores_seen) if want_scores else None,
+                                     logits=tuple(logits_seen) if want_logits else None, past_key_values=cache)
+
+
+def _check_generate_call(cache, mask, generation_config, model_kwargs) -> None:
+    """What :func:`decode_with_cuda_graphs` refuses, besides :func:`_check`'s cache checks."""
+    if not isinstance(cache, H1BCache):
+        raise TypeError("custom_generate=decode_with_cuda_graphs needs past_key_values=H1BCache(model.config, ..., "
+                        f"max_cache_len=prompt + max_new_tokens) passed to generate(), got {type(cache).__name__}")
+    if generation_config.num_beams != 1:
+        raise ValueError(f"decode_with_cuda_graphs decodes one beam (num_beams=1), got num_beams="
+                         f"{generation_config.num_beams}")
+    if generation_config.return_dict_in_generate and (generation_config.output_attentions
+                                                      or generation_config.output_hidden_states):
+        raise ValueError("decode_with_cuda_graphs returns sequences, scores and logits; output_attentions and "
+                         "output_hidden_states are not recorded by the captured step: drop them")
+    if not model_kwargs.pop("use_cache", True):
+        raise ValueError("decode_with_cuda_graphs needs use_cache=True (the decode steps read the cache)")
+    for implied in ("cache_position", "position_ids", "logits_to_keep"):  # generate()'s own, implied by an
+        model_kwargs.pop(implied, None)  # unpadded prompt (positions 0 .. T - 1) and the one logit row a step needs
+    others = sorted(k for k, v in model_kwargs.items() if v is not None and v is not False)
+    if others:
+        raise ValueError(f"decode_with_cuda_graphs passes the model only the token ids and their positions; got model "
+                         f"inputs {others}: use generate() without custom_generate for them")
+    if mask is not None and not bool(mask.bool().all()):  # once, before anything runs
+        raise ValueError("decode_with_cuda_graphs serves prompts without padding (a static-capacity H1BCache has no "
+                         "padding mask); got an attention_mask with zeros: pass prompts of one length")
+
+
+class _Step:
+    """One decode step on fixed tensors: ``logits`` of ``ids`` at ``pos``, then (``choose``) ``ids`` <- their argmax;
+    ``pos`` += 1. Under a graph, ``logits`` is the graph's output tensor, rewritten by every replay."""
+
+    def __init__(self, model, cache, ids, pos, choose: bool = True):
+        self.model, self.cache, self.ids, self.pos, self.choose = model, cache, ids, pos, choose
+        self.logits = None
 
     def __call__(self) -> None:
-        logits = self.model(input_ids=self.ids, position_ids=self.pos, past_key_values=self.cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1]
-        self.ids.copy_(logits.argmax(-1, keepdim=True))
+        self.logits = self.model(input_ids=self.ids, position_ids=self.pos, past_key_values=self.cache,
+                                 use_cache=True, logits_to_keep=1).logits[:, -1]
+        if self.choose:
+            self.ids.copy_(self.logits.argmax(-1, keepdim=True))
         self.pos.add_(1)
 
     def capture(self) -> torch.cuda.CUDAGraph:
@@ -129,6 +237,32 @@ class _Step:
                 "with the host or changes its launches from step to step); run generate_greedy(..., "
                 "cuda_graph=False) to decode eagerly") from err
         return graph
+
+
+class _Runner:
+    """Runs a :class:`_Step` once per call: eagerly (``cuda_graph`` False); else the first ``warmup_steps`` calls
+    eagerly on a side stream (as ``torch.cuda.graph`` asks), the next one captured (which advances the cache's host
+    counts once) and replayed, and every later one replayed, the cache's host counts advanced by
+    ``H1BCache.replayed``."""
+
+    def __init__(self, step: _Step, cache: H1BCache, cuda_graph: bool, warmup_steps: int):
+        self.step, self.cache, self.cuda_graph, self.warmup_steps = step, cache, cuda_graph, warmup_steps
+        self.side = torch.cuda.Stream() if cuda_graph else None  # warm-up off the capture's stream
+        self.graph, self.calls = None, 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if not self.cuda_graph:
+            self.step()
+        elif self.calls <= self.warmup_steps:
+            with _on(self.side):
+                self.step()
+        elif self.graph is None:
+            self.graph = self.step.capture()  # records this step (the host counts advance once); the replay runs it
+            self.graph.replay()
+        else:
+            self.cache.replayed(1)  # what the replay's update() calls would have counted
+            self.graph.replay()
 
 
 class _Clock:

@@ -1,12 +1,13 @@
-"""h1bkv_lite.graphs.generate_greedy: greedy decoding over a static-capacity H1BCache, each decode step one
-replayed CUDA graph on a GPU; eager on the CPU (the Triton interpreter, see conftest.py), where its tokens are
-checked against ``model.generate`` with the same cache settings (the same kernels and arithmetic, so equal)."""
+"""h1bkv_lite.graphs: greedy decoding over a static-capacity H1BCache (``generate_greedy``) and ``model.generate``'s
+decoding loop (``custom_generate=decode_with_cuda_graphs``), each decode step one replayed CUDA graph on a GPU; eager on
+the CPU (the Triton interpreter, see conftest.py), where their tokens are checked against ``model.generate`` with the
+same cache settings (the same kernels and arithmetic, so equal)."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from h1bkv_lite.cache import H1BCache
-from h1bkv_lite.graphs import EOS_CHECK_EVERY, _pad_after_end, generate_greedy
+from h1bkv_lite.graphs import EOS_CHECK_EVERY, _pad_after_end, decode_with_cuda_graphs, generate_greedy
 from h1bkv_lite.kernels._common import is_interpreted
 from h1bkv_lite.kernels.decode_attention import _decode_split_kernel
 
@@ -157,3 +158,93 @@ def test_replays_make_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
     assert cache.get_seq_length() == ids.shape[1] + 2 + 6
     assert int(cache.layers[0]._filled_dev) == cache.layers[0].held_compressed
+
+
+def _generate(model, ids, cache, new, **kw):
+    """``model.generate`` over ``cache`` (no ``custom_generate`` unless given), unpadded prompts."""
+    return model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=new,
+                          pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("kw,chunk", [(dict(score="hamming"), None), (dict(score="asym"), None),
+                                      (dict(window=6, sink=2), None), (dict(window=6, sink=2), 10)])
+def test_generate_loop_greedy_equals_generate(device, kw, chunk):
+    """``custom_generate=decode_with_cuda_graphs``: the tokens of transformers' own loop over the same cache
+    settings (greedy; ``prefill_chunk_size`` honoured)."""
+    model, ids = _model(device), _ids(device, T=35 if chunk else 24)
+    want = _generate(model, ids, _cache(model, 50, **kw), 9, do_sample=False, prefill_chunk_size=chunk)
+    cache = _cache(model, 50, **kw)
+    got = _generate(model, ids, cache, 9, do_sample=False, prefill_chunk_size=chunk,
+                    custom_generate=decode_with_cuda_graphs, cuda_graph=False)
+    assert torch.equal(got, want)
+    assert cache.get_seq_length() == ids.shape[1] + 8  # the last token is chosen, not fed back
+
+
+def test_generate_loop_samples_and_scores_as_generate(device):
+    """Sampling (temperature, top-k), the processed scores and raw logits returned, as transformers' loop with the
+    same seed: the same random draws in the same order."""
+    model, ids = _model(device), _ids(device)
+    runs = []
+    for custom in ({}, dict(custom_generate=decode_with_cuda_graphs, cuda_graph=False)):
+        torch.manual_seed(5)
+        runs.append(_generate(model, ids, _cache(model, 40), 9, do_sample=True, top_k=20, temperature=0.7,
+                              output_scores=True, output_logits=True, return_dict_in_generate=True, **custom))
+    want, got = runs
+    assert torch.equal(got.sequences, want.sequences)
+    assert len(got.scores) == len(got.logits) == 9
+    for name in ("scores", "logits"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(got, name), getattr(want, name))), name
+    assert isinstance(got.past_key_values, H1BCache)
+
+
+def test_generate_loop_stops_and_pads_as_generate(device):
+    """An end-of-sequence id stops a row: later tokens are the pad id, and the call stops when every row ended."""
+    model, ids = _model(device), _ids(device)
+    first = _generate(model, ids, _cache(model, 30), 1, do_sample=False)[:, -1]
+    eos = int(first[0])
+    want = _generate(model, ids, _cache(model, 60), 30, do_sample=False, eos_token_id=eos)
+    got = _generate(model, ids, _cache(model, 60), 30, do_sample=False, eos_token_id=eos,
+                    custom_generate=decode_with_cuda_graphs, cuda_graph=False)
+    assert torch.equal(got, want)
+    assert bool((got[0, ids.shape[1]:] [1:] == 0).all())  # row 0 ended at its first token: pads after it
+
+
+def test_generate_loop_arguments_are_checked(device):
+    model, ids = _model(device), _ids(device)
+    loop = dict(custom_generate=decode_with_cuda_graphs, cuda_graph=False)
+    with pytest.raises(TypeError, match=r"needs past_key_values=H1BCache\(model.config, ..., max_cache_len"):
+        model.generate(ids, max_new_tokens=3, pad_token_id=0, **loop)  # generate() made a DynamicCache
+    with pytest.raises(ValueError, match="static capacity"):
+        _generate(model, ids, H1BCache(model.config, bits=64, backend="triton"), 3, **loop)
+    with pytest.raises(ValueError, match="exceed the cache's max_cache_len=26"):
+        _generate(model, ids, _cache(model, 26), 3, **loop)
+    with pytest.raises(ValueError, match="num_beams=1"):
+        _generate(model, ids, _cache(model, 40), 3, num_beams=2, **loop)
+    with pytest.raises(ValueError, match="output_attentions and output_hidden_states"):
+        _generate(model, ids, _cache(model, 40), 3, return_dict_in_generate=True, output_hidden_states=True, **loop)
+    padded = torch.ones_like(ids)
+    padded[0, 0] = 0
+    with pytest.raises(ValueError, match="without padding"):
+        model.generate(ids, attention_mask=padded, past_key_values=_cache(model, 40), max_new_tokens=3,
+                       pad_token_id=0, **loop)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        _generate(model, ids, _cache(model, 40), 3, custom_generate=decode_with_cuda_graphs, warmup_steps=0)
+    if device.type == "cpu":
+        with pytest.raises(ValueError, match="cuda_graph=True needs CUDA"):
+            _generate(model, ids, _cache(model, 40), 3, custom_generate=decode_with_cuda_graphs, cuda_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("kw", [dict(), dict(window=6, sink=2)])
+def test_generate_loop_graph_replays_equal_eager(kw):
+    """On CUDA, the replayed decode forwards give the eager loop's tokens, and the cache's host counts keep up."""
+    device = torch.device("cuda")
+    model, ids = _model(device), _ids(device)
+    caches = [_cache(model, 64, **kw), _cache(model, 64, **kw)]
+    eager = _generate(model, ids, caches[0], 30, do_sample=False, custom_generate=decode_with_cuda_graphs,
+                      cuda_graph=False)
+    graphed = _generate(model, ids, caches[1], 30, do_sample=False, custom_generate=decode_with_cuda_graphs)
+    assert torch.equal(graphed, eager)
+    assert caches[1].get_seq_length() == caches[0].get_seq_length() == ids.shape[1] + 29
+    assert caches[1].nbytes() == caches[0].nbytes()
