@@ -110,9 +110,13 @@ def decode_with_cuda_graphs(model, input_ids: torch.Tensor, logits_processor, st
     calls this function with them (transformers' ``custom_generate`` callables). Per prompt: the prompt's forward (in
     chunks of ``prefill_chunk_size`` when the generation config sets it, as ``generate`` does), then per new token: the
     logits processors, greedy (``do_sample=False``) or sampled (``do_sample=True``: softmax and ``torch.multinomial``
-    of the processed scores) token choice, finished rows padded with the pad token, the stopping criteria; one device
-    sync a step decides whether to go on (``generate`` makes one too, unless it can defer it). Greedy tokens equal
-    ``generate()``'s with the same cache and no ``custom_generate``: the same kernels and arithmetic.
+    of the processed scores) token choice, finished rows padded with the pad token, the stopping criteria. Whether to
+    go on is read by the host one step late: the next forward is queued first, then the host waits for this step's
+    stop flag only (pinned memory, an event), so the GPU never idles for the host's decision. When every row has
+    ended before ``max_length`` (an end-of-sequence token) that queued forward has fed the last chosen token to the
+    cache: the cache then holds every token of the output (``generate`` leaves that last one out); at ``max_length``,
+    known on the host, nothing extra runs. Greedy tokens equal ``generate()``'s with the same cache and no
+    ``custom_generate``: the same kernels and arithmetic.
 
     Parameters (passed by ``generate``; ``cuda_graph`` and ``warmup_steps`` may be given to ``generate`` too)
     ----------
@@ -160,6 +164,7 @@ def decode_with_cuda_graphs(model, input_ids: torch.Tensor, logits_processor, st
         token = torch.zeros(B, 1, dtype=torch.long, device=input_ids.device)
         pos = torch.full((B, 1), T, dtype=torch.long, device=input_ids.device)
         run = _Runner(_Step(model, cache, token, pos, choose=False), cache, cuda_graph, warmup_steps)
+        going_on = _LateFlag(input_ids.device)
         while True:
             raw = logits.to(copy=True, dtype=torch.float32)  # a replay rewrites the graph's logits
             scores = logits_processor(input_ids, raw)
@@ -173,10 +178,13 @@ def decode_with_cuda_graphs(model, input_ids: torch.Tensor, logits_processor, st
             scores_seen += [scores] if want_scores else []
             logits_seen += [raw] if want_logits else []
             unfinished &= ~stopping_criteria(input_ids, scores)
-            if not bool(unfinished.any()):  # the step's one sync
+            if input_ids.shape[1] >= generation_config.max_length:  # known on the host: no sync
                 break
             token.copy_(chosen[:, None])
-            run()
+            going_on.record(unfinished.any())
+            run()  # the next forward is queued before the host waits for this step's stop flag
+            if not going_on.read():  # every row ended: that forward took the last token, which it is
+                break
             logits = run.step.logits
     if not generation_config.return_dict_in_generate:
         return input_ids
@@ -184,6 +192,26 @@ def decode_with_cuda_graphs(model, input_ids: torch.Tensor, logits_processor, st
 
     return GenerateDecoderOnlyOutput(sequences=input_ids, scores=tuple(scores_seen) if want_scores else None,
                                      logits=tuple(logits_seen) if want_logits else None, past_key_values=cache)
+
+
+class _LateFlag:
+    """A device bool read by the host without waiting for later work: :meth:`record` copies it to pinned host memory
+    behind the work queued so far, :meth:`read` waits for that copy only (on CPU: a plain read)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros(1, dtype=torch.bool, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+
+    def record(self, flag: torch.Tensor) -> None:
+        self.host.copy_(flag.view(1), non_blocking=self.cuda)
+        if self.cuda:
+            self.event.record()
+
+    def read(self) -> bool:
+        if self.cuda:
+            self.event.synchronize()
+        return bool(self.host[0])
 
 
 def _check_generate_call(cache, mask, generation_config, model_kwargs) -> None:
@@ -261,8 +289,8 @@ class _Runner:
             self.graph = self.step.capture()  # records this step (the host counts advance once); the replay runs it
             self.graph.replay()
         else:
-            self.cache.replayed(1)  # what the replay's update() calls would have counted
             self.graph.replay()
+            self.cache.replayed(1)  # what the replay's update() calls would have counted (while the GPU runs)
 
 
 class _Clock:

@@ -198,15 +198,21 @@ def test_generate_loop_samples_and_scores_as_generate(device):
 
 
 def test_generate_loop_stops_and_pads_as_generate(device):
-    """An end-of-sequence id stops a row: later tokens are the pad id, and the call stops when every row ended."""
+    """An end-of-sequence id ends a row (later tokens are the pad id); the call stops when every row has ended. The
+    stop flag is read one step late, so the forward queued meanwhile has fed the last token to the cache."""
     model, ids = _model(device), _ids(device)
     first = _generate(model, ids, _cache(model, 30), 1, do_sample=False)[:, -1]
+    loop = dict(custom_generate=decode_with_cuda_graphs, cuda_graph=False)
     eos = int(first[0])
     want = _generate(model, ids, _cache(model, 60), 30, do_sample=False, eos_token_id=eos)
-    got = _generate(model, ids, _cache(model, 60), 30, do_sample=False, eos_token_id=eos,
-                    custom_generate=decode_with_cuda_graphs, cuda_graph=False)
+    got = _generate(model, ids, _cache(model, 60), 30, do_sample=False, eos_token_id=eos, **loop)
     assert torch.equal(got, want)
-    assert bool((got[0, ids.shape[1]:] [1:] == 0).all())  # row 0 ended at its first token: pads after it
+    one = ids[:1]  # ends at its first token
+    cache = _cache(model, 60)
+    got = _generate(model, one, cache, 30, do_sample=False, eos_token_id=eos, **loop)
+    assert torch.equal(got, _generate(model, one, _cache(model, 60), 30, do_sample=False, eos_token_id=eos))
+    assert got.shape[1] == one.shape[1] + 1 and int(got[0, -1]) == eos
+    assert cache.get_seq_length() == got.shape[1]  # the prompt and the end token
 
 
 def test_generate_loop_arguments_are_checked(device):
