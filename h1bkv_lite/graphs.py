@@ -1,4 +1,5 @@
-"""Greedy decoding whose decode step is one captured CUDA graph, over a static-capacity :class:`H1BCache`.
+"""Decoding whose decode step is one captured CUDA graph, over a static-capacity :class:`H1BCache`: inside
+``model.generate`` (:func:`decode_with_cuda_graphs`) or on its own, greedy (:func:`generate_greedy`).
 
 An eager ``generate()`` decode step is bound by the host: Python issues a few hundred launches per step
 (transformers' layers, the cache's append and attention kernels) while the GPU waits (``benchmarks/README.md``:
@@ -113,10 +114,15 @@ def decode_with_cuda_graphs(model, input_ids: torch.Tensor, logits_processor, st
     of the processed scores) token choice, finished rows padded with the pad token, the stopping criteria. Whether to
     go on is read by the host one step late: the next forward is queued first, then the host waits for this step's
     stop flag only (pinned memory, an event), so the GPU never idles for the host's decision. When every row has
-    ended before ``max_length`` (an end-of-sequence token) that queued forward has fed the last chosen token to the
-    cache: the cache then holds every token of the output (``generate`` leaves that last one out); at ``max_length``,
-    known on the host, nothing extra runs. Greedy tokens equal ``generate()``'s with the same cache and no
-    ``custom_generate``: the same kernels and arithmetic.
+    ended before ``max_length`` (an end-of-sequence token or any other stopping criterion) that queued forward has
+    fed the last chosen token to the cache: the cache then holds every token of the output (``generate`` leaves that
+    last one out); at ``max_length``, known on the host, nothing extra runs. Greedy tokens equal ``generate()``'s
+    with the same cache and no ``custom_generate``: the same kernels and arithmetic.
+
+    What transformers does not hand to ``custom_generate`` callables (transformers 5.x): a ``streamer`` (the prompt
+    reaches it, nothing after, and ``end()`` is never called: do not pass one, a ``TextIteratorStreamer`` consumer
+    would wait forever), the ``tokenizer`` that ``stop_strings`` need (pass ``stopping_criteria=[StopStringCriteria(
+    tokenizer, [...])]`` instead), ``assistant_model`` and ``synced_gpus``.
 
     Parameters (passed by ``generate``; ``cuda_graph`` and ``warmup_steps`` may be given to ``generate`` too)
     ----------
@@ -126,9 +132,10 @@ def decode_with_cuda_graphs(model, input_ids: torch.Tensor, logits_processor, st
     cuda_graph : None (default: on CUDA), True, or False (every step eager: the same arithmetic, for CPU tests).
     warmup_steps : eager decode steps before the capture (Triton compiles, allocator and cuBLAS state), >= 1.
     model_kwargs : ``past_key_values`` -- a fresh ``H1BCache(model.config, ..., max_cache_len=L)`` with ``L >=
-        generation_config.max_length`` (the prompt plus ``max_new_tokens``) -- and ``attention_mask``,
-        ``use_cache`` (True). Other model inputs are refused: the captured step passes only the token and its
-        position.
+        generation_config.max_length - 1`` (the prompt plus ``max_new_tokens`` minus one: the last new token is not
+        fed back) -- and ``attention_mask``, ``use_cache`` (True); ``position_ids`` / ``cache_position`` that
+        ``generate`` derives (0 .. T - 1). Other model inputs are refused: the captured step passes only the token
+        and its position.
 
     Returns
     -------
@@ -138,18 +145,19 @@ def decode_with_cuda_graphs(model, input_ids: torch.Tensor, logits_processor, st
     Raises
     ------
     TypeError / ValueError, before anything runs, for a cache that is not a fresh static-capacity ``H1BCache``, too
-    small a capacity, padding, beam search (``num_beams > 1``), ``output_attentions`` / ``output_hidden_states``,
-    ``use_cache=False``, other model inputs, or bad ``cuda_graph`` / ``warmup_steps``; RuntimeError naming the step
-    if the capture fails (``cuda_graph=False`` runs eagerly). The loop is transformers' sampling loop (its
-    ``_sample``), with the model's decode forward replayed; a ``streamer`` given to ``generate`` is not passed to
-    ``custom_generate`` callables by transformers, so none is fed.
+    small a capacity, padding, positions other than 0 .. T - 1, a generation mode other than greedy or sampling
+    (beams, contrastive search, prompt lookup, constraints...), ``output_attentions`` / ``output_hidden_states``,
+    ``use_cache=False``, other model inputs, or bad ``cuda_graph`` / ``warmup_steps``; RuntimeError if the capture
+    fails (``cuda_graph=False`` runs eagerly). The loop is transformers' sampling loop (its ``_sample``), with the
+    model's decode forward replayed.
     """
     cache = model_kwargs.pop("past_key_values", None)
     mask = model_kwargs.pop("attention_mask", None)
-    _check_generate_call(cache, mask, generation_config, model_kwargs)
     B, T = input_ids.shape
+    _check_generate_call(cache, mask, generation_config, model_kwargs, T)
     chunk = getattr(generation_config, "prefill_chunk_size", None)
-    _check(model, input_ids, cache, generation_config.max_length - T, cuda_graph, None, None, warmup_steps, chunk)
+    _check(model, input_ids, cache, generation_config.max_length - T, cuda_graph, None, None, warmup_steps, chunk,
+           held_at_most=generation_config.max_length - 1)
     if cuda_graph is None:
         cuda_graph = input_ids.device.type == "cuda"
     pad = getattr(generation_config, "_pad_token_tensor", None)
@@ -177,7 +185,7 @@ def decode_with_cuda_graphs(model, input_ids: torch.Tensor, logits_processor, st
             input_ids = torch.cat([input_ids, chosen[:, None]], dim=-1)
             scores_seen += [scores] if want_scores else []
             logits_seen += [raw] if want_logits else []
-            unfinished &= ~stopping_criteria(input_ids, scores)
+            unfinished &= ~stopping_criteria(input_ids, tuple(scores_seen) if want_scores else None)  # as _sample
             if input_ids.shape[1] >= generation_config.max_length:  # known on the host: no sync
                 break
             token.copy_(chosen[:, None])
@@ -214,29 +222,38 @@ class _LateFlag:
         return bool(self.host[0])
 
 
-def _check_generate_call(cache, mask, generation_config, model_kwargs) -> None:
-    """What :func:`decode_with_cuda_graphs` refuses, besides :func:`_check`'s cache checks."""
+def _check_generate_call(cache, mask, generation_config, model_kwargs, prompt_len: int) -> None:
+    """What :func:`decode_with_cuda_graphs` refuses, besides :func:`_check`'s cache checks; before anything runs."""
     if not isinstance(cache, H1BCache):
         raise TypeError("custom_generate=decode_with_cuda_graphs needs past_key_values=H1BCache(model.config, ..., "
                         f"max_cache_len=prompt + max_new_tokens) passed to generate(), got {type(cache).__name__}")
-    if generation_config.num_beams != 1:
-        raise ValueError(f"decode_with_cuda_graphs decodes one beam (num_beams=1), got num_beams="
-                         f"{generation_config.num_beams}")
-    if generation_config.return_dict_in_generate and (generation_config.output_attentions
-                                                      or generation_config.output_hidden_states):
-        raise ValueError("decode_with_cuda_graphs returns sequences, scores and logits; output_attentions and "
-                         "output_hidden_states are not recorded by the captured step: drop them")
+    from transformers.generation.configuration_utils import GenerationMode  # noqa: PLC0415 -- transformers only here
+
+    mode = generation_config.get_generation_mode()
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        raise ValueError(f"decode_with_cuda_graphs decodes greedily or by sampling (num_beams=1, no assistant, no "
+                         f"contrastive search, no constraints); the generation config asks for {mode.value}: use "
+                         "generate() without custom_generate for it")
+    recorded = [k for k in ("output_attentions", "output_hidden_states")
+                if getattr(generation_config, k, False) or model_kwargs.pop(k, None)]
+    if recorded:
+        raise ValueError(f"decode_with_cuda_graphs returns sequences, scores and logits; {' and '.join(recorded)} "
+                         "cannot be recorded from the captured step: drop them")
     if not model_kwargs.pop("use_cache", True):
         raise ValueError("decode_with_cuda_graphs needs use_cache=True (the decode steps read the cache)")
-    for implied in ("cache_position", "position_ids", "logits_to_keep"):  # generate()'s own, implied by an
-        model_kwargs.pop(implied, None)  # unpadded prompt (positions 0 .. T - 1) and the one logit row a step needs
+    if mask is not None and not bool(mask.bool().all()):  # once, before anything runs
+        raise ValueError("decode_with_cuda_graphs serves prompts without padding (a static-capacity H1BCache has no "
+                         "padding mask); got an attention_mask with zeros: pass prompts of one length")
+    model_kwargs.pop("logits_to_keep", None)  # generate()'s own: a step needs one logit row
+    for name in ("position_ids", "cache_position"):  # generate() makes them; an unpadded prompt implies 0 .. T - 1
+        given = model_kwargs.pop(name, None)
+        if given is not None and not bool((given == torch.arange(prompt_len, device=given.device)).all()):
+            raise ValueError(f"decode_with_cuda_graphs places the prompt at positions 0 .. {prompt_len - 1}; got "
+                             f"other {name}: use generate() without custom_generate for them")
     others = sorted(k for k, v in model_kwargs.items() if v is not None and v is not False)
     if others:
         raise ValueError(f"decode_with_cuda_graphs passes the model only the token ids and their positions; got model "
                          f"inputs {others}: use generate() without custom_generate for them")
-    if mask is not None and not bool(mask.bool().all()):  # once, before anything runs
-        raise ValueError("decode_with_cuda_graphs serves prompts without padding (a static-capacity H1BCache has no "
-                         "padding mask); got an attention_mask with zeros: pass prompts of one length")
 
 
 class _Step:
@@ -262,8 +279,8 @@ class _Step:
         except Exception as err:  # noqa: BLE001 -- re-raised with what to do
             raise RuntimeError(
                 "capturing the decode step as a CUDA graph failed (something in the model's forward synchronises "
-                "with the host or changes its launches from step to step); run generate_greedy(..., "
-                "cuda_graph=False) to decode eagerly") from err
+                "with the host or changes its launches from step to step); pass cuda_graph=False to decode "
+                "eagerly") from err
         return graph
 
 
@@ -347,13 +364,16 @@ def _pad_after_end(out: torch.Tensor, ends: list[int], pad_token_id: int) -> tor
 
 
 def _check(model, input_ids, cache, max_new_tokens, cuda_graph, eos_token_id, pad_token_id, warmup_steps,
-           prefill_chunk_size=None):
+           prefill_chunk_size=None, held_at_most=None):
+    """The checks both loops share; ``held_at_most``: the tokens the cache must have room for (default: the prompt
+    and ``max_new_tokens``)."""
     if not isinstance(cache, H1BCache):
         raise TypeError(f"cache must be an H1BCache, got {type(cache).__name__}")
     if cache.static_capacity is None:
         raise ValueError("cache must have a static capacity: H1BCache(model.config, ..., max_cache_len=prompt + new)")
     if cache.get_seq_length() != 0:
-        raise ValueError(f"cache must be fresh (it holds {cache.get_seq_length()} tokens)")
+        raise ValueError(f"cache must be fresh (it holds {cache.get_seq_length()} tokens): build a new H1BCache for "
+                         "each call")
     check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.long,), finite=False)
     check_int("max_new_tokens", max_new_tokens, low=1)
     check_int("warmup_steps", warmup_steps, low=1)
@@ -377,9 +397,13 @@ def _check(model, input_ids, cache, max_new_tokens, cuda_graph, eos_token_id, pa
     if prefill_chunk_size is not None and min(T, prefill_chunk_size) < cache.sink:
         raise ValueError(f"prefill_chunk_size ({prefill_chunk_size}) must hold the cache's sinks (sink={cache.sink}): "
                          "the first chunk is the prompt the sinks come from")
-    if T + max_new_tokens > cache.static_capacity:
+    if held_at_most is None and T + max_new_tokens > cache.static_capacity:
         raise ValueError(f"the prompt ({T} tokens) and max_new_tokens ({max_new_tokens}) exceed the cache's "
                          f"max_cache_len={cache.static_capacity}")
+    if held_at_most is not None and held_at_most > cache.static_capacity:
+        raise ValueError(f"the prompt ({T} tokens) and max_new_tokens ({max_new_tokens}) need max_cache_len >= "
+                         f"{held_at_most} (the last new token is not fed back), got max_cache_len="
+                         f"{cache.static_capacity}")
     device = model_device(model)
     if input_ids.device != device:
         raise ValueError(f"input_ids are on {input_ids.device}, the model on {device}")

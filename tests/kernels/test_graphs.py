@@ -166,73 +166,100 @@ def _generate(model, ids, cache, new, **kw):
                           pad_token_id=0, **kw)
 
 
+def _loop_model(device):
+    """The test model without a default end token (LlamaConfig's is 2), so that a call runs to ``max_new_tokens``
+    unless a test passes ``eos_token_id``."""
+    model = _model(device)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+LOOP = dict(custom_generate=decode_with_cuda_graphs, cuda_graph=False)
+
+
 @pytest.mark.parametrize("kw,chunk", [(dict(score="hamming"), None), (dict(score="asym"), None),
                                       (dict(window=6, sink=2), None), (dict(window=6, sink=2), 10)])
 def test_generate_loop_greedy_equals_generate(device, kw, chunk):
     """``custom_generate=decode_with_cuda_graphs``: the tokens of transformers' own loop over the same cache
-    settings (greedy; ``prefill_chunk_size`` honoured)."""
-    model, ids = _model(device), _ids(device, T=35 if chunk else 24)
+    settings (greedy; ``prefill_chunk_size`` honoured); the cache holds every token but the last, as generate's."""
+    model, ids = _loop_model(device), _ids(device, T=35 if chunk else 24)
     want = _generate(model, ids, _cache(model, 50, **kw), 9, do_sample=False, prefill_chunk_size=chunk)
-    cache = _cache(model, 50, **kw)
-    got = _generate(model, ids, cache, 9, do_sample=False, prefill_chunk_size=chunk,
-                    custom_generate=decode_with_cuda_graphs, cuda_graph=False)
-    assert torch.equal(got, want)
-    assert cache.get_seq_length() == ids.shape[1] + 8  # the last token is chosen, not fed back
+    cache = _cache(model, ids.shape[1] + 8, **kw)  # room for what is fed back: the last new token is not
+    got = _generate(model, ids, cache, 9, do_sample=False, prefill_chunk_size=chunk, **LOOP)
+    assert got.shape == want.shape == (ids.shape[0], ids.shape[1] + 9) and torch.equal(got, want)
+    assert cache.get_seq_length() == ids.shape[1] + 8
 
 
 def test_generate_loop_samples_and_scores_as_generate(device):
-    """Sampling (temperature, top-k), the processed scores and raw logits returned, as transformers' loop with the
-    same seed: the same random draws in the same order."""
-    model, ids = _model(device), _ids(device)
+    """Sampling (temperature, top-k), the processed scores and raw logits returned, several sequences per prompt, as
+    transformers' loop with the same seed: the same random draws in the same order."""
+    model, ids = _loop_model(device), _ids(device)
     runs = []
-    for custom in ({}, dict(custom_generate=decode_with_cuda_graphs, cuda_graph=False)):
+    for custom in ({}, LOOP):
         torch.manual_seed(5)
         runs.append(_generate(model, ids, _cache(model, 40), 9, do_sample=True, top_k=20, temperature=0.7,
-                              output_scores=True, output_logits=True, return_dict_in_generate=True, **custom))
+                              num_return_sequences=2, output_scores=True, output_logits=True,
+                              return_dict_in_generate=True, **custom))
     want, got = runs
-    assert torch.equal(got.sequences, want.sequences)
+    assert got.sequences.shape == (2 * ids.shape[0], ids.shape[1] + 9) and torch.equal(got.sequences, want.sequences)
     assert len(got.scores) == len(got.logits) == 9
     for name in ("scores", "logits"):
         assert all(torch.equal(a, b) for a, b in zip(getattr(got, name), getattr(want, name))), name
     assert isinstance(got.past_key_values, H1BCache)
 
 
+def test_generate_loop_one_new_token(device):
+    """``max_new_tokens=1``: the prompt's forward and its token, no decode step."""
+    model, ids = _loop_model(device), _ids(device)
+    cache = _cache(model, ids.shape[1])  # exactly the prompt: the one new token is never fed back
+    got = _generate(model, ids, cache, 1, do_sample=False, **LOOP)
+    assert torch.equal(got, _generate(model, ids, _cache(model, 30), 1, do_sample=False))
+    assert got.shape[1] == ids.shape[1] + 1 and cache.get_seq_length() == ids.shape[1]
+
+
 def test_generate_loop_stops_and_pads_as_generate(device):
-    """An end-of-sequence id ends a row (later tokens are the pad id); the call stops when every row has ended. The
-    stop flag is read one step late, so the forward queued meanwhile has fed the last token to the cache."""
-    model, ids = _model(device), _ids(device)
-    first = _generate(model, ids, _cache(model, 30), 1, do_sample=False)[:, -1]
-    loop = dict(custom_generate=decode_with_cuda_graphs, cuda_graph=False)
-    eos = int(first[0])
-    want = _generate(model, ids, _cache(model, 60), 30, do_sample=False, eos_token_id=eos)
-    got = _generate(model, ids, _cache(model, 60), 30, do_sample=False, eos_token_id=eos, **loop)
-    assert torch.equal(got, want)
-    one = ids[:1]  # ends at its first token
+    """End-of-sequence ids end the rows at different steps (later tokens are the pad id); the call stops once every
+    row has ended, before ``max_new_tokens``. The stop flag is read one step late, so the forward queued meanwhile has
+    fed the last token to the cache."""
+    model, ids = _loop_model(device), _ids(device)
+    T = ids.shape[1]
+    free = _generate(model, ids, _cache(model, 60), 30, do_sample=False)
+    ends = sorted({int(free[0, T + 1]), int(free[1, T + 3])})  # row 0 ends by its 2nd new token, row 1 by its 4th
+    want = _generate(model, ids, _cache(model, 60), 30, do_sample=False, eos_token_id=ends)
     cache = _cache(model, 60)
-    got = _generate(model, one, cache, 30, do_sample=False, eos_token_id=eos, **loop)
-    assert torch.equal(got, _generate(model, one, _cache(model, 60), 30, do_sample=False, eos_token_id=eos))
-    assert got.shape[1] == one.shape[1] + 1 and int(got[0, -1]) == eos
-    assert cache.get_seq_length() == got.shape[1]  # the prompt and the end token
+    got = _generate(model, ids, cache, 30, do_sample=False, eos_token_id=ends, **LOOP)
+    assert torch.equal(got, want)
+    assert got.shape[1] <= T + 4  # every row ended, long before max_new_tokens
+    assert cache.get_seq_length() == got.shape[1]  # the prompt and every new token, the last one included
 
 
 def test_generate_loop_arguments_are_checked(device):
-    model, ids = _model(device), _ids(device)
-    loop = dict(custom_generate=decode_with_cuda_graphs, cuda_graph=False)
+    model, ids = _loop_model(device), _ids(device)
     with pytest.raises(TypeError, match=r"needs past_key_values=H1BCache\(model.config, ..., max_cache_len"):
-        model.generate(ids, max_new_tokens=3, pad_token_id=0, **loop)  # generate() made a DynamicCache
+        model.generate(ids, max_new_tokens=3, pad_token_id=0, **LOOP)  # generate() made a DynamicCache
     with pytest.raises(ValueError, match="static capacity"):
-        _generate(model, ids, H1BCache(model.config, bits=64, backend="triton"), 3, **loop)
-    with pytest.raises(ValueError, match="exceed the cache's max_cache_len=26"):
-        _generate(model, ids, _cache(model, 26), 3, **loop)
-    with pytest.raises(ValueError, match="num_beams=1"):
-        _generate(model, ids, _cache(model, 40), 3, num_beams=2, **loop)
-    with pytest.raises(ValueError, match="output_attentions and output_hidden_states"):
-        _generate(model, ids, _cache(model, 40), 3, return_dict_in_generate=True, output_hidden_states=True, **loop)
+        _generate(model, ids, H1BCache(model.config, bits=64, backend="triton"), 3, **LOOP)
+    with pytest.raises(ValueError, match=r"need max_cache_len >= 26 \(the last new token is not fed back\), got "
+                                         r"max_cache_len=25"):
+        _generate(model, ids, _cache(model, 25), 3, **LOOP)
+    refused = [(dict(num_beams=2), "greedily or by sampling .* asks for beam_search"),
+               (dict(penalty_alpha=0.6, top_k=4), "asks for contrastive_search"),
+               (dict(prompt_lookup_num_tokens=2), "asks for assisted_generation"),
+               (dict(return_dict_in_generate=True, output_hidden_states=True), "output_hidden_states cannot be"),
+               (dict(output_attentions=True), "output_attentions cannot be recorded"),
+               (dict(use_cache=False), "needs use_cache=True"),
+               (dict(position_ids=torch.arange(ids.shape[1], device=device)[None] + 100), "other position_ids"),
+               (dict(labels=ids), r"got model inputs \['labels'\]")]
+    for extra, message in refused:
+        cache = _cache(model, 40)
+        with pytest.raises(ValueError, match=message):
+            _generate(model, ids, cache, 3, **extra, **LOOP)
+        assert cache.get_seq_length() == 0, extra  # refused before anything ran
     padded = torch.ones_like(ids)
     padded[0, 0] = 0
     with pytest.raises(ValueError, match="without padding"):
         model.generate(ids, attention_mask=padded, past_key_values=_cache(model, 40), max_new_tokens=3,
-                       pad_token_id=0, **loop)
+                       pad_token_id=0, **LOOP)
     with pytest.raises(ValueError, match="warmup_steps"):
         _generate(model, ids, _cache(model, 40), 3, custom_generate=decode_with_cuda_graphs, warmup_steps=0)
     if device.type == "cpu":
@@ -245,17 +272,39 @@ def test_generate_loop_arguments_are_checked(device):
 @pytest.mark.parametrize("kw,gen", [(dict(), dict(do_sample=False)), (dict(window=6, sink=2), dict(do_sample=False)),
                                     (dict(), dict(do_sample=True, top_p=0.9, temperature=0.8)),
                                     (dict(window=6, sink=2), dict(do_sample=False, prefill_chunk_size=10))])
-def test_generate_loop_graph_replays_equal_eager(kw, gen):
+def test_generate_loop_graph_replays_equal_eager(monkeypatch, kw, gen):
     """On CUDA, the replayed decode forwards give the eager loop's tokens (sampled ones too: the draws happen outside
-    the graph, in the same order), and the cache's host counts keep up."""
+    the graph, in the same order), the steps after the warm-up ones are replays, and the host counts keep up."""
     device = torch.device("cuda")
-    model, ids = _model(device), _ids(device, T=35)
+    model, ids = _loop_model(device), _ids(device, T=35)
     caches = [_cache(model, 80, **kw), _cache(model, 80, **kw)]
     torch.manual_seed(3)
-    eager = _generate(model, ids, caches[0], 30, custom_generate=decode_with_cuda_graphs, cuda_graph=False, **gen)
+    eager = _generate(model, ids, caches[0], 30, **LOOP, **gen)
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: (replays.append(1), replay(graph))[1])
     torch.manual_seed(3)
-    graphed = _generate(model, ids, caches[1], 30, custom_generate=decode_with_cuda_graphs, **gen)
-    assert torch.equal(graphed, eager)
-    held = caches[1].get_seq_length()  # every token but the last; all of them after an end token (read late)
-    assert held == caches[0].get_seq_length() and held in (graphed.shape[1] - 1, graphed.shape[1])
-    assert caches[1].nbytes() == caches[0].nbytes()
+    graphed = _generate(model, ids, caches[1], 30, custom_generate=decode_with_cuda_graphs, warmup_steps=2, **gen)
+    assert torch.equal(graphed, eager) and graphed.shape[1] == ids.shape[1] + 30
+    assert len(replays) == 29 - 2  # 29 decode forwards: 2 eager warm-ups, the captured one replayed, 26 more
+    assert caches[1].get_seq_length() == caches[0].get_seq_length() == ids.shape[1] + 29
+    layer = caches[1].layers[0]
+    assert int(layer._filled_dev) == layer.held_compressed and caches[1].nbytes() == caches[0].nbytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+def test_generate_loop_graph_stops_late_as_eager():
+    """On CUDA the stop flag is read through pinned memory and an event: rows ending early stop the call as the
+    eager loop does, the cache holding every token."""
+    device = torch.device("cuda")
+    model, ids = _loop_model(device), _ids(device)
+    T = ids.shape[1]
+    free = _generate(model, ids, _cache(model, 60), 30, do_sample=False, **LOOP)
+    ends = sorted({int(free[0, T + 4]), int(free[1, T + 6])})
+    want = _generate(model, ids, _cache(model, 60), 30, do_sample=False, eos_token_id=ends)
+    cache = _cache(model, 60)
+    got = _generate(model, ids, cache, 30, do_sample=False, eos_token_id=ends,
+                    custom_generate=decode_with_cuda_graphs, warmup_steps=1)
+    assert torch.equal(got, want) and got.shape[1] <= T + 7
+    assert cache.get_seq_length() == got.shape[1]
