@@ -17,12 +17,15 @@ Forms (``config`` overrides of the kernel's defaults):
 - ``split+combine``: splits filling the GPU, the query prep, split and combine kernels (three launches);
 - ``one-split``: one program per (sequence, kv head) that writes the output (one launch; the default up to
   8192 tokens before the fused combine);
-- ``fused`` (the default): splits filling the GPU, the combine done by each row's last split program (the
-  query prep and one split kernel);
-- ``fused-unchecked``: the same launches through ``h1b_decode_attention_unchecked``, the call the cache makes on
-  every decode step after its first (no argument checks).
+- ``fused``: splits filling the GPU, the combine done by each row's last split program (the query prep and one
+  split kernel; the default from ``single_split_max_n`` tokens on);
+- ``query-in-split``: the same splits, each program sketching its query heads itself (``query_in_split_max_n``):
+  one launch;
+- ``<form>-unchecked``: each form through ``h1b_decode_attention_unchecked``, the call the cache makes on every
+  decode step after its first (no argument checks); ``default-unchecked``: that call with the kernel's defaults
+  (what the cache runs at this context).
 
-``host_profile``: the unchecked call's host time by function (cProfile over ``HOST_CALLS`` calls, the top
+``host_profile``: the default unchecked call's host time by function (cProfile over ``HOST_CALLS`` calls, the top
 entries by own time), to see what the launches cost against the Python around them.
 
 SDPA: ``F.scaled_dot_product_attention`` on an fp16 cache, flash backend (``enable_gqa``). Timings never gate
@@ -54,7 +57,8 @@ from decode_timing import make_h1b_inputs  # noqa: E402
 FORMS = {
     "split+combine": {"single_split_max_n": 0, "fused_combine": False},
     "one-split": {"single_split_max_n": 1 << 40},
-    "fused": {},
+    "fused": {"single_split_max_n": 0},
+    "query-in-split": {"single_split_max_n": 0, "query_in_split_max_n": 1 << 40},
 }
 HOST_CALLS = 200
 REPEATS = 5
@@ -117,14 +121,16 @@ def measure_shape(*, B: int, group: int, N: int, device) -> dict:
         reference = out if reference is None else reference
         row["forms"][name] = {"config": config, "eager_us": eager_us(call), "host_us": host_us(call),
                               "max_abs_diff_vs_first_form": float((out - reference).abs().max())}
-    def unchecked():
-        return h1b_decode_attention_unchecked(*args, projection=projection, score="hamming",
-                                              temperature=kwargs["temperature"], key_norms=None, window_k=None,
-                                              window_v=None, value_bits=kwargs["value_bits"])
-    out = unchecked().float()
-    row["forms"]["fused-unchecked"] = {"config": {}, "eager_us": eager_us(unchecked), "host_us": host_us(unchecked),
-                                       "max_abs_diff_vs_first_form": float((out - reference).abs().max())}
-    row["host_profile"] = host_profile(unchecked)
+    for name, config in (*FORMS.items(), ("default", None)):
+        def unchecked(config=config):
+            return h1b_decode_attention_unchecked(*args, projection=projection, score="hamming",
+                                                  temperature=kwargs["temperature"], key_norms=None, window_k=None,
+                                                  window_v=None, value_bits=kwargs["value_bits"], config=config)
+        out = unchecked().float()
+        row["forms"][f"{name}-unchecked"] = {
+            "config": config or {}, "eager_us": eager_us(unchecked), "host_us": host_us(unchecked),
+            "max_abs_diff_vs_first_form": float((out - reference).abs().max())}
+    row["host_profile"] = host_profile(unchecked)  # the defaults' unchecked call
     del args, kwargs
     q = torch.randn(B, Hq, 1, D, device=device, dtype=torch.float16, generator=gen)
     k, v = (torch.randn(B, Hkv, N, D, device=device, dtype=torch.float16, generator=gen) for _ in range(2))

@@ -24,7 +24,9 @@ combine, one launch fewer); under CUDA-graph capture ``_decode_combine_kernel`` 
 query head. When a row is a single split without a window (eager calls up to ``single_split_max_n`` compressed
 tokens, or ``split_k=1``), the split kernel sketches its query heads itself and writes the output: one launch per call
 for "hamming" and "cos". (Sketching inside every split program instead -- each loading all of R before its first
-tile -- made B = 1, 32k MHA decode 1.5x slower on an H200: 70.8 -> 103 us.) Reference:
+tile -- made B = 1, 32k MHA decode 1.5x slower on an H200: 70.8 -> 103 us of GPU time; eager calls of up to
+``query_in_split_max_n`` compressed tokens do it all the same, one launch in all, as the host's time to issue a
+launch outweighs the extra loads there: see ``_default_config``.) Reference:
 :func:`h1b_decode_attention_reference`, which follows ``h1bkv_lite.attention.sketched_logits``.
 """
 from __future__ import annotations
@@ -409,8 +411,11 @@ def _decode_split_kernel(
     PER_HEAD_T: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_KQ: tl.constexpr,
     N_ON_DEVICE: tl.constexpr, DIRECT: tl.constexpr, SCORE_DOT: tl.constexpr, HALF2: tl.constexpr,
     ASM: tl.constexpr, PIPELINE: tl.constexpr = 0, FUSED: tl.constexpr = False, BLOCK_S: tl.constexpr = 32,
+    QUERY_HERE: tl.constexpr = False,
 ):
     # DIRECT: this row is one split without a window: sketch the query here and write the output itself.
+    # QUERY_HERE: each program sketches its query heads itself ("hamming"/"cos"; DIRECT implies it), so a split
+    # call needs no query-prep launch.
     # A compile-time constant: as a runtime flag (one kernel for both, no compile when a context grows past
     # single_split_max_n mid-generation) the unused branch's registers slowed every split launch (H200, B = 1,
     # 32k MHA: 103 -> 112 us); now the split form compiles once, at the first context past the limit.
@@ -435,7 +440,7 @@ def _decode_split_kernel(
         t_log2 = tl.zeros((GR,), dtype=tl.float32)
         qn = tl.zeros((GR,), dtype=tl.float32)
         if SCORE < 2:
-            if DIRECT:  # the only program of its row: project the query here (no prep launch)
+            if DIRECT or QUERY_HERE:  # project the query here (no prep launch)
                 qw, q_sq = _query_words(q_ptr, r_ptr, b * stride_qb + heads * stride_qh, gmask, D, BITS, GR, NW_P,
                                         BLOCK_KQ)
             else:  # projected once by the prep kernel; each split program only loads the words
@@ -732,6 +737,17 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
     though its GPU time is far longer where there are few rows (B = 1, 32q/8kv, 8k: 8 programs, 132 us against 17 us
     split), and an eager call issues faster (``results/decode_eager_h200.json``, B = 1, 8k, through the checked entry
     point: 101-160 us against 153-232 us split with the fused combine; SDPA 47-85 us).
+    ``query_in_split_max_n``: outside capture, "hamming"/"cos" calls split over up to this many compressed tokens
+    sketch the query in every split program (``QUERY_HERE``: each loads R) instead of launching the query prep, so
+    an eager call is one launch at every context up to it. Measured on an H200 (2026-12-01,
+    ``results/decode_eager_h200_query_in_split.json``, B = 1, through the unchecked call the cache makes, wall time
+    per call of back-to-back calls): MHA 16k 91.6 us against 125-129 for prep + split (one split: 124, GPU-bound),
+    32k 131 against 123-233 (a wash: every program's extra loads of R cost GPU time there) and 8k 92 against 72 for
+    one split; GQA 32q/8kv 8k 90 against 115 for one split (8 programs: GPU-bound), 16k / 32k 127 / 132 against
+    174 / 179 for prep + split; 32q/4kv 8k-32k 100-140 against 162-188. Hence MHA: one split to 8192 tokens, the
+    query in the splits to 16384; GQA: one split to 4096, the query in the splits to 32768 (longer contexts were not
+    measured). The same run's SDPA took 47-149 us (MHA) and 50-80 us (GQA): eager calls stay slower than SDPA up
+    to 16k, bound by the host's time to issue one Triton launch (~90 us there against SDPA's ~47).
 
     Registers (``benchmarks/kernel_resources.py``: compiled for sm_90 without a GPU): every default form fits
     255 registers a thread; only "asym" at groups of 4 (its faster form) spills a few bytes."""
@@ -739,11 +755,11 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
         asym = score == "asym"
         return {"block_n": 64, "use_dot": True, "precision": "fp16", "half2_unpack": True,
                 "score_dot": asym and group > 4, "num_warps": 4, "num_stages": 1 if asym and group <= 4 else 3,
-                "programs_per_sm": 2 if asym else 3, "single_split_max_n": 8192, "fused_combine": True,
-                "maxnreg": None}
+                "programs_per_sm": 2 if asym else 3, "single_split_max_n": 4096, "query_in_split_max_n": 32768,
+                "fused_combine": True, "maxnreg": None}
     return {"block_n": 128 if score == "hamming" else 64, "use_dot": False, "precision": "ieee", "half2_unpack": True,
             "score_dot": False, "num_warps": 4, "num_stages": 1, "programs_per_sm": 4, "single_split_max_n": 8192,
-            "fused_combine": True, "maxnreg": None}
+            "query_in_split_max_n": 16384, "fused_combine": True, "maxnreg": None}
 
 
 PRECISIONS = ("ieee", "tf32", "tf32x3", "fp16")
@@ -784,8 +800,9 @@ def _check_config(config: dict | None, score: str, group: int, device) -> None:
             ("maxnreg",) if config.get("maxnreg") is not None else ()):
         if key in config:
             check_int(f"config[{key!r}]", config[key], low=1)
-    if "single_split_max_n" in config:
-        check_int("config['single_split_max_n']", config["single_split_max_n"], low=0)
+    for key in ("single_split_max_n", "query_in_split_max_n"):
+        if key in config:
+            check_int(f"config[{key!r}]", config[key], low=0)
     for key in ("block_n", "num_warps"):
         if key in config and config[key] & (config[key] - 1):
             raise ValueError(f"config[{key!r}] must be a power of two, got {config[key]}")
@@ -820,6 +837,9 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
                                  0 if capturing else cfg["single_split_max_n"])
     total = splits + (1 if W > 0 else 0)
     direct = total == 1 and W == 0
+    # "hamming"/"cos": a direct row, or (eagerly) a split context of up to query_in_split_max_n tokens, sketches its
+    # query in the split programs: no prep launch ("asym" reads R^T q from memory: always prepared)
+    query_here = score != "asym" and (direct or (not capturing and N <= cfg["query_in_split_max_n"]))
     fused = cfg["fused_combine"] and not (capturing or direct or total == 0)
     counters = _combine_counters(dev, rows) if fused else None
     score_id = _SCORE_ID[score]
@@ -834,7 +854,7 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     # even when it is not run (N = 0 with a window), and a float there for the int32 query words does not compile
     kw = as_words(key_codes)
     q_words, q_sq, q_proj = kw, projection, projection
-    if N > 0 and (score_id == 2 or not direct):
+    if N > 0 and not query_here:
         q2 = q.reshape(B * Hq, D)
         if score_id == 2:
             q_proj = torch.empty(B * Hq, bits, **f32)
@@ -880,6 +900,7 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
         GR=gr, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_W=max(2, 16 // gr),
         PER_HEAD_T=per_head_t, USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"],
         BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=n_valid is not None, DIRECT=direct,
+        QUERY_HERE=query_here and not direct,
         SCORE_DOT=cfg["score_dot"], HALF2=_half2_unpack(cfg, value_bits, value_scale.shape[-1]),
         ASM=_RUNS_PTX, PIPELINE=cfg["num_stages"] if cfg["num_stages"] > 1 else 0, FUSED=counters is not None,
         BLOCK_S=32,  # the fused combine's partials per step, masked: a constant, so no recompile as contexts grow
@@ -983,7 +1004,8 @@ def h1b_decode_attention(
     backend : ``"auto"`` (Triton on CUDA, torch elsewhere), ``"triton"`` or ``"torch"``.
     config : tuning overrides for the Triton path (keys of ``_default_config``: tile, warps, programs per SM,
         pipeline stages of the tile loop, ``use_dot``, ``precision`` in ``PRECISIONS``, ``half2_unpack`` (used by the
-        fp16 form with 4-bit per-token values only), ``score_dot``, ``maxnreg``); for benchmarks. Checked on every
+        fp16 form with 4-bit per-token values only), ``score_dot``, ``maxnreg``, and the eager launch policy:
+        ``single_split_max_n``, ``query_in_split_max_n``, ``fused_combine``); for benchmarks. Checked on every
         backend (ValueError / TypeError naming the key).
     n_valid : int32 tensor of one element on q's device, or None (all ``N``). Only the first ``n_valid`` of
         the ``N`` compressed slots hold tokens; the splits are planned for all ``N``, so the call's arguments
@@ -1029,13 +1051,14 @@ def h1b_decode_attention(
 
 def h1b_decode_attention_unchecked(q, key_codes, values_packed, value_scale, value_zero, *, projection, score,
                                    temperature, key_norms, window_k, window_v, value_bits,
-                                   n_valid=None) -> torch.Tensor:
+                                   n_valid=None, config=None) -> torch.Tensor:
     """:func:`h1b_decode_attention` on the Triton path without its argument checks (the cache's decode hot
     path, after its first step went through the checked entry point with the same layout). ``temperature``
     as :func:`h1b_decode_attention` returns it from its checks: None, a float or a float32 CUDA tensor
-    ``[Hq]`` / ``[B, Hq]``; ``projection`` contiguous float32 ``[D, bits]``."""
+    ``[Hq]`` / ``[B, Hq]``; ``projection`` contiguous float32 ``[D, bits]``; ``config`` one that
+    :func:`h1b_decode_attention` accepted (benchmarks time the launch forms this way)."""
     return _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
-                   projection, score, temperature, value_bits, None, None, n_valid)
+                   projection, score, temperature, value_bits, None, config, n_valid)
 
 
 def decode_kernel_serves(bits: int) -> bool:

@@ -434,8 +434,9 @@ def test_decode_split_counts(device, split_k, W):
 @pytest.mark.parametrize("score", ["hamming", "cos"])
 def test_decode_sketches_the_query_once_per_call(device, score, monkeypatch):
     """A row that is one split without a window sketches its query inside the split kernel (one launch);
-    split rows read the code words (and |q|^2) the prep kernel wrote once per call -- sketching in every
-    split program made B = 1, 32k MHA decode 1.5x slower on an H200. Both forms give the same output, within
+    split rows read the code words (and |q|^2) the prep kernel wrote once per call (past ``query_in_split_max_n``
+    tokens, here set to 0) -- sketching in every split program made B = 1, 32k MHA decode 1.5x slower on an H200.
+    Both forms give the same output, within
     the tf32 tolerance (GQA's tf32 weights are rounded relative to each split's own maximum).
     96 bits: three code words, padded to four in the kernel."""
     from h1bkv_lite.kernels import decode_attention as da
@@ -448,10 +449,40 @@ def test_decode_sketches_the_query_once_per_call(device, score, monkeypatch):
                                  score=score)
     one = h1b_decode_attention(*args, backend="triton", split_k=1, **kwargs)
     assert launches == [], f"seed={seed}: a one-split call launched the query prep kernel"
-    split = h1b_decode_attention(*args, backend="triton", split_k=4, **kwargs)
+    split = h1b_decode_attention(*args, backend="triton", split_k=4, config={"query_in_split_max_n": 0}, **kwargs)
     assert len(launches) == 1, f"seed={seed}: {len(launches)} prep launches for one split call"
     torch.testing.assert_close(split, one, **TF32_TOL, msg=lambda m: f"seed={seed}\n{m}")
     _check_decode(args, kwargs, seed, split_k=4)
+
+
+@pytest.mark.parametrize("score,gqa,W", [("hamming", 1, 0), ("cos", 4, 3), ("hamming", 8, 2), ("asym", 2, 0)])
+def test_decode_sketches_the_query_in_split_programs_up_to_query_in_split_max_n(device, score, gqa, W, monkeypatch):
+    """``query_in_split_max_n``: eager split calls of up to that many compressed tokens sketch the query inside each
+    split program (one launch with the fused combine: no query prep); longer contexts, and "asym" (which reads
+    ``R^T q`` from memory), still launch the prep. Both forms give the prep form's output within the tf32 tolerance
+    (the projection's sums run in another order, which can flip a sign bit of a near-zero projection, as the
+    one-split form can) and match the reference. 96 bits: three code words, padded to four in the kernel."""
+    from h1bkv_lite.kernels import decode_attention as da
+
+    prep = _CountingLaunches(da._query_prep_kernel)
+    monkeypatch.setattr(da, "_query_prep_kernel", prep)
+    seed = fresh_seed()
+    args, kwargs, _ = make_cache(seed=seed, device=device, B=2, Hq=2 * gqa, Hkv=2, N=333, W=W, D=64, bits=96,
+                                 score=score)
+    base = {"block_n": 16, "single_split_max_n": 0, "query_in_split_max_n": 0}
+    prepared = h1b_decode_attention(*args, backend="triton", split_k=3, config=base, **kwargs)
+    assert len(prep.grids) == 1, f"seed={seed}: {len(prep.grids)} prep launches with query_in_split_max_n = 0"
+    here = {**base, "query_in_split_max_n": 333}
+    in_split = h1b_decode_attention(*args, backend="triton", split_k=3, config=here, **kwargs)
+    launches = len(prep.grids) - 1
+    assert launches == (1 if score == "asym" else 0), f"seed={seed}: {launches} prep launches, score={score!r}"
+    torch.testing.assert_close(in_split, prepared, **TF32_TOL, msg=lambda m: f"seed={seed}\n{m}")
+    _check_decode(args, kwargs, seed, split_k=3, config=here)
+    before = len(prep.grids)
+    longer = h1b_decode_attention(*args, backend="triton", split_k=3, config={**here, "query_in_split_max_n": 332},
+                                  **kwargs)
+    assert len(prep.grids) - before == 1, f"seed={seed}: a context past the limit skipped the prep"
+    torch.testing.assert_close(longer, prepared, rtol=0, atol=0, msg=lambda m: f"seed={seed}\n{m}")
 
 
 def test_decode_plans_one_split_for_short_contexts():
@@ -684,6 +715,8 @@ def test_decode_config_is_checked(device):
         h1b_decode_attention(*args, **kwargs, backend="triton", config={"score_dot": "no"})
     with pytest.raises(ValueError, match=r"config\['single_split_max_n'\] must be in \[0, inf\]"):
         h1b_decode_attention(*args, **kwargs, backend="triton", config={"single_split_max_n": -5})
+    with pytest.raises(ValueError, match=r"config\['query_in_split_max_n'\] must be in \[0, inf\]"):
+        h1b_decode_attention(*args, **kwargs, backend="triton", config={"query_in_split_max_n": -1})
     with pytest.raises(ValueError, match=r"config\['num_warps'\] must be a power of two"):
         h1b_decode_attention(*args, **kwargs, backend="triton", config={"num_warps": 3})
     with pytest.raises(ValueError, match=r"must be >= 16 with use_dot=True"):  # GQA: tl.dot by default
