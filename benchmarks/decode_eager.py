@@ -16,9 +16,9 @@ Forms (``config`` overrides of the kernel's defaults):
 
 - ``split+combine``: splits filling the GPU, the query prep, split and combine kernels (three launches);
 - ``one-split``: one program per (sequence, kv head) that writes the output (one launch; the default up to
-  8192 tokens before the fused combine);
+  ``single_split_max_n`` tokens: 8192 for MHA, 4096 for GQA);
 - ``fused``: splits filling the GPU, the combine done by each row's last split program (the query prep and one
-  split kernel; the default from ``single_split_max_n`` tokens on);
+  split kernel: two launches; the default past ``query_in_split_max_n`` tokens);
 - ``query-in-split``: the same splits, each program sketching its query heads itself (``query_in_split_max_n``):
   one launch;
 - ``<form>-unchecked``: each form through ``h1b_decode_attention_unchecked``, the call the cache makes on every
@@ -55,9 +55,9 @@ from decode import device_slug, environment, parse_context, write_json  # noqa: 
 from decode_timing import make_h1b_inputs  # noqa: E402
 
 FORMS = {
-    "split+combine": {"single_split_max_n": 0, "fused_combine": False},
+    "split+combine": {"single_split_max_n": 0, "query_in_split_max_n": 0, "fused_combine": False},
     "one-split": {"single_split_max_n": 1 << 40},
-    "fused": {"single_split_max_n": 0},
+    "fused": {"single_split_max_n": 0, "query_in_split_max_n": 0},
     "query-in-split": {"single_split_max_n": 0, "query_in_split_max_n": 1 << 40},
 }
 HOST_CALLS = 200

@@ -68,9 +68,25 @@ from decode import git_commit  # noqa: E402
 
 BATCH_CANDIDATES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 SYNC_COUNT_STEPS = 2  # decode steps count_decode_syncs runs on a row's cache after its generate() call
-# warm-up prompt: long enough that every kernel a measured row launches (query prep, split with its fused combine;
-# the combine kernel under graph capture) is compiled, at the specialisations long prompts take, before rows are timed
-WARMUP_PROMPT = 8192 + 256
+WARMUP_NEW_TOKENS = 40
+
+
+def warmup_prompts(model, prompts, new_tokens: int) -> list[int]:
+    """Prompt lengths for the untimed warm-up: one in each eager launch regime of the decode kernel that a measured
+    row reaches (one split; split with the query sketched in the split programs; query prep + split, the combine
+    kernel under graph capture), so that every Triton form a row launches is compiled before rows are timed. The
+    regimes are bounded by ``_default_config``'s ``single_split_max_n`` and ``query_in_split_max_n`` for the
+    model's group size; a row of prompt ``T`` decodes contexts ``T + 1 .. T + new_tokens``."""
+    from h1bkv_lite.kernels.decode_attention import _default_config  # noqa: PLC0415 -- Triton is optional
+
+    group = model.config.num_attention_heads // getattr(model.config, "num_key_value_heads",
+                                                         model.config.num_attention_heads)
+    cfg = _default_config("hamming", group, model.device)
+    bounds = sorted({cfg["single_split_max_n"], cfg["query_in_split_max_n"]})
+    lo, hi = min(prompts) + 1, max(prompts) + new_tokens
+    warm = [max(1, bounds[0] // 2)] if lo <= bounds[0] else []
+    warm += [b + 256 for b in bounds if b < hi]
+    return warm
 
 
 def build_model(name: str, device):
@@ -296,12 +312,14 @@ def main():
     for model_name in args.model:
         model = build_model(model_name, dev)
         result["sdpa_kernels"][model_name] = sdpa_kernels(model)
+        warm = warmup_prompts(model, args.prompts, args.new_tokens)
         for spec in specs:  # warm-up at every batch size: Triton compiles (and specialisations), cuBLAS handles
             if spec["cache"] == "StaticCache":
                 continue  # compiled per shape by its own untimed first call (below)
             for B in args.batches:
-                run_generate(model, {**spec, "model": model_name, "batch": B, "prompt_len": WARMUP_PROMPT, "new_tokens": 40},
-                             count_syncs=False)
+                for T in warm:
+                    run_generate(model, {**spec, "model": model_name, "batch": B, "prompt_len": T,
+                                         "new_tokens": WARMUP_NEW_TOKENS}, count_syncs=False)
         fits = {}
         for T in args.prompts:
             for B in args.batches:

@@ -24,7 +24,8 @@ combine, one launch fewer); under CUDA-graph capture ``_decode_combine_kernel`` 
 query head. When a row is a single split without a window (eager calls up to ``single_split_max_n`` compressed
 tokens, or ``split_k=1``), the split kernel sketches its query heads itself and writes the output: one launch per call
 for "hamming" and "cos". (Sketching inside every split program instead -- each loading all of R before its first
-tile -- made B = 1, 32k MHA decode 1.5x slower on an H200: 70.8 -> 103 us of GPU time; eager calls of up to
+tile -- made B = 1, 32k MHA decode 1.5x slower on an H200: 70.8 -> 103 us of GPU time, in a kernel that also
+spilled registers then; eager calls of up to
 ``query_in_split_max_n`` compressed tokens do it all the same, one launch in all, as the host's time to issue a
 launch outweighs the extra loads there: see ``_default_config``.) Reference:
 :func:`h1b_decode_attention_reference`, which follows ``h1bkv_lite.attention.sketched_logits``.
@@ -418,7 +419,8 @@ def _decode_split_kernel(
     # call needs no query-prep launch.
     # A compile-time constant: as a runtime flag (one kernel for both, no compile when a context grows past
     # single_split_max_n mid-generation) the unused branch's registers slowed every split launch (H200, B = 1,
-    # 32k MHA: 103 -> 112 us); now the split form compiles once, at the first context past the limit.
+    # 32k MHA: 103 -> 112 us); now each form (one split; split with the query here; split after the prep) compiles
+    # once, at the first context in its range, so an eager generation may compile up to three forms.
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // HKV
@@ -733,21 +735,25 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
     ``single_split_max_n``: outside CUDA-graph capture, contexts up to this many compressed tokens run as one split per
     (sequence, kv head) and write the output directly (one launch: no query prep, no partials); under capture every
     context is split (launches cost nothing in a graph). Eager decode is bound by the host's launches: on an H200, 7B
-    shapes at B = 1, one split made a whole eager decode step faster at 8k (MHA 29.9 vs 31.9 ms, GQA 35.9 vs 38.5 ms),
-    though its GPU time is far longer where there are few rows (B = 1, 32q/8kv, 8k: 8 programs, 132 us against 17 us
-    split), and an eager call issues faster (``results/decode_eager_h200.json``, B = 1, 8k, through the checked entry
-    point: 101-160 us against 153-232 us split with the fused combine; SDPA 47-85 us).
+    shapes at B = 1, one split made a whole eager decode step faster at 8k than prep + split (MHA 29.9 vs 31.9 ms,
+    GQA 35.9 vs 38.5 ms), though its GPU time is far longer where there are few rows (B = 1, 32q/8kv, 8k: 8 programs,
+    132 us against 17 us split), and an eager call issues faster (``results/decode_eager_h200.json``, B = 1, 8k,
+    through the checked entry point: 101-160 us against 153-232 us split with the fused combine; SDPA 47-85 us). That
+    was before ``query_in_split_max_n``: for GQA, whose one split is GPU-bound at 8k, the limit is now 4096.
     ``query_in_split_max_n``: outside capture, "hamming"/"cos" calls split over up to this many compressed tokens
     sketch the query in every split program (``QUERY_HERE``: each loads R) instead of launching the query prep, so
-    an eager call is one launch at every context up to it. Measured on an H200 (2026-12-01,
-    ``results/decode_eager_h200_query_in_split.json``, B = 1, through the unchecked call the cache makes, wall time
-    per call of back-to-back calls): MHA 16k 91.6 us against 125-129 for prep + split (one split: 124, GPU-bound),
-    32k 131 against 123-233 (a wash: every program's extra loads of R cost GPU time there) and 8k 92 against 72 for
-    one split; GQA 32q/8kv 8k 90 against 115 for one split (8 programs: GPU-bound), 16k / 32k 127 / 132 against
-    174 / 179 for prep + split; 32q/4kv 8k-32k 100-140 against 162-188. Hence MHA: one split to 8192 tokens, the
-    query in the splits to 16384; GQA: one split to 4096, the query in the splits to 32768 (longer contexts were not
-    measured). The same run's SDPA took 47-149 us (MHA) and 50-80 us (GQA): eager calls stay slower than SDPA up
-    to 16k, bound by the host's time to issue one Triton launch (~90 us there against SDPA's ~47).
+    an eager call is one launch at every context up to it. Measured on an H200 in two calls (2026-12-01,
+    ``results/decode_eager_h200_query_in_split.json`` and ``_forms.json``, B = 1, through the unchecked call the
+    cache makes, wall time per call of back-to-back calls; this host's speed drifts, identical launches differ by up
+    to 2x within a call): prep + split against the query in the splits, MHA 16k 129 / 193 against 92 / 143 us, 32k
+    233 / 238 against 131 / 161; GQA 32q/8kv 16k 174 / 126 against 127 / 91, 32k 179 / 138 against 132 / 100;
+    32q/4kv 16k-32k 132-188 against 96-140. At 8k one split against the query in the splits: MHA 72 / 72 against
+    92 / 95; 32q/8kv 115 / 114 against 90 / 97 (8 programs: GPU-bound); 32q/4kv 163 / 160 against 100 / 149. Hence
+    MHA: one split to 8192 tokens, the query in the splits to 16384 (32k looked faster too, but the extra loads of R
+    by every program cost GPU time that was not measured on this kernel); GQA: one split to 4096, the query in the
+    splits to 32768 (longer contexts not measured). SDPA took 47-149 us (MHA) and 48-88 us (GQA) in those calls:
+    eager calls stay slower than SDPA at every measured context (MHA 32k was faster in the first call only), bound
+    by the host's time to issue one Triton launch (~70-100 us there against SDPA's ~47).
 
     Registers (``benchmarks/kernel_resources.py``: compiled for sm_90 without a GPU): every default form fits
     255 registers a thread; only "asym" at groups of 4 (its faster form) spills a few bytes."""
@@ -817,7 +823,8 @@ def _check_config(config: dict | None, score: str, group: int, device) -> None:
 
 def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
             projection, score, temperature, value_bits, split_k, config, n_valid=None):
-    """Launch order: the query-projection kernel (``"asym"`` always; "hamming"/"cos" when the context is split),
+    """Launch order: the query-projection kernel (``"asym"`` always; "hamming"/"cos" when the context is split
+    past ``query_in_split_max_n`` tokens, or under CUDA-graph capture),
     the split kernel, and the combine kernel only while a CUDA graph is being captured (or with
     ``fused_combine=False``): otherwise the split kernel merges each row's partials itself, and with one split and no
     window it writes the output directly. ``n_valid``: see :func:`h1b_decode_attention` (the splits are planned for
@@ -848,8 +855,8 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     if q.stride(-1) != 1:
         q = q.contiguous()
     f32 = dict(dtype=torch.float32, device=dev)
-    # the query's projection, once per call: always for "asym"; for "hamming" / "cos" when the rows are split
-    # (a direct row projects its query inside the split kernel: one launch for short contexts)
+    # the query's projection, once per call: always for "asym"; for "hamming" / "cos" when the rows are split past
+    # query_in_split_max_n tokens or under capture (otherwise the split programs project it: one launch)
     # unused arguments alias tensors of the dtype the kernel reads them as: its compressed-key branch is compiled
     # even when it is not run (N = 0 with a window), and a float there for the int32 query words does not compile
     kw = as_words(key_codes)

@@ -80,3 +80,24 @@ def test_static_cache_rows_have_room_for_the_sync_count_steps():
             mask = torch.ones((1, out.shape[1] + step), dtype=torch.long)
             model(input_ids=out[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True)
     assert int(cache.get_seq_length()) == T + N - 1 + generate.SYNC_COUNT_STEPS
+
+
+@pytest.mark.parametrize("heads,kv,prompts,expected", [
+    (32, 32, [8192, 32768, 131072], [8192 + 256, 16384 + 256]),  # MHA: one split to 8192, query in splits to 16384
+    (32, 8, [8192, 32768], [4096 + 256, 32768 + 256]),  # GQA: to 4096 and 32768; 32768 + 1 is past the second
+    (32, 8, [2048, 8192], [2048, 4096 + 256]),  # a row inside the one-split regime warms it up too
+    (32, 8, [1024], [2048]),  # 1024 + 64 new tokens stays one split
+])
+def test_warmup_prompts_reach_every_eager_launch_regime(heads, kv, prompts, expected):
+    """The untimed warm-up runs one prompt in each of the decode kernel's eager launch regimes that a measured row
+    reaches (a row of prompt T decodes contexts T + 1 .. T + new tokens), so no Triton compile falls inside a timed
+    decode."""
+    from types import SimpleNamespace
+
+    from h1bkv_lite.kernels.decode_attention import _default_config
+
+    model = SimpleNamespace(config=SimpleNamespace(num_attention_heads=heads, num_key_value_heads=kv),
+                            device=torch.device("cpu"))
+    cfg = _default_config("hamming", heads // kv, model.device)
+    assert (cfg["single_split_max_n"], cfg["query_in_split_max_n"]) == ((8192, 16384) if kv == heads else (4096, 32768))
+    assert generate.warmup_prompts(model, prompts, new_tokens=64) == expected
