@@ -57,8 +57,8 @@ def launch_values(group: int, bits: int, block_n: int, programs_per_sm: int) -> 
                 CHUNK_TILES=chunk // block_n, NUM_SPLITS=splits, SPLITS_TOTAL=splits)
 
 
-def compile_split_kernel(*, group=1, score="hamming", bits=128, static=False, direct=False, config=None,
-                         arch=90):
+def compile_split_kernel(*, group=1, score="hamming", bits=128, static=False, direct=False, query_here=False,
+                         config=None, arch=90):
     """The compiled kernel (Triton's CompiledKernel) for the shape above; ``config`` overrides the defaults."""
     fn = da._decode_split_kernel
     names = list(inspect.signature(fn.fn).parameters)
@@ -73,7 +73,8 @@ def compile_split_kernel(*, group=1, score="hamming", bits=128, static=False, di
                   BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=static, DIRECT=direct,
                   SCORE_DOT=cfg.get("score_dot", False), HALF2=half2, ASM=True,
                   PIPELINE=cfg.get("num_stages", 1) if cfg.get("num_stages", 1) > 1 else 0,
-                  FUSED=cfg.get("fused_combine", False) and not direct, BLOCK_S=32)  # (eager: the fused combine)
+                  FUSED=cfg.get("fused_combine", False) and not direct, BLOCK_S=32,  # (eager: the fused combine)
+                  QUERY_HERE=query_here and not direct)  # (ignored by kernels of commits before it existed)
     values = launch_values(group, bits, cfg["block_n"], cfg["programs_per_sm"])
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(names):
@@ -168,6 +169,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--static", action="store_true", help="the static-capacity form (fill level on the device)")
     parser.add_argument("--direct", action="store_true",
                         help="the one-split form (short contexts: the query sketched in the kernel, output written)")
+    parser.add_argument("--query-here", action="store_true",
+                        help="the split form that sketches the query in every split program (eager calls up to "
+                             "query_in_split_max_n tokens) instead of reading the query prep's words")
     parser.add_argument("--config", nargs="*", default=[], help="kernel config overrides, e.g. block_n=32 num_warps=8")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (Hopper), 80 (Ampere)")
     args = parser.parse_args(argv)
@@ -177,9 +181,10 @@ def main(argv=None) -> dict:
     except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
         parser.error(str(err))
     kernel, cfg = compile_split_kernel(group=args.group, score=args.score, bits=args.bits, static=args.static,
-                                       direct=args.direct, config=config, arch=args.arch)
+                                       direct=args.direct, query_here=args.query_here, config=config,
+                                       arch=args.arch)
     row = {"triton": triton.__version__, "arch": args.arch, "group": args.group, "score": args.score,
-           "bits": args.bits, "static": args.static, "direct": args.direct, "config": cfg, **resources(kernel)}
+           "bits": args.bits, "static": args.static, "direct": args.direct, "query_here": args.query_here, "config": cfg, **resources(kernel)}
     print(json.dumps(row))
     return row
 

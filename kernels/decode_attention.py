@@ -821,6 +821,13 @@ def _check_config(config: dict | None, score: str, group: int, device) -> None:
                          f"got {cfg['block_n']}")
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current CUDA stream is capturing a graph (False off CUDA): the launch plan then splits every
+    context, prepares the query and launches the combine kernel (launches are free in a replay; nothing is allocated
+    mid-capture)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
             projection, score, temperature, value_bits, split_k, config, n_valid=None):
     """Launch order: the query-projection kernel (``"asym"`` always; "hamming"/"cos" when the context is split
@@ -839,7 +846,7 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     W = 0 if window_k is None else window_k.shape[2]
     rows = B * Hkv
     # under CUDA-graph capture launches cost nothing: always split, and merge in the combine kernel
-    capturing = dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    capturing = _capturing(dev)
     splits, chunk = _plan_splits(N, rows, dev, block_n, split_k, cfg["programs_per_sm"],
                                  0 if capturing else cfg["single_split_max_n"])
     total = splits + (1 if W > 0 else 0)

@@ -18,7 +18,8 @@ def _run(*args):
     return done
 
 
-@pytest.mark.parametrize("args", [(), ("--group", "4", "--score", "cos", "--static", "--config", "block_n=32")])
+@pytest.mark.parametrize("args", [(), ("--group", "4", "--score", "cos", "--static", "--config", "block_n=32"),
+                                  ("--group", "8", "--query-here", "--config", "block_n=32")])
 def test_compiles_for_sm90_and_reads_the_resources(args):
     done = _run(*args)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -30,6 +31,7 @@ def test_compiles_for_sm90_and_reads_the_resources(args):
     assert 50 < row["loop_instructions"] < row["sass_instructions"]
     assert sum(row["loop_opcodes"].values()) <= row["loop_instructions"] and "LOP3" in row["loop_opcodes"]
     assert row["config"]["block_n"] == (32 if args else 128)
+    assert row["query_here"] == ("--query-here" in args)
 
 
 def test_bad_config_is_refused_by_name():

@@ -487,6 +487,27 @@ def test_decode_sketches_the_query_in_split_programs_up_to_query_in_split_max_n(
     torch.testing.assert_close(longer, prepared, rtol=0, atol=0, msg=lambda m: f"seed={seed}\n{m}")
 
 
+@pytest.mark.parametrize("score,gqa", [("hamming", 1), ("cos", 4)])
+def test_decode_under_capture_splits_prepares_the_query_and_combines(device, score, gqa, monkeypatch):
+    """While a CUDA graph is captured (faked here: ``_capturing`` is what ``_launch`` asks) every context is split,
+    however short, the query prep runs (no ``QUERY_HERE``, whatever ``query_in_split_max_n`` says) and the combine
+    kernel merges the partials (no fused combine: nothing is allocated mid-capture). The output still matches the
+    reference."""
+    from h1bkv_lite.kernels import decode_attention as da
+
+    prep, combine = _CountingLaunches(da._query_prep_kernel), _CountingLaunches(da._decode_combine_kernel)
+    monkeypatch.setattr(da, "_query_prep_kernel", prep)
+    monkeypatch.setattr(da, "_decode_combine_kernel", combine)
+    monkeypatch.setattr(da, "_capturing", lambda dev: True)
+    seed = fresh_seed()
+    args, kwargs, _ = make_cache(seed=seed, device=device, B=2, Hq=2 * gqa, Hkv=2, N=200, W=0, D=64, bits=64,
+                                 score=score)
+    config = {"block_n": 16, "single_split_max_n": 1 << 40, "query_in_split_max_n": 1 << 40}
+    _check_decode(args, kwargs, seed, config=config)
+    assert len(prep.grids) == 1 and len(combine.grids) == 1, (
+        f"seed={seed}: {len(prep.grids)} prep and {len(combine.grids)} combine launches under capture")
+
+
 def test_decode_plans_one_split_for_short_contexts():
     """Up to ``single_split_max_n`` compressed tokens a row is one split (one launch); longer contexts split
     to fill the GPU; an explicit split_k wins."""
