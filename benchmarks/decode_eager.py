@@ -23,7 +23,9 @@ Forms (``config`` overrides of the kernel's defaults):
   one launch;
 - ``<form>-unchecked``: each form through ``h1b_decode_attention_unchecked``, the call the cache makes on every
   decode step after its first (no argument checks); ``default-unchecked``: that call with the kernel's defaults
-  (what the cache runs at this context).
+  (what the cache runs at this context); ``default-uncached-unchecked``: the same with ``cached_launch=False``
+  (every launch bound by Triton's ``JITFunction.run`` instead of relaunching the kept compiled kernel,
+  ``kernels/_launcher.py``): the host time the cached launch saves, side by side.
 
 ``host_profile``: the default unchecked call's host time by function (cProfile over ``HOST_CALLS`` calls, the top
 entries by own time), to see what the launches cost against the Python around them.
@@ -121,7 +123,7 @@ def measure_shape(*, B: int, group: int, N: int, device) -> dict:
         reference = out if reference is None else reference
         row["forms"][name] = {"config": config, "eager_us": eager_us(call), "host_us": host_us(call),
                               "max_abs_diff_vs_first_form": float((out - reference).abs().max())}
-    for name, config in (*FORMS.items(), ("default", None)):
+    for name, config in (*FORMS.items(), ("default-uncached", {"cached_launch": False}), ("default", None)):
         def unchecked(config=config):
             return h1b_decode_attention_unchecked(*args, projection=projection, score="hamming",
                                                   temperature=kwargs["temperature"], key_norms=None, window_k=None,

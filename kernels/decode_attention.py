@@ -46,6 +46,7 @@ from h1bkv_lite.sketch import pack_bits, unpack_bits
 from ._common import (
     HAS_TRITON, as_words, cdiv, is_interpreted, next_pow2, pack_sign_words, popcount, tl, triton, use_triton,
 )
+from ._launcher import _current_device, launch
 from .hamming import hamming_scores_reference
 from .sketch_pack import _project_tile
 
@@ -762,10 +763,10 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
         return {"block_n": 64, "use_dot": True, "precision": "fp16", "half2_unpack": True,
                 "score_dot": asym and group > 4, "num_warps": 4, "num_stages": 1 if asym and group <= 4 else 3,
                 "programs_per_sm": 2 if asym else 3, "single_split_max_n": 4096, "query_in_split_max_n": 32768,
-                "fused_combine": True, "maxnreg": None}
+                "fused_combine": True, "maxnreg": None, "cached_launch": True}
     return {"block_n": 128 if score == "hamming" else 64, "use_dot": False, "precision": "ieee", "half2_unpack": True,
             "score_dot": False, "num_warps": 4, "num_stages": 1, "programs_per_sm": 4, "single_split_max_n": 8192,
-            "query_in_split_max_n": 16384, "fused_combine": True, "maxnreg": None}
+            "query_in_split_max_n": 16384, "fused_combine": True, "maxnreg": None, "cached_launch": True}
 
 
 PRECISIONS = ("ieee", "tf32", "tf32x3", "fp16")
@@ -778,10 +779,19 @@ def _half2_unpack(cfg: dict, value_bits: int, value_groups: int) -> bool:
     return bool(cfg["half2_unpack"]) and cfg["precision"] == "fp16" and value_bits == 4 and value_groups == 1
 
 
+@functools.lru_cache(maxsize=None)
+def _defaults(score: str, group: int, device) -> dict:
+    """``_default_config`` kept per (score, group, device): the launch path reads it on every call, never writes."""
+    return _default_config(score, group, device)
+
+
 def _merged_config(score: str, group: int, device, config: dict | None) -> dict:
-    """The defaults of ``_default_config`` with ``config``'s overrides. Turning ``use_dot`` off without naming a
-    precision selects ``"ieee"`` (the GQA default, fp16, exists only as a tensor-core form)."""
-    cfg = {**_default_config(score, group, device), **(config or {})}
+    """The defaults of ``_default_config`` with ``config``'s overrides (read-only: the defaults are shared). Turning
+    ``use_dot`` off without naming a precision selects ``"ieee"`` (the GQA default, fp16, exists only as a
+    tensor-core form)."""
+    if not config:
+        return _defaults(score, group, device)
+    cfg = {**_defaults(score, group, device), **config}
     if config and "use_dot" in config and "precision" not in config and not cfg["use_dot"]:
         cfg["precision"] = "ieee"
     return cfg
@@ -799,7 +809,7 @@ def _check_config(config: dict | None, score: str, group: int, device) -> None:
         raise ValueError(f"config: unknown keys {unknown}; the keys are {sorted(known)}")
     if "precision" in config:
         check_choice("config['precision']", config["precision"], PRECISIONS)
-    for key in ("use_dot", "score_dot", "half2_unpack", "fused_combine"):
+    for key in ("use_dot", "score_dot", "half2_unpack", "fused_combine", "cached_launch"):
         if key in config:
             check_bool(f"config[{key!r}]", config[key])
     for key in ("block_n", "num_warps", "num_stages", "programs_per_sm") + (
@@ -828,6 +838,26 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+@functools.lru_cache(maxsize=1024)
+def _split_meta(D, bits, group, value_groups, value_bits, score_id, per_head_t, n_on_device, direct, query_here,
+                fused, block_n, use_dot, precision, score_dot, half2, num_stages, num_warps, maxnreg) -> tuple:
+    """The split kernel's constexprs and launch options (two dicts, shared between calls: read-only), kept per
+    combination so an eager call does not rebuild them."""
+    gr, nw_p = next_pow2(group), next_pow2(bits // 32)
+    constexprs = dict(
+        D=D, BITS=bits, NW_P=nw_p, GROUP=group, VALUE_GROUPS=value_groups, VALUE_BITS=value_bits, SCORE=score_id,
+        GR=gr, BLOCK_N=block_n, BLOCK_D=max(16, next_pow2(D)), BLOCK_W=max(2, 16 // gr),
+        PER_HEAD_T=per_head_t, USE_DOT=use_dot, PRECISION=precision,
+        BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=n_on_device, DIRECT=direct,
+        QUERY_HERE=query_here, SCORE_DOT=score_dot, HALF2=half2,
+        ASM=_RUNS_PTX, PIPELINE=num_stages if num_stages > 1 else 0, FUSED=fused,
+        BLOCK_S=32,  # the fused combine's partials per step, masked: a constant, so no recompile as contexts grow
+    )
+    options = dict(num_warps=num_warps, num_stages=1,  # the tile loop's stages come as PIPELINE (the window's: 1)
+                   **({} if maxnreg is None else {"maxnreg": maxnreg}))
+    return constexprs, options
+
+
 def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
             projection, score, temperature, value_bits, split_k, config, n_valid=None):
     """Launch order: the query-projection kernel (``"asym"`` always; "hamming"/"cos" when the context is split
@@ -836,12 +866,17 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     ``fused_combine=False``): otherwise the split kernel merges each row's partials itself, and with one split and no
     window it writes the output directly. ``n_valid``: see :func:`h1b_decode_attention` (the splits are planned for
     all ``N`` slots)."""
+    dev = q.device
+    if dev.type == "cuda" and dev.index != _current_device():  # Triton launches on the current device
+        with torch.cuda.device(dev):
+            return _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
+                           projection, score, temperature, value_bits, split_k, config, n_valid)
     B, Hq, D = q.shape
     _, Hkv, N, _ = key_codes.shape
     bits = projection.shape[1]
     group = Hq // Hkv
-    dev = q.device
     cfg = _merged_config(score, group, dev, config)
+    cached = cfg["cached_launch"]  # relaunch the compiled kernels without Triton's per-call binding (_launcher)
     block_n, block_d = cfg["block_n"], max(16, next_pow2(D))
     W = 0 if window_k is None else window_k.shape[2]
     rows = B * Hkv
@@ -876,19 +911,18 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
             q_words = torch.empty(B * Hq, bits // 32, dtype=torch.int32, device=dev)
             q_sq = torch.empty(B * Hq, **f32) if score_id == 1 else projection
         asym_scale = math.sqrt(math.pi / 2) / bits * qk_scale * _LOG2E
-        _query_prep_kernel[(cdiv(B * Hq, 16),)](
-            q2, projection, q_words, q_sq, q_proj, B * Hq, D, q2.stride(0), asym_scale,
-            BITS=bits, SCORE=score_id, BLOCK_M=16, BLOCK_D=block_d, BLOCK_K=min(64, block_d),
-            BLOCK_BITS=min(128, next_pow2(bits)),
-        )
+        launch(_query_prep_kernel, (cdiv(B * Hq, 16),),
+               (q2, projection, q_words, q_sq, q_proj, B * Hq, D, q2.stride(0), asym_scale),
+               dict(BITS=bits, SCORE=score_id, BLOCK_M=16, BLOCK_D=block_d, BLOCK_K=min(64, block_d),
+                    BLOCK_BITS=min(128, next_pow2(bits))), cached=cached)
     cos_table = _cos_table(bits, dev) if score_id == 1 else q
     per_head_t = isinstance(temperature, torch.Tensor)
     t_tensor = temperature if per_head_t else q
     inv_t = 1.0 / temperature if (score_id == 0 and not per_head_t) else 1.0
 
     norms = key_norms if key_norms is not None else kw
-    wk = window_k if W > 0 else q.unsqueeze(2)  # never read when W == 0
-    wv = window_v if W > 0 else q.unsqueeze(2)
+    wk = window_k if W > 0 else q  # never read when W == 0 (q's three strides stand in)
+    wv = window_v if W > 0 else q
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
     if direct:
         m = lse = acc = out  # not written
@@ -896,8 +930,7 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
         m = torch.empty(B * Hq * total, **f32)
         lse = torch.empty(B * Hq * total, **f32)
         acc = torch.empty(B * Hq * total, block_d, **f32)
-    gr, nw_p = next_pow2(group), next_pow2(bits // 32)
-    _decode_split_kernel[(rows, total)](
+    launch(_decode_split_kernel, (rows, total), (
         q, q.stride(0), q.stride(1), projection, out, out.stride(0), out.stride(1),
         q_words, q_sq, q_proj, t_tensor, t_tensor.stride(0) if t_tensor.dim() == 2 else 0, inv_t, cos_table,
         kw, *kw.stride()[:3],
@@ -909,23 +942,13 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
         wv, *wv.stride()[:3],
         m, lse, acc, kw if counters is None else counters,
         N, W, Hkv, chunk // block_n, splits, total, qk_scale, q if n_valid is None else n_valid,
-        D=D, BITS=bits, NW_P=nw_p, GROUP=group, VALUE_GROUPS=value_scale.shape[-1],
-        VALUE_BITS=value_bits, SCORE=score_id,
-        GR=gr, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_W=max(2, 16 // gr),
-        PER_HEAD_T=per_head_t, USE_DOT=cfg["use_dot"], PRECISION=cfg["precision"],
-        BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=n_valid is not None, DIRECT=direct,
-        QUERY_HERE=query_here and not direct,
-        SCORE_DOT=cfg["score_dot"], HALF2=_half2_unpack(cfg, value_bits, value_scale.shape[-1]),
-        ASM=_RUNS_PTX, PIPELINE=cfg["num_stages"] if cfg["num_stages"] > 1 else 0, FUSED=counters is not None,
-        BLOCK_S=32,  # the fused combine's partials per step, masked: a constant, so no recompile as contexts grow
-        num_warps=cfg["num_warps"], num_stages=1,  # the tile loop's stages come as PIPELINE (the window's loop: 1)
-        **({} if cfg["maxnreg"] is None else {"maxnreg": cfg["maxnreg"]}),
-    )
+    ), *_split_meta(D, bits, group, value_scale.shape[-1], value_bits, score_id, per_head_t, n_valid is not None,
+                    direct, query_here and not direct, counters is not None, cfg["block_n"], cfg["use_dot"],
+                    cfg["precision"], cfg["score_dot"], _half2_unpack(cfg, value_bits, value_scale.shape[-1]),
+                    cfg["num_stages"], cfg["num_warps"], cfg["maxnreg"]), cached=cached)
     if not direct and counters is None:
-        _decode_combine_kernel[(B * Hq,)](
-            m, lse, acc, out, total, out.stride(0), out.stride(1), Hq,
-            D=D, BLOCK_D=block_d, BLOCK_S=min(32, next_pow2(total)),
-        )
+        launch(_decode_combine_kernel, (B * Hq,), (m, lse, acc, out, total, out.stride(0), out.stride(1), Hq),
+               dict(D=D, BLOCK_D=block_d, BLOCK_S=min(32, next_pow2(total))), cached=cached)
     return out
 
 

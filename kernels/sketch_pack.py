@@ -19,6 +19,7 @@ from h1bkv_lite.quant import QuantizedTensor, check_value_format, quantize_value
 from h1bkv_lite.sketch import pack_bits
 
 from ._common import cdiv, next_pow2, pack_sign_bytes, tl, triton, use_triton
+from ._launcher import launch
 
 _FP16_MAX = torch.finfo(torch.float16).max
 
@@ -310,7 +311,8 @@ def sketch_pack_quantize_into(k: torch.Tensor, v: torch.Tensor, projection: torc
 
 def _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group_size, config=None,
                    pos=None) -> None:
-    """``config``: launch overrides for benchmarks (``block_m`` >= 16, a power of two; ``num_warps``)."""
+    """``config``: launch overrides for benchmarks (``block_m`` >= 16, a power of two; ``num_warps``;
+    ``cached_launch``: False takes Triton's own per-call launch instead of :func:`kernels._launcher.launch`)."""
     B, H, m, d = k.shape
     n = v.shape[-1]
     M = B * H * m
@@ -331,16 +333,15 @@ def _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group
     BLOCK_M = config.get("block_m", 16)
     BLOCK_K = max(16, min(64, next_pow2(d)))
     BLOCK_BYTES = max(2, min(16, next_pow2(nbytes)))
-    _sketch_pack_quantize_kernel[(cdiv(M, BLOCK_M),)](
+    launch(_sketch_pack_quantize_kernel, (cdiv(M, BLOCK_M),), (
         k, projection, codes, v, data, scale, zero,
         M, d, nbytes, m, H,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         *(_bh_stride(t, m if pos is None else t.shape[2]) for t in (codes, data, scale, zero)),
         groups, group_size, data_bytes, _FP16_MAX / 2, k if pos is None else pos,
-        BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_BYTES=BLOCK_BYTES,
-        GROUPS_P=groups_p, GROUP_P=group_p, VALUE_BITS=value_bits, POS_ON_DEVICE=pos is not None,
-        num_warps=config.get("num_warps", 4),
-    )
+    ), dict(BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_BYTES=BLOCK_BYTES,
+            GROUPS_P=groups_p, GROUP_P=group_p, VALUE_BITS=value_bits, POS_ON_DEVICE=pos is not None),
+        dict(num_warps=config.get("num_warps", 4)), cached=config.get("cached_launch", True))
 
 
 def _bh_stride(out: torch.Tensor, m: int) -> int:

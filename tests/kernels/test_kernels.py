@@ -597,6 +597,53 @@ def test_decode_fused_combine_on_streams_and_under_graph_capture(monkeypatch):
     torch.testing.assert_close(captured, separate, **tol, msg=lambda m: f"seed={seed}\n{m}")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("score,gqa,W", [("hamming", 1, 0), ("hamming", 4, 3), ("asym", 4, 5)])
+def test_decode_cached_launch_equals_tritons_own_launch(score, gqa, W):
+    """The eager hot path relaunches kept compiled kernels (``kernels._launcher``): the launch forms -- one split
+    (default at these sizes), prep + split + the combine kernel (the query prep and combine launches), and the
+    query sketched in the splits with the fused combine -- on a context that grows between calls (the loose ``N``),
+    and a device-side ``n_valid``, give bit-identical outputs to Triton's own launch (``cached_launch=False``): the
+    same compiled kernel on the same arguments. The kept kernels are the ones launched (the cache is not silently
+    bypassed). (Few forms: each compiles in seconds.)"""
+    from h1bkv_lite.kernels import _launcher
+    from h1bkv_lite.kernels import decode_attention as da
+    from h1bkv_lite.kernels.decode_attention import h1b_decode_attention_unchecked
+
+    seed = fresh_seed()
+    device = torch.device("cuda")
+    _launcher.clear()
+    forms = [{}, {"single_split_max_n": 0, "query_in_split_max_n": 0, "fused_combine": False},
+             {"single_split_max_n": 0}]
+    for N in (700, 1999):
+        args, kwargs, _ = make_cache(seed=seed + N, device=device, B=2, Hq=4 * gqa, Hkv=4, N=N, W=W, D=128,
+                                     bits=128, score=score, dtype=torch.float16)
+        n_valid = torch.tensor([N - 3], dtype=torch.int32, device=device)
+        for form, nv in [(form, None) for form in forms] + [({}, n_valid)]:
+            def call(cached, form=form, nv=nv):
+                return h1b_decode_attention_unchecked(
+                    *args, projection=kwargs["projection"], score=score, temperature=kwargs.get("temperature"),
+                    key_norms=kwargs.get("key_norms"), window_k=kwargs["window_k"], window_v=kwargs["window_v"],
+                    value_bits=4, n_valid=nv, config={**form, "cached_launch": cached})
+            plain = call(False)
+            for _ in range(2):  # the first call of a key binds through Triton, the second relaunches it
+                assert torch.equal(call(True), plain), f"seed={seed}, N={N}, form={form}, n_valid={nv}"
+    for kernel in (da._decode_split_kernel, da._query_prep_kernel, da._decode_combine_kernel):
+        assert _launcher._LAUNCHES[id(kernel)].compiled, f"no compiled {kernel.fn.__name__} was kept"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_decode_on_a_device_that_is_not_current():
+    """Triton launches on the current device: a call on ``cuda:1`` while ``cuda:0`` is current runs on cuda:1."""
+    seed = fresh_seed()
+    args, kwargs, _ = make_cache(seed=seed, device=torch.device("cuda:1"), B=1, Hq=8, Hkv=2, N=300, W=3, D=64,
+                                 bits=128)
+    with torch.cuda.device(0):
+        _check_decode(args, kwargs, seed)
+
+
 def test_combine_counters_are_zeroed_cached_and_grown():
     """One int32 buffer per device (and CUDA stream), zero when handed out, reused while big enough, replaced by a
     zeroed one twice the asked size when a call has more rows."""

@@ -1,0 +1,161 @@
+"""Relaunching a compiled Triton kernel without binding its arguments again on every call (the eager decode path).
+
+``kernel[grid](*args, **constexprs)`` (``JITFunction.run``) binds and specializes every argument on every call --
+Python code Triton generates per kernel, one C call per argument, a cache-key hash -- before it calls the compiled
+kernel's launcher. For the decode kernel's 58 arguments that was about half of an eager call's host time on the
+H200's host (cProfile in ``benchmarks/results/decode_eager_h200_query_in_split_forms.json``: ``jit.py:run`` and the
+binder 23 of 37 ms over 200 calls, the launcher itself 3-4 ms), and an eager decode step makes two such launches per
+layer (the append and the attention).
+
+:func:`launch` keeps each compiled kernel under a *launch key* at least as fine as Triton's own specialization:
+the current device, the constexprs and launch options by name, every specialized scalar argument by exact value,
+every tensor by dtype and 16-byte alignment (dtype only where ``do_not_specialize_on_alignment`` lists it), and the
+arguments Triton does not specialize (``do_not_specialize``) by type and integer width only. The first call of a key goes through Triton's own launch
+(which compiles the kernel or finds it in its cache) and keeps the compiled kernel it returns; later calls launch
+it as ``compiled[grid](*all_args)``, Triton's launch of a compiled kernel (the launch hooks, the current stream).
+What runs is therefore the kernel Triton itself would pick for those arguments. Kernels run by Triton's CPU
+interpreter, and anything that is not a ``JITFunction`` (tests wrap kernels to count launches), take the plain
+``kernel[grid](...)`` path on every call.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import operator
+
+import torch
+
+from ._common import HAS_TRITON
+
+if HAS_TRITON:
+    from triton.runtime.jit import JITFunction
+else:  # pragma: no cover - nothing is launched without Triton
+    JITFunction = ()
+
+_INT32 = (-(1 << 31), 1 << 31)
+
+
+class _KernelLaunches:
+    """One kernel's compiled forms by launch key, and its parameters' names and defaults in signature order."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        params = list(inspect.signature(kernel.fn).parameters.values())
+        self.names = [p.name for p in params]
+        self.defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+        self.loose = _positions(kernel, "do_not_specialize", self.names)
+        self.unaligned = _positions(kernel, "do_not_specialize_on_alignment", self.names)
+        self.layouts: dict = {}  # argument types -> _Layout
+        self.compiled: dict = {}
+
+    def key(self, args: tuple, constexprs: dict, options: dict) -> tuple:
+        """The launch key (module docstring). Its parts are gathered by C-level getters chosen once per tuple of
+        argument types: a Python function per argument cost about as much as Triton's own binding."""
+        types = tuple(map(type, args))
+        layout = self.layouts.get(types)
+        if layout is None:
+            layout = self.layouts[types] = _Layout(types, self.loose, self.unaligned)
+        tensors = layout.tensors(args)
+        return (_current_device(), tuple(constexprs.items()), tuple(options.items()), types,
+                tuple(map(_DTYPE, tensors)), tuple(map(_MISALIGNMENT, map(_DATA_PTR, layout.aligned(args)))),
+                layout.exact(args), tuple([_loose_key(a) for a in layout.loose(args)]))
+
+    def all_args(self, args: tuple, constexprs: dict) -> list:
+        """Every parameter's value in signature order (what Triton's launcher of a compiled kernel takes)."""
+        tail = self.names[len(args):]
+        return [*args, *(constexprs[name] if name in constexprs else self.defaults[name] for name in tail)]
+
+
+class _Layout:
+    """Getters of one tuple of argument types: the tensors (their dtypes), the tensors whose alignment Triton
+    specializes on, the specialized scalars (by value) and the ``do_not_specialize`` scalars (by integer width)."""
+
+    def __init__(self, types: tuple, loose: frozenset, unaligned: frozenset):
+        is_tensor = [issubclass(t, torch.Tensor) for t in types]
+        self.tensors = _getter([i for i, t in enumerate(is_tensor) if t])
+        self.aligned = _getter([i for i, t in enumerate(is_tensor) if t and i not in unaligned])
+        self.exact = _getter([i for i, t in enumerate(is_tensor) if not t and i not in loose])
+        self.loose = _getter([i for i, t in enumerate(is_tensor) if not t and i in loose])
+
+
+def _getter(positions: list):
+    """A function of an argument tuple returning the tuple of its items at ``positions`` (C-level for two or more)."""
+    if len(positions) >= 2:
+        return operator.itemgetter(*positions)
+    if len(positions) == 1:
+        only = positions[0]
+        return lambda args: (args[only],)
+    return lambda args: ()
+
+
+def _positions(kernel, attribute: str, names: list) -> frozenset:
+    """The parameter positions a ``JITFunction`` attribute lists by name or position (absent: none)."""
+    listed = set(getattr(kernel, attribute, None) or ())
+    return frozenset(i for i, name in enumerate(names) if name in listed or i in listed)
+
+
+def _current_device() -> int:
+    """``torch.cuda.current_device()`` without its lazy-init check (a launch has CUDA tensors: CUDA is up)."""
+    return torch._C._cuda_getDevice()
+
+
+_DTYPE = operator.attrgetter("dtype")
+_DATA_PTR = torch.Tensor.data_ptr
+_MISALIGNMENT = (15).__and__  # address mod 16: Triton specializes on 16-byte alignment
+
+
+def _loose_key(a):
+    """A ``do_not_specialize`` scalar: Triton still compiles a separate kernel per integer width."""
+    if isinstance(a, int) and not isinstance(a, bool):
+        return _INT32[0] <= a < _INT32[1], a >= 1 << 63
+    return None
+
+
+_LAUNCHES: dict[int, _KernelLaunches] = {}
+_ENABLED = [True]  # False inside uncached_launches()
+
+
+def launch(kernel, grid: tuple, args: tuple, constexprs: dict, options: dict | None = None, *,
+           cached: bool = True) -> None:
+    """``kernel[grid](*args, **constexprs, **options)``, the compiled kernel relaunched from a per-key cache.
+
+    ``args``: the runtime arguments in signature order, positionally; ``constexprs``: the ``tl.constexpr``
+    parameters by name (any left out take their defaults); ``options``: Triton's launch options (``num_warps``,
+    ``num_stages``, ``maxnreg``...). Call it with the same dict key order from one call site: the key compares the
+    items in order (another order is a separate entry, never a wrong one). ``cached=False`` always takes Triton's own
+    launch (what the decode kernels' ``config={"cached_launch": False}`` selects, to compare). Raises what Triton
+    raises."""
+    options = options or {}
+    if not (cached and _ENABLED[0] and isinstance(kernel, JITFunction)):  # asked, interpreted or wrapped kernels
+        kernel[grid](*args, **constexprs, **options)
+        return
+    state = _LAUNCHES.get(id(kernel))
+    if state is None or state.kernel is not kernel:
+        state = _LAUNCHES[id(kernel)] = _KernelLaunches(kernel)
+    key = state.key(args, constexprs, options)
+    kept = state.compiled.get(key)
+    if kept is None:
+        compiled = kernel[grid](*args, **constexprs, **options)
+        if hasattr(compiled, "__getitem__") and hasattr(compiled, "function"):
+            # with the parameters after ``args`` (constexprs, defaults): fixed by the key
+            state.compiled[key] = compiled, tuple(state.all_args(args, constexprs)[len(args):])
+        return
+    compiled, tail = kept
+    compiled[(*grid, 1, 1)[:3]](*args, *tail)  # a compiled kernel's launch takes all parameters, 3 grid dims
+
+
+@contextlib.contextmanager
+def uncached_launches():
+    """Within the block every :func:`launch` takes Triton's own ``kernel[grid](...)`` (what the cached launch saves,
+    measured end to end: ``benchmarks/launch_ab.py``); restored on exit, errors included."""
+    before = _ENABLED[0]
+    _ENABLED[0] = False
+    try:
+        yield
+    finally:
+        _ENABLED[0] = before
+
+
+def clear() -> None:
+    """Forget every kept compiled kernel (Triton's own cache is untouched)."""
+    _LAUNCHES.clear()

@@ -1,0 +1,150 @@
+"""``kernels._launcher.launch``: which calls bind through Triton and which relaunch a kept compiled kernel.
+
+Triton itself is replaced here by a stand-in ``JITFunction`` that records what it is asked to do (the CPU has no
+compiled kernels); ``test_kernels.py`` runs the real decode kernels through ``launch`` on CUDA, cached and uncached.
+"""
+import pytest
+import torch
+
+from h1bkv_lite.kernels import _launcher
+
+
+def _kernel_fn(x_ptr, y_ptr, N, stride, scale, BLOCK: "tl.constexpr", FLAG: "tl.constexpr" = False):
+    """The stand-in kernel's signature: two pointers, a loose int, a specialized int, a float, two constexprs."""
+
+
+class _Compiled:
+    """A compiled kernel: ``compiled[grid](*all_args)`` records the launch."""
+
+    def __init__(self, log):
+        self.function, self.log = object(), log
+
+    def __getitem__(self, grid):  # Triton's CompiledKernel reads grid[0], grid[1] and grid[2]
+        assert len(grid) == 3, f"a compiled kernel's grid has 3 dimensions, got {grid}"
+        return lambda *args: self.log.append(("compiled", grid, args))
+
+
+class _FakeJIT:
+    """A ``JITFunction``: ``kernel[grid](*args, **kwargs)`` records the binding launch and returns its compiled
+    kernel (one per call, so the test can tell which was kept)."""
+
+    def __init__(self, compiles=True, do_not_specialize=("N",), do_not_specialize_on_alignment=()):
+        self.fn, self.log, self.compiles = _kernel_fn, [], compiles
+        self.do_not_specialize = list(do_not_specialize)
+        self.do_not_specialize_on_alignment = list(do_not_specialize_on_alignment)
+        self.kept = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append(("bind", grid, args, kwargs))
+            self.kept.append(_Compiled(self.log) if self.compiles else None)
+            return self.kept[-1]
+        return run
+
+
+@pytest.fixture
+def fake_triton(monkeypatch):
+    monkeypatch.setattr(_launcher, "JITFunction", _FakeJIT)
+    monkeypatch.setattr(_launcher, "_current_device", lambda: 0)
+    _launcher.clear()
+    yield
+    _launcher.clear()
+
+
+def _args(x, y, N=100, stride=64, scale=0.5):
+    return (x, y, N, stride, scale)
+
+
+def _kinds(kernel):
+    return [entry[0] for entry in kernel.log]
+
+
+def test_repeat_call_relaunches_the_kept_kernel_with_every_argument_in_order(fake_triton):
+    kernel = _FakeJIT()
+    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.int32)
+    _launcher.launch(kernel, (3, 2), _args(x, y), {"BLOCK": 16}, {"num_warps": 4})
+    assert kernel.log == [("bind", (3, 2), _args(x, y), {"BLOCK": 16, "num_warps": 4})]
+    _launcher.launch(kernel, (5, 1), _args(x, y, N=200), {"BLOCK": 16}, {"num_warps": 4})
+    # the loose N changed (not part of the key): the kept kernel runs, the defaulted constexpr FLAG appended
+    assert kernel.log[1] == ("compiled", (5, 1, 1), (*_args(x, y, N=200), 16, False))
+    assert len(kernel.kept) == 1
+
+
+@pytest.mark.parametrize("change", ["dtype", "alignment", "specialized int", "float", "constexpr", "option",
+                                    "device", "wide loose int"])
+def test_a_new_launch_key_binds_through_triton_again(fake_triton, monkeypatch, change):
+    kernel = _FakeJIT()
+    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.int32)
+    base = dict(args=_args(x, y), constexprs={"BLOCK": 16}, options={"num_warps": 4})
+    _launcher.launch(kernel, (1,), base["args"], base["constexprs"], base["options"])
+    changed = {
+        "dtype": dict(base, args=_args(x.half(), y)),
+        "alignment": dict(base, args=_args(x[1:], y)),
+        "specialized int": dict(base, args=_args(x, y, stride=65)),
+        "float": dict(base, args=_args(x, y, scale=0.25)),
+        "constexpr": dict(base, constexprs={"BLOCK": 32}),
+        "option": dict(base, options={"num_warps": 8}),
+        "device": base,
+        "wide loose int": dict(base, args=_args(x, y, N=1 << 40)),
+    }[change]
+    if change == "device":
+        monkeypatch.setattr(_launcher, "_current_device", lambda: 1)
+    _launcher.launch(kernel, (1,), changed["args"], changed["constexprs"], changed["options"])
+    assert _kinds(kernel) == ["bind", "bind"]
+    _launcher.launch(kernel, (1,), changed["args"], changed["constexprs"], changed["options"])
+    assert _kinds(kernel) == ["bind", "bind", "compiled"]
+
+
+def test_alignment_is_not_keyed_where_triton_does_not_specialize_on_it(fake_triton):
+    kernel = _FakeJIT(do_not_specialize_on_alignment=("y_ptr",))
+    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.int32)
+    _launcher.launch(kernel, (1,), _args(x, y), {"BLOCK": 16})
+    _launcher.launch(kernel, (1,), _args(x, y[1:]), {"BLOCK": 16})
+    _launcher.launch(kernel, (1,), _args(x[1:], y), {"BLOCK": 16})
+    assert _kinds(kernel) == ["bind", "compiled", "bind"]
+
+
+def test_uncached_wrapped_and_uncompiled_kernels_always_bind(fake_triton):
+    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.int32)
+    kernel = _FakeJIT()
+    for _ in range(2):
+        _launcher.launch(kernel, (1,), _args(x, y), {"BLOCK": 16}, cached=False)
+    assert _kinds(kernel) == ["bind", "bind"]
+
+    class Wrapped:  # not a JITFunction: a test's launch counter, or Triton's interpreter
+        def __init__(self):
+            self.inner = _FakeJIT()
+
+        def __getitem__(self, grid):
+            return self.inner[grid]
+
+    wrapped = Wrapped()
+    for _ in range(2):
+        _launcher.launch(wrapped, (1,), _args(x, y), {"BLOCK": 16})
+    assert _kinds(wrapped.inner) == ["bind", "bind"]
+
+    no_kernel = _FakeJIT(compiles=False)  # Triton returned no compiled kernel: nothing is kept
+    for _ in range(2):
+        _launcher.launch(no_kernel, (1,), _args(x, y), {"BLOCK": 16})
+    assert _kinds(no_kernel) == ["bind", "bind"]
+
+
+def test_clear_forgets_the_kept_kernels(fake_triton):
+    kernel = _FakeJIT()
+    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.int32)
+    _launcher.launch(kernel, (1,), _args(x, y), {"BLOCK": 16})
+    _launcher.clear()
+    _launcher.launch(kernel, (1,), _args(x, y), {"BLOCK": 16})
+    assert _kinds(kernel) == ["bind", "bind"]
+
+
+def test_uncached_launches_binds_every_call_and_is_restored_on_errors(fake_triton):
+    kernel = _FakeJIT()
+    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.int32)
+    _launcher.launch(kernel, (1,), _args(x, y), {"BLOCK": 16})
+    with _launcher.uncached_launches():
+        _launcher.launch(kernel, (1,), _args(x, y), {"BLOCK": 16})
+    with pytest.raises(RuntimeError), _launcher.uncached_launches():
+        raise RuntimeError("inside")
+    _launcher.launch(kernel, (1,), _args(x, y), {"BLOCK": 16})
+    assert _kinds(kernel) == ["bind", "bind", "compiled"]
