@@ -8,14 +8,20 @@ binder 23 of 37 ms over 200 calls, the launcher itself 3-4 ms), and an eager dec
 layer (the append and the attention).
 
 :func:`launch` keeps each compiled kernel under a *launch key* at least as fine as Triton's own specialization:
-the current device, the constexprs and launch options by name, every specialized scalar argument by exact value,
-every tensor by dtype and 16-byte alignment (dtype only where ``do_not_specialize_on_alignment`` lists it), and the
-arguments Triton does not specialize (``do_not_specialize``) by type and integer width only. The first call of a key goes through Triton's own launch
-(which compiles the kernel or finds it in its cache) and keeps the compiled kernel it returns; later calls launch
-it as ``compiled[grid](*all_args)``, Triton's launch of a compiled kernel (the launch hooks, the current stream).
-What runs is therefore the kernel Triton itself would pick for those arguments. Kernels run by Triton's CPU
-interpreter, and anything that is not a ``JITFunction`` (tests wrap kernels to count launches), take the plain
-``kernel[grid](...)`` path on every call.
+the current device; the constexprs and launch options by name; the arguments' types; every tensor's dtype and
+address mod 16 (Triton specializes on 16-byte alignment; not kept for those ``do_not_specialize_on_alignment``
+lists); every other scalar by exact value, except those ``do_not_specialize`` lists, by integer width only (what
+Triton compiles apart). The first call of a key goes through Triton's own launch (which compiles the kernel or finds
+it in its cache) and keeps the compiled kernel it returns, with the values of the parameters after ``args``
+(constexprs, defaults); later calls launch it as ``compiled[grid](*args, *rest)``, Triton's launch of a compiled
+kernel (its launch hooks, the current stream). What runs is therefore the kernel Triton itself would pick for those
+arguments. The key's parts come from C-level getters chosen once per tuple of argument types. Kernels run by
+Triton's CPU interpreter, and anything that is not a ``JITFunction`` (tests wrap kernels to count launches), take
+the plain ``kernel[grid](...)`` path on every call, as does every call inside :func:`uncached_launches` or with
+``cached=False``.
+
+Not covered, as in any launch cache: a kernel's source or a global it reads changing after its first launch in the
+process (Triton would recompile; the kept kernel stays) -- :func:`clear` forgets the kept kernels.
 """
 from __future__ import annotations
 

@@ -756,6 +756,11 @@ def _default_config(score: str, group: int, device: torch.device) -> dict:
     eager calls stay slower than SDPA at every measured context (MHA 32k was faster in the first call only), bound
     by the host's time to issue one Triton launch (~70-100 us there against SDPA's ~47).
 
+    ``cached_launch``: relaunch the kept compiled kernels without Triton's per-call argument binding
+    (:func:`kernels._launcher.launch`; the same compiled kernel on the same arguments, bit-identical outputs);
+    False binds every launch through ``JITFunction.run`` (to compare: ``benchmarks/decode_eager.py``'s
+    ``default-uncached`` form, ``benchmarks/launch_ab.py``).
+
     Registers (``benchmarks/kernel_resources.py``: compiled for sm_90 without a GPU): every default form fits
     255 registers a thread; only "asym" at groups of 4 (its faster form) spills a few bytes."""
     if group > 1:
@@ -1042,8 +1047,8 @@ def h1b_decode_attention(
     config : tuning overrides for the Triton path (keys of ``_default_config``: tile, warps, programs per SM,
         pipeline stages of the tile loop, ``use_dot``, ``precision`` in ``PRECISIONS``, ``half2_unpack`` (used by the
         fp16 form with 4-bit per-token values only), ``score_dot``, ``maxnreg``, and the eager launch policy:
-        ``single_split_max_n``, ``query_in_split_max_n``, ``fused_combine``); for benchmarks. Checked on every
-        backend (ValueError / TypeError naming the key).
+        ``single_split_max_n``, ``query_in_split_max_n``, ``fused_combine``, ``cached_launch``); for benchmarks.
+        Checked on every backend (ValueError / TypeError naming the key).
     n_valid : int32 tensor of one element on q's device, or None (all ``N``). Only the first ``n_valid`` of
         the ``N`` compressed slots hold tokens; the splits are planned for all ``N``, so the call's arguments
         and launch grid stay the same while a static-capacity cache fills (what a CUDA graph replays). Its

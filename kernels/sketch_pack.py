@@ -12,6 +12,8 @@ rounded down and scale rounded up by the same nearest-then-step rule, round-half
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from h1bkv_lite._validation import FLOAT_DTYPES, check_same_device, check_tensor
@@ -324,24 +326,30 @@ def _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group
         v = v.contiguous()
     projection = projection.contiguous()  # the kernel reads R row-major (a no-op for the sketcher's R)
     nbytes, groups = projection.shape[1] // 8, n // group_size
-    data_bytes = n * value_bits // 8
-    groups_p, group_p = next_pow2(groups), max(next_pow2(group_size), 8 // value_bits)
     config = config or {}
     # 16 rows per program (tl.dot's minimum): at head_dim 128, 32 rows with 4 warps took 123-230 us per
     # launch against 8-12 us for 16 (H200, one decode token per kv head, benchmarks/append.py): a program
     # that large is latency-bound on one SM however few rows are real
-    BLOCK_M = config.get("block_m", 16)
-    BLOCK_K = max(16, min(64, next_pow2(d)))
-    BLOCK_BYTES = max(2, min(16, next_pow2(nbytes)))
-    launch(_sketch_pack_quantize_kernel, (cdiv(M, BLOCK_M),), (
+    block_m = config.get("block_m", 16)
+    launch(_sketch_pack_quantize_kernel, (cdiv(M, block_m),), (
         k, projection, codes, v, data, scale, zero,
         M, d, nbytes, m, H,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         *(_bh_stride(t, m if pos is None else t.shape[2]) for t in (codes, data, scale, zero)),
-        groups, group_size, data_bytes, _FP16_MAX / 2, k if pos is None else pos,
-    ), dict(BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K, BLOCK_BYTES=BLOCK_BYTES,
-            GROUPS_P=groups_p, GROUP_P=group_p, VALUE_BITS=value_bits, POS_ON_DEVICE=pos is not None),
-        dict(num_warps=config.get("num_warps", 4)), cached=config.get("cached_launch", True))
+        groups, group_size, n * value_bits // 8, _FP16_MAX / 2, k if pos is None else pos,
+    ), *_append_meta(d, nbytes, groups, group_size, value_bits, block_m, config.get("num_warps", 4), pos is not None),
+        cached=config.get("cached_launch", True))
+
+
+@functools.lru_cache(maxsize=256)
+def _append_meta(d: int, nbytes: int, groups: int, group_size: int, value_bits: int, block_m: int, num_warps: int,
+                 pos_on_device: bool) -> tuple[dict, dict]:
+    """The append kernel's constexprs and launch options (shared between calls: read-only)."""
+    constexprs = dict(BLOCK_M=block_m, BLOCK_K=max(16, min(64, next_pow2(d))),
+                      BLOCK_BYTES=max(2, min(16, next_pow2(nbytes))), GROUPS_P=next_pow2(groups),
+                      GROUP_P=max(next_pow2(group_size), 8 // value_bits), VALUE_BITS=value_bits,
+                      POS_ON_DEVICE=pos_on_device)
+    return constexprs, dict(num_warps=num_warps)
 
 
 def _bh_stride(out: torch.Tensor, m: int) -> int:

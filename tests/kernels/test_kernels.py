@@ -783,6 +783,8 @@ def test_decode_config_is_checked(device):
         h1b_decode_attention(*args, **kwargs, backend="triton", config={"maxnreg": 0})
     with pytest.raises(TypeError, match=r"config\['score_dot'\] must be a bool"):
         h1b_decode_attention(*args, **kwargs, backend="triton", config={"score_dot": "no"})
+    with pytest.raises(TypeError, match=r"config\['cached_launch'\] must be a bool"):
+        h1b_decode_attention(*args, **kwargs, backend="triton", config={"cached_launch": 1})
     with pytest.raises(ValueError, match=r"config\['single_split_max_n'\] must be in \[0, inf\]"):
         h1b_decode_attention(*args, **kwargs, backend="triton", config={"single_split_max_n": -5})
     with pytest.raises(ValueError, match=r"config\['query_in_split_max_n'\] must be in \[0, inf\]"):
@@ -801,6 +803,19 @@ def test_decode_config_is_checked(device):
     # GQA with tl.dot turned off and no precision named: the fp32 multiply-adds ("ieee"), as before fp16 existed
     exact = h1b_decode_attention(*args, **kwargs, backend="triton", config={"use_dot": False})
     torch.testing.assert_close(exact, h1b_decode_attention_reference(*args, **kwargs), **OUT_TOL[args[0].dtype])
+
+
+def test_launch_configs_are_shared_and_never_written():
+    """The launch path reads the defaults (and the split kernel's constexprs) from caches, shared between calls:
+    overrides make a new dict and leave the defaults as ``_default_config`` gives them."""
+    from h1bkv_lite.kernels import decode_attention as da
+
+    cpu = torch.device("cpu")
+    shared = da._merged_config("hamming", 4, cpu, None)
+    assert shared is da._merged_config("hamming", 4, cpu, {}) and shared == _default_config("hamming", 4, cpu)
+    merged = da._merged_config("hamming", 4, cpu, {"use_dot": False, "block_n": 32})
+    assert merged is not shared and merged["precision"] == "ieee" and merged["block_n"] == 32
+    assert shared == _default_config("hamming", 4, cpu), "an override changed the shared defaults"
 
 
 @pytest.mark.parametrize("precision", ["fp16", "tf32"])
