@@ -8,7 +8,8 @@ binder 23 of 37 ms over 200 calls, the launcher itself 3-4 ms), and an eager dec
 layer (the append and the attention).
 
 :func:`launch` keeps each compiled kernel under a *launch key* at least as fine as Triton's own specialization:
-the current device; the constexprs and launch options by name; the arguments' types; every tensor's dtype and
+the current device; Triton's debug and instrumentation settings; the constexprs (with their types) and launch
+options by name; the arguments' types; every tensor's dtype and
 address mod 16 (Triton specializes on 16-byte alignment; not kept for those ``do_not_specialize_on_alignment``
 lists); every other scalar by exact value, except those ``do_not_specialize`` lists, by integer width only (what
 Triton compiles apart). The first call of a key goes through Triton's own launch (which compiles the kernel or finds
@@ -17,8 +18,9 @@ it in its cache) and keeps the compiled kernel it returns, with the values of th
 kernel (its launch hooks, the current stream). What runs is therefore the kernel Triton itself would pick for those
 arguments. The key's parts come from C-level getters chosen once per tuple of argument types. Kernels run by
 Triton's CPU interpreter, and anything that is not a ``JITFunction`` (tests wrap kernels to count launches), take
-the plain ``kernel[grid](...)`` path on every call, as does every call inside :func:`uncached_launches` or with
-``cached=False``.
+the plain ``kernel[grid](...)`` path on every call, as do a callable grid, a kernel with pre-run hooks (or
+Triton's pipeline-stages inspection hook set), every call inside :func:`uncached_launches` and ``cached=False``.
+At most ``MAX_KEPT`` compiled kernels are kept per kernel.
 
 Not covered, as in any launch cache: a kernel's source or a global it reads changing after its first launch in the
 process (Triton would recompile; the kept kernel stays) -- :func:`clear` forgets the kept kernels.
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import operator
+import threading
 
 import torch
 
@@ -35,8 +38,13 @@ from ._common import HAS_TRITON
 
 if HAS_TRITON:
     from triton.runtime.jit import JITFunction
+
+    try:
+        from triton import knobs as _knobs
+    except ImportError:  # pragma: no cover - Triton before 3.4: no knobs module
+        _knobs = None
 else:  # pragma: no cover - nothing is launched without Triton
-    JITFunction = ()
+    JITFunction, _knobs = (), None
 
 _INT32 = (-(1 << 31), 1 << 31)
 
@@ -62,7 +70,8 @@ class _KernelLaunches:
         if layout is None:
             layout = self.layouts[types] = _Layout(types, self.loose, self.unaligned)
         tensors = layout.tensors(args)
-        return (_current_device(), tuple(constexprs.items()), tuple(options.items()), types,
+        return (_current_device(), _KNOB_STATE(_knobs), tuple(constexprs.items()), tuple(map(type, constexprs.values())),
+                tuple(options.items()), types,
                 tuple(map(_DTYPE, tensors)), tuple(map(_MISALIGNMENT, map(_DATA_PTR, layout.aligned(args)))),
                 layout.exact(args), tuple([_loose_key(a) for a in layout.loose(args)]))
 
@@ -100,6 +109,32 @@ def _positions(kernel, attribute: str, names: list) -> frozenset:
     return frozenset(i for i, name in enumerate(names) if name in listed or i in listed)
 
 
+def _knob_getter():
+    """One C-level getter of Triton's process-wide settings that change what ``JITFunction.run`` compiles (its debug
+    flag, Proton's instrumentation mode), those this Triton has: part of the key, so changing one binds anew."""
+    names = [name for name in ("runtime.debug", "compilation.instrumentation_mode")
+             if _knobs is not None and _has_path(_knobs, name)]
+    return operator.attrgetter(*names) if names else (lambda knobs: ())
+
+
+def _has_path(obj, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
+
+
+_KNOB_STATE = _knob_getter()
+
+
+def _needs_tritons_own_launch(kernel, grid) -> bool:
+    """A callable grid, or hooks ``JITFunction.run`` runs on every call (pre-run hooks, the pipeline-stages
+    inspection hook): then the launch takes Triton's own path."""
+    return (callable(grid) or bool(getattr(kernel, "pre_run_hooks", None))
+            or (_knobs is not None and getattr(_knobs.runtime, "add_stages_inspection_hook", None) is not None))
+
+
 def _current_device() -> int:
     """``torch.cuda.current_device()`` without its lazy-init check (a launch has CUDA tensors: CUDA is up)."""
     return torch._C._cuda_getDevice()
@@ -118,7 +153,9 @@ def _loose_key(a):
 
 
 _LAUNCHES: dict[int, _KernelLaunches] = {}
-_ENABLED = [True]  # False inside uncached_launches()
+MAX_KEPT = 256  # compiled kernels kept per kernel: past it the kernel's entries are dropped (keys that never recur --
+# prompt lengths, store capacities -- would otherwise pile up in a long-running process)
+_LOCAL = threading.local()  # .uncached: how deep this thread is inside uncached_launches()
 
 
 def launch(kernel, grid: tuple, args: tuple, constexprs: dict, options: dict | None = None, *,
@@ -132,7 +169,8 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, options: dict | N
     launch (what the decode kernels' ``config={"cached_launch": False}`` selects, to compare). Raises what Triton
     raises."""
     options = options or {}
-    if not (cached and _ENABLED[0] and isinstance(kernel, JITFunction)):  # asked, interpreted or wrapped kernels
+    if (not cached or getattr(_LOCAL, "uncached", 0) or not isinstance(kernel, JITFunction)  # interpreted, wrapped
+            or _needs_tritons_own_launch(kernel, grid)):
         kernel[grid](*args, **constexprs, **options)
         return
     state = _LAUNCHES.get(id(kernel))
@@ -143,6 +181,8 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, options: dict | N
     if kept is None:
         compiled = kernel[grid](*args, **constexprs, **options)
         if hasattr(compiled, "__getitem__") and hasattr(compiled, "function"):
+            if len(state.compiled) >= MAX_KEPT:
+                state.compiled.clear()
             # with the parameters after ``args`` (constexprs, defaults): fixed by the key
             state.compiled[key] = compiled, tuple(state.all_args(args, constexprs)[len(args):])
         return
@@ -153,13 +193,17 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, options: dict | N
 @contextlib.contextmanager
 def uncached_launches():
     """Within the block every :func:`launch` takes Triton's own ``kernel[grid](...)`` (what the cached launch saves,
-    measured end to end: ``benchmarks/launch_ab.py``); restored on exit, errors included."""
-    before = _ENABLED[0]
-    _ENABLED[0] = False
+    measured end to end: ``benchmarks/launch_ab.py``), in this thread; restored on exit, errors included."""
+    _LOCAL.uncached = getattr(_LOCAL, "uncached", 0) + 1
     try:
         yield
     finally:
-        _ENABLED[0] = before
+        _LOCAL.uncached -= 1
+
+
+def enabled() -> bool:
+    """Whether :func:`launch` relaunches kept kernels in this thread (False inside :func:`uncached_launches`)."""
+    return not getattr(_LOCAL, "uncached", 0)
 
 
 def clear() -> None:

@@ -784,10 +784,12 @@ def _half2_unpack(cfg: dict, value_bits: int, value_groups: int) -> bool:
     return bool(cfg["half2_unpack"]) and cfg["precision"] == "fp16" and value_bits == 4 and value_groups == 1
 
 
-@functools.lru_cache(maxsize=None)
-def _defaults(score: str, group: int, device) -> dict:
-    """``_default_config`` kept per (score, group, device): the launch path reads it on every call, never writes."""
-    return _default_config(score, group, device)
+@functools.lru_cache(maxsize=256)
+def _defaults(score: str, group: int, device, make_config) -> dict:
+    """``make_config(score, group, device)`` kept per arguments: the launch path reads it on every call, never
+    writes. ``make_config`` is ``_default_config`` as the module holds it at the call (so a test that swaps it in
+    gets its own entry)."""
+    return make_config(score, group, device)
 
 
 def _merged_config(score: str, group: int, device, config: dict | None) -> dict:
@@ -795,8 +797,8 @@ def _merged_config(score: str, group: int, device, config: dict | None) -> dict:
     ``use_dot`` off without naming a precision selects ``"ieee"`` (the GQA default, fp16, exists only as a
     tensor-core form)."""
     if not config:
-        return _defaults(score, group, device)
-    cfg = {**_defaults(score, group, device), **config}
+        return _defaults(score, group, device, _default_config)
+    cfg = {**_defaults(score, group, device, _default_config), **config}
     if config and "use_dot" in config and "precision" not in config and not cfg["use_dot"]:
         cfg["precision"] = "ieee"
     return cfg
@@ -843,11 +845,11 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=1024, typed=True)
 def _split_meta(D, bits, group, value_groups, value_bits, score_id, per_head_t, n_on_device, direct, query_here,
-                fused, block_n, use_dot, precision, score_dot, half2, num_stages, num_warps, maxnreg) -> tuple:
+                fused, block_n, use_dot, precision, score_dot, half2, num_stages, num_warps, maxnreg, asm) -> tuple:
     """The split kernel's constexprs and launch options (two dicts, shared between calls: read-only), kept per
-    combination so an eager call does not rebuild them."""
+    combination (and argument type) so an eager call does not rebuild them. ``asm``: ``_RUNS_PTX`` at the call."""
     gr, nw_p = next_pow2(group), next_pow2(bits // 32)
     constexprs = dict(
         D=D, BITS=bits, NW_P=nw_p, GROUP=group, VALUE_GROUPS=value_groups, VALUE_BITS=value_bits, SCORE=score_id,
@@ -855,7 +857,7 @@ def _split_meta(D, bits, group, value_groups, value_bits, score_id, per_head_t, 
         PER_HEAD_T=per_head_t, USE_DOT=use_dot, PRECISION=precision,
         BLOCK_KQ=max(1, min(16, 4096 // (gr * nw_p * 32))), N_ON_DEVICE=n_on_device, DIRECT=direct,
         QUERY_HERE=query_here, SCORE_DOT=score_dot, HALF2=half2,
-        ASM=_RUNS_PTX, PIPELINE=num_stages if num_stages > 1 else 0, FUSED=fused,
+        ASM=asm, PIPELINE=num_stages if num_stages > 1 else 0, FUSED=fused,
         BLOCK_S=32,  # the fused combine's partials per step, masked: a constant, so no recompile as contexts grow
     )
     options = dict(num_warps=num_warps, num_stages=1,  # the tile loop's stages come as PIPELINE (the window's: 1)
@@ -950,7 +952,7 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     ), *_split_meta(D, bits, group, value_scale.shape[-1], value_bits, score_id, per_head_t, n_valid is not None,
                     direct, query_here and not direct, counters is not None, cfg["block_n"], cfg["use_dot"],
                     cfg["precision"], cfg["score_dot"], _half2_unpack(cfg, value_bits, value_scale.shape[-1]),
-                    cfg["num_stages"], cfg["num_warps"], cfg["maxnreg"]), cached=cached)
+                    cfg["num_stages"], cfg["num_warps"], cfg["maxnreg"], _RUNS_PTX), cached=cached)
     if not direct and counters is None:
         launch(_decode_combine_kernel, (B * Hq,), (m, lse, acc, out, total, out.stride(0), out.stride(1), Hq),
                dict(D=D, BLOCK_D=block_d, BLOCK_S=min(32, next_pow2(total))), cached=cached)

@@ -341,7 +341,7 @@ def _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group
         cached=config.get("cached_launch", True))
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256, typed=True)
 def _append_meta(d: int, nbytes: int, groups: int, group_size: int, value_bits: int, block_m: int, num_warps: int,
                  pos_on_device: bool) -> tuple[dict, dict]:
     """The append kernel's constexprs and launch options (shared between calls: read-only)."""

@@ -21,7 +21,7 @@ def fake_gpu(monkeypatch):
     calls = []
 
     def fake_run(model, spec, *, count_syncs=True):
-        calls.append((spec["cache"], spec["prompt_len"], spec["new_tokens"], _launcher._ENABLED[0]))
+        calls.append((spec["cache"], spec["prompt_len"], spec["new_tokens"], _launcher.enabled()))
         return {**spec, "oom": False, "decode_tok_s": 10.0}
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -43,7 +43,7 @@ def test_rows_interleave_the_launch_modes_and_dynamic_cache(fake_gpu, tmp_path):
     for T in (100, 200):
         expected += [(cache, T, 8, enabled) for _ in range(2) for cache, enabled in round_]
     assert fake_gpu == expected
-    assert _launcher._ENABLED[0], "the cached launch must be on again after the benchmark"
+    assert _launcher.enabled(), "the cached launch must be on again after the benchmark"
     rows = json.loads((tmp_path / "launch_ab_h200.json").read_text())["rows"]
     assert [(r["cache"], r["launch"], r["repeat"]) for r in rows[:3]] == [
         ("h1b", "uncached", 0), ("h1b", "cached", 0), ("dynamic", None, 0)]

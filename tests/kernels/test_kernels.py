@@ -816,6 +816,11 @@ def test_launch_configs_are_shared_and_never_written():
     merged = da._merged_config("hamming", 4, cpu, {"use_dot": False, "block_n": 32})
     assert merged is not shared and merged["precision"] == "ieee" and merged["block_n"] == 32
     assert shared == _default_config("hamming", 4, cpu), "an override changed the shared defaults"
+    # the kept constexprs follow what they are computed from, the PTX switch included (a test turns it off)
+    meta = dict(D=128, bits=128, group=4, value_groups=1, value_bits=4, score_id=0, per_head_t=True, n_on_device=False,
+                direct=False, query_here=True, fused=True, block_n=64, use_dot=True, precision="fp16", score_dot=False,
+                half2=True, num_stages=3, num_warps=4, maxnreg=None)
+    assert da._split_meta(**meta, asm=True)[0]["ASM"] is True and da._split_meta(**meta, asm=False)[0]["ASM"] is False
 
 
 @pytest.mark.parametrize("precision", ["fp16", "tf32"])

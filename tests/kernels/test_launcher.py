@@ -148,3 +148,65 @@ def test_uncached_launches_binds_every_call_and_is_restored_on_errors(fake_trito
         raise RuntimeError("inside")
     _launcher.launch(kernel, (1,), _args(x, y), {"BLOCK": 16})
     assert _kinds(kernel) == ["bind", "bind", "compiled"]
+
+
+@pytest.mark.parametrize("first,second", [(True, 1), (16, 16.0)])
+def test_constexprs_equal_in_value_but_not_in_type_are_separate_keys(fake_triton, first, second):
+    """Triton compiles ``FLAG=True`` and ``FLAG=1`` (``16`` and ``16.0``) apart, though they compare equal."""
+    kernel = _FakeJIT()
+    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.int32)
+    _launcher.launch(kernel, (1,), _args(x, y), {"BLOCK": 16, "FLAG": first})
+    _launcher.launch(kernel, (1,), _args(x, y), {"BLOCK": 16, "FLAG": second})
+    assert _kinds(kernel) == ["bind", "bind"]
+
+
+def test_a_changed_triton_setting_binds_again(fake_triton, monkeypatch):
+    """Triton's debug flag (and instrumentation mode) change what ``JITFunction.run`` compiles: part of the key."""
+    kernel = _FakeJIT()
+    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.int32)
+    _launcher.launch(kernel, (1,), _args(x, y), {"BLOCK": 16})
+    monkeypatch.setattr(_launcher, "_KNOB_STATE", lambda knobs: (True, ""))
+    _launcher.launch(kernel, (1,), _args(x, y), {"BLOCK": 16})
+    _launcher.launch(kernel, (1,), _args(x, y), {"BLOCK": 16})
+    assert _kinds(kernel) == ["bind", "bind", "compiled"]
+
+
+def test_callable_grids_and_pre_run_hooks_take_tritons_own_launch(fake_triton):
+    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.int32)
+    kernel = _FakeJIT()
+    for _ in range(2):
+        _launcher.launch(kernel, lambda meta: (1,), _args(x, y), {"BLOCK": 16})
+    hooked = _FakeJIT()
+    hooked.pre_run_hooks = [lambda *args, **kwargs: None]
+    for _ in range(2):
+        _launcher.launch(hooked, (1,), _args(x, y), {"BLOCK": 16})
+    assert _kinds(kernel) == _kinds(hooked) == ["bind", "bind"]
+
+
+def test_kept_kernels_are_bounded(fake_triton, monkeypatch):
+    """Keys that never recur (a new specialized value per call) do not pile up past ``MAX_KEPT``."""
+    monkeypatch.setattr(_launcher, "MAX_KEPT", 3)
+    kernel = _FakeJIT()
+    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.int32)
+    for stride in range(10):
+        _launcher.launch(kernel, (1,), _args(x, y, stride=stride), {"BLOCK": 16})
+    assert len(_launcher._LAUNCHES[id(kernel)].compiled) <= 3
+    _launcher.launch(kernel, (1,), _args(x, y, stride=9), {"BLOCK": 16})  # the newest is still kept
+    assert _kinds(kernel)[-1] == "compiled"
+
+
+def test_uncached_launches_is_per_thread_and_nests(fake_triton):
+    import threading
+
+    kernel = _FakeJIT()
+    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.int32)
+    _launcher.launch(kernel, (1,), _args(x, y), {"BLOCK": 16})
+    seen = []
+    with _launcher.uncached_launches():
+        with _launcher.uncached_launches():
+            pass
+        assert not _launcher.enabled(), "leaving an inner block turned the outer one off"
+        other = threading.Thread(target=lambda: seen.append(_launcher.enabled()))
+        other.start()
+        other.join()
+    assert seen == [True] and _launcher.enabled()
