@@ -30,6 +30,11 @@ Forms (``config`` overrides of the kernel's defaults):
 ``host_profile``: the default unchecked call's host time by function (cProfile over ``HOST_CALLS`` calls, the top
 entries by own time), to see what the launches cost against the Python around them.
 
+``paired_speedup_default_unchecked``: SDPA's eager time over the default unchecked call's, from alternating
+blocks of ``HOST_CALLS`` calls (:func:`paired_speedup`, ``PAIRED_ROUNDS`` pairs): the ratio the eager target is
+read from, since each pair's two blocks run milliseconds apart while the host's speed drifts over the seconds
+between the forms above.
+
 SDPA: ``F.scaled_dot_product_attention`` on an fp16 cache, flash backend (``enable_gqa``). Timings never gate
 tests; the ratios are read side by side from one run.
 """
@@ -64,6 +69,7 @@ FORMS = {
 }
 HOST_CALLS = 200
 REPEATS = 5
+PAIRED_ROUNDS = 15
 
 
 def host_us(fn) -> float:
@@ -107,6 +113,38 @@ def eager_us(fn) -> float:
     return statistics.median(times)
 
 
+def paired_speedup(baseline, candidate, *, rounds: int = PAIRED_ROUNDS, calls: int = HOST_CALLS,
+                   sync=None, clock=time.perf_counter) -> dict:
+    """``baseline``'s eager time over ``candidate``'s (> 1: the candidate is faster), from ``rounds`` pairs of
+    blocks of ``calls`` back-to-back calls, each block closed by ``sync`` (default ``torch.cuda.synchronize``), the
+    two blocks of a pair run in alternating order. A ratio is taken within each pair, a few milliseconds apart, so a
+    host whose speed drifts between blocks (seen up to 2x on the H200's host) moves both sides of it; the median and
+    quartiles over the pairs are returned with every pair's ratio."""
+    sync = sync or torch.cuda.synchronize
+    baseline(), candidate()
+    sync()
+
+    def block(fn) -> float:
+        start = clock()
+        for _ in range(calls):
+            fn()
+        sync()
+        return clock() - start
+
+    ratios = []
+    for i in range(rounds):
+        if i % 2 == 0:
+            base_time = block(baseline)
+            cand_time = block(candidate)
+        else:
+            cand_time = block(candidate)
+            base_time = block(baseline)
+        ratios.append(base_time / cand_time)
+    q1, median, q3 = statistics.quantiles(ratios, n=4) if rounds > 1 else ratios * 3
+    return {"rounds": rounds, "calls_per_block": calls, "median": statistics.median(ratios), "q1": q1, "q3": q3,
+            "ratios": ratios}
+
+
 def measure_shape(*, B: int, group: int, N: int, device) -> dict:
     Hq, D, bits = 32, 128, 128
     Hkv = Hq // group
@@ -133,7 +171,6 @@ def measure_shape(*, B: int, group: int, N: int, device) -> dict:
             "config": config or {}, "eager_us": eager_us(unchecked), "host_us": host_us(unchecked),
             "max_abs_diff_vs_first_form": float((out - reference).abs().max())}
     row["host_profile"] = host_profile(unchecked)  # the defaults' unchecked call
-    del args, kwargs
     q = torch.randn(B, Hq, 1, D, device=device, dtype=torch.float16, generator=gen)
     k, v = (torch.randn(B, Hkv, N, D, device=device, dtype=torch.float16, generator=gen) for _ in range(2))
 
@@ -142,6 +179,8 @@ def measure_shape(*, B: int, group: int, N: int, device) -> dict:
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv)
 
     row["sdpa"] = {"eager_us": eager_us(sdpa), "host_us": host_us(sdpa)}
+    row["paired_speedup_default_unchecked"] = paired_speedup(sdpa, unchecked)
+    del args, kwargs
     for form in row["forms"].values():
         form["speedup_eager"] = row["sdpa"]["eager_us"] / form["eager_us"]
     del q, k, v
@@ -179,8 +218,10 @@ def main(argv=None) -> int:
                 write_json(path, result)
                 forms = "  ".join(f"{k} {f['eager_us']:6.1f} us (host {f['host_us']:5.1f}, {f['speedup_eager']:4.2f}x)"
                                   for k, f in row["forms"].items())
+                paired = row["paired_speedup_default_unchecked"]
                 print(f"B={B} 32/{32 // group} ctx={N:>6}: sdpa {row['sdpa']['eager_us']:6.1f} us "
-                      f"(host {row['sdpa']['host_us']:5.1f})  {forms}", flush=True)
+                      f"(host {row['sdpa']['host_us']:5.1f})  {forms}  paired default-unchecked vs sdpa: "
+                      f"{paired['median']:.2f}x (quartiles {paired['q1']:.2f}-{paired['q3']:.2f})", flush=True)
     print(f"wrote {path}")
     return 0
 

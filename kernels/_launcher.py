@@ -14,8 +14,9 @@ address mod 16 (Triton specializes on 16-byte alignment; not kept for those ``do
 lists); every other scalar by exact value, except those ``do_not_specialize`` lists, by integer width only (what
 Triton compiles apart). The first call of a key goes through Triton's own launch (which compiles the kernel or finds
 it in its cache) and keeps the compiled kernel it returns, with the values of the parameters after ``args``
-(constexprs, defaults); later calls launch it as ``compiled[grid](*args, *rest)``, Triton's launch of a compiled
-kernel (its launch hooks, the current stream). What runs is therefore the kernel Triton itself would pick for those
+(constexprs, defaults); later calls launch it as ``compiled[grid](*args, *rest)`` does, Triton's launch of a
+compiled kernel on the current stream: its loaded launcher called directly while no launch hooks are set
+(``compiled[grid]`` itself, which runs them, otherwise). What runs is therefore the kernel Triton itself would pick for those
 arguments. The key's parts come from C-level getters chosen once per tuple of argument types. Kernels run by
 Triton's CPU interpreter, and anything that is not a ``JITFunction`` (tests wrap kernels to count launches), take
 the plain ``kernel[grid](...)`` path on every call, as do a callable grid, a kernel with pre-run hooks (or
@@ -152,6 +153,34 @@ def _loose_key(a):
     return None
 
 
+def _current_stream(device: int) -> int:
+    """The handle of ``device``'s current CUDA stream (what Triton's launch of a compiled kernel asks the driver)."""
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+def _direct_launcher(compiled):
+    """``(run, function, packed_metadata)`` of a compiled kernel whose handles are loaded: what
+    ``compiled[grid](*args)`` passes to its launcher after building a closure and asking for launch metadata on
+    every call. Calling ``run`` with them, the current stream and no launch hooks is that launch less about a tenth of
+    an eager decode call's host time. None where this Triton's ``CompiledKernel`` has not these attributes (the
+    launch then goes through ``compiled[grid]``)."""
+    if _knobs is None or getattr(compiled, "_run", None) is None:  # an older Triton, handles not loaded, a stand-in
+        return None
+    try:
+        return compiled.run, compiled.function, compiled.packed_metadata
+    except AttributeError:
+        return None
+
+
+def _launch_hooks_set() -> bool:
+    """Whether a launch enter/exit hook is set in Triton's settings (a profiler's): then ``compiled[grid]`` runs it.
+    A hook is a function or None (Triton 3.4-3.6) or a chain of functions, set when not empty (later Triton)."""
+    runtime = getattr(_knobs, "runtime", None)
+    return runtime is not None and any(
+        hook is not None and getattr(hook, "calls", True)
+        for hook in (getattr(runtime, "launch_enter_hook", None), getattr(runtime, "launch_exit_hook", None)))
+
+
 _LAUNCHES: dict[int, _KernelLaunches] = {}
 MAX_KEPT = 256  # compiled kernels kept per kernel: past it the kernel's entries are dropped (keys that never recur --
 # prompt lengths, store capacities -- would otherwise pile up in a long-running process)
@@ -184,10 +213,17 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, options: dict | N
             if len(state.compiled) >= MAX_KEPT:
                 state.compiled.clear()
             # with the parameters after ``args`` (constexprs, defaults): fixed by the key
-            state.compiled[key] = compiled, tuple(state.all_args(args, constexprs)[len(args):])
+            state.compiled[key] = (compiled, tuple(state.all_args(args, constexprs)[len(args):]),
+                                   _direct_launcher(compiled))
         return
-    compiled, tail = kept
-    compiled[(*grid, 1, 1)[:3]](*args, *tail)  # a compiled kernel's launch takes all parameters, 3 grid dims
+    compiled, tail, direct = kept
+    grid = (*grid, 1, 1)  # a compiled kernel's launch takes all parameters, 3 grid dims
+    if direct is not None and not _launch_hooks_set():
+        run, function, packed_metadata = direct
+        run(grid[0], grid[1], grid[2], _current_stream(_current_device()), function, packed_metadata, None, None, None,
+            *args, *tail)
+    else:
+        compiled[grid[:3]](*args, *tail)
 
 
 @contextlib.contextmanager

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import torch
 
@@ -642,6 +643,19 @@ def _cos_table(bits: int, device: torch.device) -> torch.Tensor:
 
 
 _COUNTERS: dict = {}
+_PARTIALS: dict = {}
+MAX_PARTIALS = 64  # kept partials buffers (per device, stream, thread and size): past it they are dropped and made anew
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _stream_id(device: torch.device) -> int:
+    """The handle of ``device``'s current CUDA stream (0 off CUDA: Triton's CPU interpreter runs in program order),
+    without building a ``torch.cuda.Stream`` (a few microseconds of an eager call)."""
+    if device.type != "cuda":
+        return 0
+    if _RAW_STREAM is None:  # pragma: no cover - a torch without the raw getter
+        return torch.cuda.current_stream(device).cuda_stream
+    return _RAW_STREAM(device.index)
 
 
 def _combine_counters(device: torch.device, rows: int) -> torch.Tensor:
@@ -649,15 +663,31 @@ def _combine_counters(device: torch.device, rows: int) -> torch.Tensor:
     program of a row resets its counter), one buffer per device and stream, grown by doubling. Not called while
     the current stream captures a CUDA graph (nothing is allocated mid-capture, and a graph replays launches for
     free, so the separate combine kernel runs there)."""
-    if device.type == "cuda":
-        key = (device, torch.cuda.current_stream(device).cuda_stream)
-    else:  # Triton's CPU interpreter
-        key = (device, 0)
+    key = (device, _stream_id(device))
     counters = _COUNTERS.get(key)
     if counters is None or counters.numel() < rows:
         counters = torch.zeros(max(1024, 2 * rows), dtype=torch.int32, device=device)
         _COUNTERS[key] = counters
     return counters
+
+
+def _partials(device: torch.device, rows: int, block_d: int, capturing: bool) -> tuple:
+    """The split programs' partial results, fp32: row maximum ``[rows]``, log-sum-exp ``[rows]`` and output
+    ``[rows, block_d]`` (``rows`` = query rows x slices). Written and read back within one call, in the order of
+    the current stream, so an eager call reuses one set per device, stream, thread (two threads' launches may
+    interleave on one stream) and size: three allocations less on every decode step, kept until
+    ``MAX_PARTIALS`` sets exist, then dropped. Under CUDA-graph capture each call
+    allocates its own (the graph's memory pool keeps them for the replays)."""
+    f32 = dict(dtype=torch.float32, device=device)
+    if capturing:
+        return torch.empty(rows, **f32), torch.empty(rows, **f32), torch.empty(rows, block_d, **f32)
+    key = (device, _stream_id(device), threading.get_ident(), rows, block_d)
+    kept = _PARTIALS.get(key)
+    if kept is None:
+        if len(_PARTIALS) >= MAX_PARTIALS:
+            _PARTIALS.clear()
+        kept = _PARTIALS[key] = torch.empty(rows, **f32), torch.empty(rows, **f32), torch.empty(rows, block_d, **f32)
+    return kept
 
 
 def _plan_splits(n: int, rows: int, device: torch.device, block_n: int, split_k: int | None,
@@ -934,9 +964,7 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     if direct:
         m = lse = acc = out  # not written
     else:
-        m = torch.empty(B * Hq * total, **f32)
-        lse = torch.empty(B * Hq * total, **f32)
-        acc = torch.empty(B * Hq * total, block_d, **f32)
+        m, lse, acc = _partials(dev, B * Hq * total, block_d, capturing)
     launch(_decode_split_kernel, (rows, total), (
         q, q.stride(0), q.stride(1), projection, out, out.stride(0), out.stride(1),
         q_words, q_sq, q_proj, t_tensor, t_tensor.stride(0) if t_tensor.dim() == 2 else 0, inv_t, cos_table,

@@ -606,7 +606,7 @@ def test_decode_cached_launch_equals_tritons_own_launch(score, gqa, W):
     query sketched in the splits with the fused combine -- on a context that grows between calls (the loose ``N``),
     and a device-side ``n_valid``, give bit-identical outputs to Triton's own launch (``cached_launch=False``): the
     same compiled kernel on the same arguments. The kept kernels are the ones launched (the cache is not silently
-    bypassed). (Few forms: each compiles in seconds.)"""
+    bypassed), through their loaded launchers. (Few forms: each compiles in seconds.)"""
     from h1bkv_lite.kernels import _launcher
     from h1bkv_lite.kernels import decode_attention as da
     from h1bkv_lite.kernels.decode_attention import h1b_decode_attention_unchecked
@@ -630,7 +630,11 @@ def test_decode_cached_launch_equals_tritons_own_launch(score, gqa, W):
             for _ in range(2):  # the first call of a key binds through Triton, the second relaunches it
                 assert torch.equal(call(True), plain), f"seed={seed}, N={N}, form={form}, n_valid={nv}"
     for kernel in (da._decode_split_kernel, da._query_prep_kernel, da._decode_combine_kernel):
-        assert _launcher._LAUNCHES[id(kernel)].compiled, f"no compiled {kernel.fn.__name__} was kept"
+        kept = _launcher._LAUNCHES[id(kernel)].compiled
+        assert kept, f"no compiled {kernel.fn.__name__} was kept"
+        # relaunched through its loaded launcher (no launch hooks are set here), not compiled[grid]
+        assert not _launcher._launch_hooks_set()
+        assert all(direct is not None for _, _, direct in kept.values()), kernel.fn.__name__
 
 
 @pytest.mark.gpu
@@ -656,6 +660,51 @@ def test_combine_counters_are_zeroed_cached_and_grown():
     assert da._combine_counters(cpu, first.numel()) is first
     grown = da._combine_counters(cpu, first.numel() + 1)
     assert grown is not first and grown.numel() == 2 * (first.numel() + 1) and int(grown.abs().sum()) == 0
+
+
+def test_partials_are_kept_per_stream_thread_and_size_and_fresh_under_capture(monkeypatch):
+    """The split programs' fp32 partials (row max, log-sum-exp, output rows) are one kept set per device, stream,
+    thread and size for eager calls; a capture gets its own every call; past ``MAX_PARTIALS`` sets they are
+    dropped."""
+    import threading
+
+    from h1bkv_lite.kernels import decode_attention as da
+
+    monkeypatch.setattr(da, "_PARTIALS", {})
+    cpu = torch.device("cpu")
+    m, lse, acc = da._partials(cpu, 12, 64, False)
+    assert (m.shape, lse.shape, acc.shape) == ((12,), (12,), (12, 64))
+    assert all(t.dtype == torch.float32 for t in (m, lse, acc))
+    assert all(a is b for a, b in zip(da._partials(cpu, 12, 64, False), (m, lse, acc)))
+    assert da._partials(cpu, 13, 64, False)[0] is not m and da._partials(cpu, 12, 128, False)[0] is not m
+    assert da._partials(cpu, 12, 64, True)[0] is not m and da._partials(cpu, 12, 64, True)[0] is not m
+    other = []
+    thread = threading.Thread(target=lambda: other.append(da._partials(cpu, 12, 64, False)[0]))
+    thread.start()
+    thread.join()
+    assert other[0] is not m
+    monkeypatch.setattr(da, "MAX_PARTIALS", len(da._PARTIALS))
+    da._partials(cpu, 99, 64, False)
+    assert len(da._PARTIALS) == 1 and da._partials(cpu, 12, 64, False)[0] is not m
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_decode_calls_reusing_partials_stay_independent(device, fused):
+    """Two calls of one shape (one kept set of partials) on different caches: each equals its reference, the first
+    call's output is not changed by the second (the partials are the only buffers the calls share), and repeating
+    the first call after the second gives the same output bit for bit."""
+    seed = fresh_seed()
+    config = {"block_n": 16, "fused_combine": fused}
+    first_args, first_kwargs, _ = make_cache(seed=seed, device=device, B=1, Hq=4, Hkv=2, N=333, W=2, D=64, bits=64)
+    second_args, second_kwargs, _ = make_cache(seed=seed + 1, device=device, B=1, Hq=4, Hkv=2, N=333, W=2, D=64,
+                                               bits=64)
+    first = h1b_decode_attention(*first_args, backend="triton", split_k=4, config=config, **first_kwargs)
+    kept = first.clone()
+    _check_decode(second_args, second_kwargs, seed + 1, split_k=4, config=config)
+    assert torch.equal(first, kept), f"seed={seed}: the second call changed the first call's output"
+    again = h1b_decode_attention(*first_args, backend="triton", split_k=4, config=config, **first_kwargs)
+    assert torch.equal(first, again), f"seed={seed}: the same call gave another output after a second cache's call"
+    _check_decode(first_args, first_kwargs, seed, split_k=4, config=config)
 
 
 @pytest.mark.parametrize("use_dot,precision,stages", [(False, "ieee", 1), (True, "ieee", 1), (True, "tf32x3", 1),

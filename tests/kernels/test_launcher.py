@@ -210,3 +210,55 @@ def test_uncached_launches_is_per_thread_and_nests(fake_triton):
         other.start()
         other.join()
     assert seen == [True] and _launcher.enabled()
+
+
+class _LoadedCompiled(_Compiled):
+    """A compiled kernel with its launcher loaded, as Triton's ``CompiledKernel`` after its first launch: ``run``
+    (the launcher), ``function`` and ``packed_metadata``."""
+
+    def __init__(self, log):
+        super().__init__(log)
+        self.packed_metadata = object()
+        self._run = self.run = lambda *launch: self.log.append(("direct", launch))
+
+
+def test_a_loaded_kernel_is_relaunched_through_its_launcher_unless_launch_hooks_are_set(fake_triton, monkeypatch):
+    """A kept kernel whose launcher is loaded is called as ``compiled[grid]`` would call it: grid, the current
+    stream, the function, the packed metadata, no launch metadata and hooks, then every argument; with Triton's
+    launch enter hook set (a profiler's), ``compiled[grid]`` itself runs (it calls the hooks)."""
+    pytest.importorskip("triton")
+    kernel = _FakeJIT()
+    log = kernel.log
+    loaded = []
+
+    def bind(grid):
+        def run(*args, **kwargs):
+            log.append(("bind", grid, args, kwargs))
+            loaded.append(_LoadedCompiled(log))
+            return loaded[-1]
+        return run
+
+    monkeypatch.setattr(_FakeJIT, "__getitem__", lambda self, grid: bind(grid))
+    monkeypatch.setattr(_launcher, "_current_stream", lambda device: ("stream of", device))
+    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.int32)
+    _launcher.launch(kernel, (3, 2), _args(x, y), {"BLOCK": 16})
+    _launcher.launch(kernel, (5,), _args(x, y, N=7), {"BLOCK": 16})
+    compiled = loaded[0]
+    assert len(loaded) == 1 and log[1] == ("direct", (5, 1, 1, ("stream of", 0), compiled.function,
+                                                      compiled.packed_metadata, None, None, None,
+                                                      *_args(x, y, N=7), 16, False))
+    hook = lambda metadata: None  # noqa: E731
+    runtime = _launcher._knobs.runtime
+    if hasattr(runtime.launch_enter_hook, "calls"):  # a chain of hooks (later Triton): empty is unset
+        monkeypatch.setattr(runtime.launch_enter_hook, "calls", [hook])
+    else:
+        monkeypatch.setattr(runtime, "launch_enter_hook", hook)
+    _launcher.launch(kernel, (5,), _args(x, y, N=8), {"BLOCK": 16})
+    assert log[2] == ("compiled", (5, 1, 1), (*_args(x, y, N=8), 16, False))
+
+
+def test_kernels_without_a_loaded_launcher_are_relaunched_through_compiled_grid(fake_triton):
+    """A compiled kernel without ``_run`` loaded (another Triton's, a stand-in) keeps ``compiled[grid]``."""
+    assert _launcher._direct_launcher(_Compiled([])) is None
+    loaded = _LoadedCompiled([])
+    assert _launcher._direct_launcher(loaded) == (loaded.run, loaded.function, loaded.packed_metadata)
