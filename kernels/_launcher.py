@@ -47,7 +47,8 @@ if HAS_TRITON:
 else:  # pragma: no cover - nothing is launched without Triton
     JITFunction, _knobs = (), None
 
-_INT32 = (-(1 << 31), 1 << 31)
+_IN_INT32 = range(-(1 << 31), 1 << 31).__contains__  # C-level and O(1) for exact ints (only those are passed)
+_IN_UINT64_TOP = range(1 << 63, 1 << 64).__contains__
 
 
 class _KernelLaunches:
@@ -74,7 +75,8 @@ class _KernelLaunches:
         return (_current_device(), _KNOB_STATE(_knobs), tuple(constexprs.items()), tuple(map(type, constexprs.values())),
                 tuple(options.items()), types,
                 tuple(map(_DTYPE, tensors)), tuple(map(_MISALIGNMENT, map(_DATA_PTR, layout.aligned(args)))),
-                layout.exact(args), tuple([_loose_key(a) for a in layout.loose(args)]))
+                layout.exact(args), tuple(map(_IN_INT32, layout.loose_ints(args))),
+                tuple(map(_IN_UINT64_TOP, layout.loose_ints(args))))
 
     def all_args(self, args: tuple, constexprs: dict) -> list:
         """Every parameter's value in signature order (what Triton's launcher of a compiled kernel takes)."""
@@ -84,14 +86,16 @@ class _KernelLaunches:
 
 class _Layout:
     """Getters of one tuple of argument types: the tensors (their dtypes), the tensors whose alignment Triton
-    specializes on, the specialized scalars (by value) and the ``do_not_specialize`` scalars (by integer width)."""
+    specializes on, the specialized scalars (by value) and the ``do_not_specialize`` ints (by integer width: Triton
+    still compiles a separate kernel for ints past int32 and past int64; other ``do_not_specialize`` scalars are keyed
+    by type alone)."""
 
     def __init__(self, types: tuple, loose: frozenset, unaligned: frozenset):
         is_tensor = [issubclass(t, torch.Tensor) for t in types]
         self.tensors = _getter([i for i, t in enumerate(is_tensor) if t])
         self.aligned = _getter([i for i, t in enumerate(is_tensor) if t and i not in unaligned])
         self.exact = _getter([i for i, t in enumerate(is_tensor) if not t and i not in loose])
-        self.loose = _getter([i for i, t in enumerate(is_tensor) if not t and i in loose])
+        self.loose_ints = _getter([i for i, t in enumerate(types) if t is int and i in loose])
 
 
 def _getter(positions: list):
@@ -144,13 +148,6 @@ def _current_device() -> int:
 _DTYPE = operator.attrgetter("dtype")
 _DATA_PTR = torch.Tensor.data_ptr
 _MISALIGNMENT = (15).__and__  # address mod 16: Triton specializes on 16-byte alignment
-
-
-def _loose_key(a):
-    """A ``do_not_specialize`` scalar: Triton still compiles a separate kernel per integer width."""
-    if isinstance(a, int) and not isinstance(a, bool):
-        return _INT32[0] <= a < _INT32[1], a >= 1 << 63
-    return None
 
 
 def _current_stream(device: int) -> int:

@@ -262,3 +262,13 @@ def test_kernels_without_a_loaded_launcher_are_relaunched_through_compiled_grid(
     assert _launcher._direct_launcher(_Compiled([])) is None
     loaded = _LoadedCompiled([])
     assert _launcher._direct_launcher(loaded) == (loaded.run, loaded.function, loaded.packed_metadata)
+
+
+def test_loose_ints_are_keyed_by_the_width_triton_compiles_them_at(fake_triton):
+    """A ``do_not_specialize`` int relaunches the kept kernel while it keeps its width class (int32, int64, past
+    int64: Triton compiles each apart) and binds anew when it crosses one."""
+    kernel = _FakeJIT()
+    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.int32)
+    for N in (-(1 << 31), (1 << 31) - 1, 1 << 31, (1 << 63) - 1, 1 << 63, (1 << 64) - 1):
+        _launcher.launch(kernel, (1,), _args(x, y, N=N), {"BLOCK": 16})
+    assert _kinds(kernel) == ["bind", "compiled", "bind", "compiled", "bind", "compiled"]
