@@ -70,7 +70,7 @@ FORMS = {
 }
 HOST_CALLS = 200
 REPEATS = 5
-PAIRED_ROUNDS = 15
+PAIRED_ROUNDS = 16  # even: as many pairs start with either side
 
 
 def host_us(fn) -> float:
@@ -120,7 +120,11 @@ def paired_speedup(baseline, candidate, *, rounds: int = PAIRED_ROUNDS, calls: i
     blocks of ``calls`` back-to-back calls, each block closed by ``sync`` (default ``torch.cuda.synchronize``), the
     two blocks of a pair run in alternating order. A ratio is taken within each pair, a few milliseconds apart, so a
     host whose speed drifts between blocks (seen up to 2x on the H200's host) moves both sides of it; the median and
-    quartiles over the pairs are returned with every pair's ratio."""
+    quartiles over the pairs (inclusive method: within the ratios' range) are returned with every pair's ratio.
+    Raises ValueError unless ``rounds`` and ``calls`` are positive ints."""
+    for name, value in (("rounds", rounds), ("calls", calls)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     sync = sync or torch.cuda.synchronize
     baseline(), candidate()
     sync()
@@ -141,7 +145,7 @@ def paired_speedup(baseline, candidate, *, rounds: int = PAIRED_ROUNDS, calls: i
             cand_time = block(candidate)
             base_time = block(baseline)
         ratios.append(base_time / cand_time)
-    q1, median, q3 = statistics.quantiles(ratios, n=4) if rounds > 1 else ratios * 3
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if rounds > 1 else ratios * 3
     return {"rounds": rounds, "calls_per_block": calls, "median": statistics.median(ratios), "q1": q1, "q3": q3,
             "ratios": ratios}
 

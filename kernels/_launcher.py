@@ -47,8 +47,8 @@ if HAS_TRITON:
 else:  # pragma: no cover - nothing is launched without Triton
     JITFunction, _knobs = (), None
 
-_IN_INT32 = range(-(1 << 31), 1 << 31).__contains__  # C-level and O(1) for exact ints (only those are passed)
-_IN_UINT64_TOP = range(1 << 63, 1 << 64).__contains__
+_IN_INT32 = range(-(1 << 31), 1 << 31).__contains__  # C-level and O(1) for exact ints only (an int subclass
+_IN_UINT64_TOP = range(1 << 63, 1 << 64).__contains__  # would be searched element by element: converted first)
 
 
 class _KernelLaunches:
@@ -76,7 +76,8 @@ class _KernelLaunches:
                 tuple(options.items()), types,
                 tuple(map(_DTYPE, tensors)), tuple(map(_MISALIGNMENT, map(_DATA_PTR, layout.aligned(args)))),
                 layout.exact(args), tuple(map(_IN_INT32, layout.loose_ints(args))),
-                tuple(map(_IN_UINT64_TOP, layout.loose_ints(args))))
+                tuple(map(_IN_UINT64_TOP, layout.loose_ints(args))),
+                tuple([_width_class(int(a)) for a in layout.loose_int_subclasses(args)]))
 
     def all_args(self, args: tuple, constexprs: dict) -> list:
         """Every parameter's value in signature order (what Triton's launcher of a compiled kernel takes)."""
@@ -96,6 +97,13 @@ class _Layout:
         self.aligned = _getter([i for i, t in enumerate(is_tensor) if t and i not in unaligned])
         self.exact = _getter([i for i, t in enumerate(is_tensor) if not t and i not in loose])
         self.loose_ints = _getter([i for i, t in enumerate(types) if t is int and i in loose])
+        self.loose_int_subclasses = _getter([i for i, t in enumerate(types) if i in loose and t is not int
+                                             and issubclass(t, int) and not issubclass(t, bool)])
+
+
+def _width_class(a: int) -> tuple:
+    """A ``do_not_specialize`` int's width class (int32, int64, past int64), as Triton compiles them apart."""
+    return _IN_INT32(a), _IN_UINT64_TOP(a)
 
 
 def _getter(positions: list):
@@ -116,8 +124,10 @@ def _positions(kernel, attribute: str, names: list) -> frozenset:
 
 def _knob_getter():
     """One C-level getter of Triton's process-wide settings that change what ``JITFunction.run`` compiles (its debug
-    flag, Proton's instrumentation mode), those this Triton has: part of the key, so changing one binds anew."""
-    names = [name for name in ("runtime.debug", "compilation.instrumentation_mode")
+    flag, Proton's instrumentation mode, the float sanitizer's cast mode), those this Triton has: part of the key, so
+    changing one binds anew."""
+    names = [name for name in ("runtime.debug", "compilation.instrumentation_mode",
+                               "compilation.fpsan_homomorphic_casts")
              if _knobs is not None and _has_path(_knobs, name)]
     return operator.attrgetter(*names) if names else (lambda knobs: ())
 
@@ -174,8 +184,14 @@ def _launch_hooks_set() -> bool:
     A hook is a function or None (Triton 3.4-3.6) or a chain of functions, set when not empty (later Triton)."""
     runtime = getattr(_knobs, "runtime", None)
     return runtime is not None and any(
-        hook is not None and getattr(hook, "calls", True)
-        for hook in (getattr(runtime, "launch_enter_hook", None), getattr(runtime, "launch_exit_hook", None)))
+        _hook_set(getattr(runtime, name, None)) for name in ("launch_enter_hook", "launch_exit_hook"))
+
+
+def _hook_set(hook) -> bool:
+    chain = getattr(_knobs, "HookChain", None)
+    if chain is not None and isinstance(hook, chain):
+        return bool(hook.calls)
+    return hook is not None
 
 
 _LAUNCHES: dict[int, _KernelLaunches] = {}

@@ -644,7 +644,7 @@ def _cos_table(bits: int, device: torch.device) -> torch.Tensor:
 
 _COUNTERS: dict = {}
 _PARTIALS: dict = {}
-MAX_PARTIALS = 64  # kept partials buffers (per device, stream, thread and size): past it they are dropped and made anew
+MAX_PARTIALS = 64  # kept partials sets (one per device, stream and thread): past it all are dropped and made anew
 _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
@@ -674,20 +674,29 @@ def _combine_counters(device: torch.device, rows: int) -> torch.Tensor:
 def _partials(device: torch.device, rows: int, block_d: int, capturing: bool) -> tuple:
     """The split programs' partial results, fp32: row maximum ``[rows]``, log-sum-exp ``[rows]`` and output
     ``[rows, block_d]`` (``rows`` = query rows x slices). Written and read back within one call, in the order of
-    the current stream, so an eager call reuses one set per device, stream, thread (two threads' launches may
-    interleave on one stream) and size: three allocations less on every decode step, kept until
-    ``MAX_PARTIALS`` sets exist, then dropped. Under CUDA-graph capture each call
-    allocates its own (the graph's memory pool keeps them for the replays)."""
+    the current stream, so eager calls reuse one set per device, stream and thread (two threads' launches may
+    interleave on one stream): three allocations less on every decode step. The set kept is the last size asked
+    for (every layer of a decode step asks for the same); another size replaces it. Past ``MAX_PARTIALS`` kept sets
+    (streams x threads) all are dropped; :func:`release_kept_buffers` drops them too. Under CUDA-graph capture each
+    call allocates its own (the graph's memory pool keeps them for the replays)."""
     f32 = dict(dtype=torch.float32, device=device)
     if capturing:
         return torch.empty(rows, **f32), torch.empty(rows, **f32), torch.empty(rows, block_d, **f32)
-    key = (device, _stream_id(device), threading.get_ident(), rows, block_d)
+    key = (device, _stream_id(device), threading.get_ident())
     kept = _PARTIALS.get(key)
-    if kept is None:
-        if len(_PARTIALS) >= MAX_PARTIALS:
+    if kept is None or kept[0] != (rows, block_d):
+        if kept is None and len(_PARTIALS) >= MAX_PARTIALS:
             _PARTIALS.clear()
-        kept = _PARTIALS[key] = torch.empty(rows, **f32), torch.empty(rows, **f32), torch.empty(rows, block_d, **f32)
-    return kept
+        kept = _PARTIALS[key] = ((rows, block_d),
+                                 (torch.empty(rows, **f32), torch.empty(rows, **f32), torch.empty(rows, block_d, **f32)))
+    return kept[1]
+
+
+def release_kept_buffers() -> None:
+    """Drop the buffers eager decode calls keep between calls (the split partials, the fused combine's counters),
+    so that ``torch.cuda.empty_cache()`` can return their memory; the next call allocates them again."""
+    _PARTIALS.clear()
+    _COUNTERS.clear()
 
 
 def _plan_splits(n: int, rows: int, device: torch.device, block_n: int, split_k: int | None,

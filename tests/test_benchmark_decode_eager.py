@@ -53,3 +53,15 @@ def test_paired_speedup_without_drift_is_the_cost_ratio():
     result = decode_eager.paired_speedup(clock.timed(2.0, log, "a"), clock.timed(5.0, log, "b"), rounds=3, calls=2,
                                          sync=clock.sync, clock=clock)
     assert result["ratios"] == [0.4, 0.4, 0.4] and result["median"] == 0.4 == result["q1"] == result["q3"]
+
+
+def test_paired_speedup_quartiles_stay_within_the_ratios_and_bad_counts_raise():
+    import pytest
+
+    clock, log = _Clock(drift=0.5), []
+    result = decode_eager.paired_speedup(clock.timed(1.0, log, "a"), clock.timed(1.0, log, "b"), rounds=2, calls=1,
+                                         sync=clock.sync, clock=clock)
+    assert min(result["ratios"]) <= result["q1"] <= result["median"] <= result["q3"] <= max(result["ratios"])
+    for bad in ({"rounds": 0}, {"calls": 0}, {"rounds": 2.0}, {"calls": True}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            decode_eager.paired_speedup(lambda: None, lambda: None, sync=lambda: None, **bad)

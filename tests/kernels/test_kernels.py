@@ -662,30 +662,39 @@ def test_combine_counters_are_zeroed_cached_and_grown():
     assert grown is not first and grown.numel() == 2 * (first.numel() + 1) and int(grown.abs().sum()) == 0
 
 
-def test_partials_are_kept_per_stream_thread_and_size_and_fresh_under_capture(monkeypatch):
-    """The split programs' fp32 partials (row max, log-sum-exp, output rows) are one kept set per device, stream,
-    thread and size for eager calls; a capture gets its own every call; past ``MAX_PARTIALS`` sets they are
-    dropped."""
+def test_partials_are_kept_per_stream_and_thread_and_fresh_under_capture(monkeypatch):
+    """The split programs' fp32 partials (row max, log-sum-exp, output rows): one kept set per device, stream and
+    thread for eager calls, of the last size asked for (another size replaces it); a capture gets its own every
+    call; past ``MAX_PARTIALS`` sets all are dropped; ``release_kept_buffers`` drops them and the counters."""
     import threading
 
     from h1bkv_lite.kernels import decode_attention as da
 
     monkeypatch.setattr(da, "_PARTIALS", {})
+    monkeypatch.setattr(da, "_COUNTERS", {})
     cpu = torch.device("cpu")
     m, lse, acc = da._partials(cpu, 12, 64, False)
     assert (m.shape, lse.shape, acc.shape) == ((12,), (12,), (12, 64))
     assert all(t.dtype == torch.float32 for t in (m, lse, acc))
     assert all(a is b for a, b in zip(da._partials(cpu, 12, 64, False), (m, lse, acc)))
-    assert da._partials(cpu, 13, 64, False)[0] is not m and da._partials(cpu, 12, 128, False)[0] is not m
     assert da._partials(cpu, 12, 64, True)[0] is not m and da._partials(cpu, 12, 64, True)[0] is not m
+    assert len(da._PARTIALS) == 1
     other = []
     thread = threading.Thread(target=lambda: other.append(da._partials(cpu, 12, 64, False)[0]))
     thread.start()
     thread.join()
-    assert other[0] is not m
+    assert other[0] is not m and len(da._PARTIALS) == 2
+    resized = da._partials(cpu, 13, 64, False)
+    assert resized[0].shape == (13,) and len(da._PARTIALS) == 2  # replaced, not added
+    assert da._partials(cpu, 13, 128, False)[2].shape == (13, 128)
+    assert da._partials(cpu, 12, 64, False)[0] is not m
     monkeypatch.setattr(da, "MAX_PARTIALS", len(da._PARTIALS))
-    da._partials(cpu, 99, 64, False)
-    assert len(da._PARTIALS) == 1 and da._partials(cpu, 12, 64, False)[0] is not m
+    monkeypatch.setattr(da, "_stream_id", lambda device: 7)  # a new stream: a new set, past the bound
+    da._partials(cpu, 12, 64, False)
+    assert len(da._PARTIALS) == 1
+    da._combine_counters(cpu, 4)
+    da.release_kept_buffers()
+    assert not da._PARTIALS and not da._COUNTERS
 
 
 @pytest.mark.parametrize("fused", [True, False])

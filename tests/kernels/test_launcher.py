@@ -272,3 +272,40 @@ def test_loose_ints_are_keyed_by_the_width_triton_compiles_them_at(fake_triton):
     for N in (-(1 << 31), (1 << 31) - 1, 1 << 31, (1 << 63) - 1, 1 << 63, (1 << 64) - 1):
         _launcher.launch(kernel, (1,), _args(x, y, N=N), {"BLOCK": 16})
     assert _kinds(kernel) == ["bind", "compiled", "bind", "compiled", "bind", "compiled"]
+
+
+def test_loose_int_subclasses_are_keyed_by_width_too(fake_triton):
+    """An int subclass (an ``IntEnum``) as a ``do_not_specialize`` int: Triton compiles it by width like an int, so
+    crossing int32 binds anew (it is never searched element by element as a range member)."""
+    import enum
+
+    class Size(enum.IntEnum):
+        SMALL = 3
+        ALSO_SMALL = 5
+        BIG = 1 << 40
+
+    kernel = _FakeJIT()
+    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.int32)
+    for N in (Size.SMALL, Size.ALSO_SMALL, Size.BIG):
+        _launcher.launch(kernel, (1,), _args(x, y, N=N), {"BLOCK": 16})
+    assert _kinds(kernel) == ["bind", "compiled", "bind"]
+
+
+def test_a_hook_object_is_set_unless_it_is_an_empty_hook_chain(monkeypatch):
+    """Launch hooks: None and an empty ``HookChain`` (later Triton) are unset; any other object is set, whatever
+    attributes it has."""
+    pytest.importorskip("triton")
+
+    class CountingHook:
+        calls = 0
+
+        def __call__(self, metadata):
+            self.calls += 1
+
+    assert not _launcher._hook_set(None) and _launcher._hook_set(CountingHook())
+    chain_type = getattr(_launcher._knobs, "HookChain", None)
+    if chain_type is not None:
+        chain = chain_type()
+        assert not _launcher._hook_set(chain)
+        chain.add(CountingHook())
+        assert _launcher._hook_set(chain)
