@@ -181,13 +181,14 @@ def _direct_launcher(compiled):
 
 def _launch_hooks_set() -> bool:
     """Whether a launch enter/exit hook is set in Triton's settings (a profiler's): then ``compiled[grid]`` runs it.
-    A hook is a function or None (Triton 3.4-3.6) or a chain of functions, set when not empty (later Triton)."""
-    runtime = getattr(_knobs, "runtime", None)
-    return runtime is not None and any(
-        _hook_set(getattr(runtime, name, None)) for name in ("launch_enter_hook", "launch_exit_hook"))
+    A hook is None, a function, or (Triton 3.6 and later) a ``HookChain`` of functions, set when not empty."""
+    runtime = getattr(_knobs, "runtime", None)  # (no generator: this runs on every relaunch)
+    return runtime is not None and (_hook_set(getattr(runtime, "launch_enter_hook", None))
+                                    or _hook_set(getattr(runtime, "launch_exit_hook", None)))
 
 
 def _hook_set(hook) -> bool:
+    """Whether one launch hook setting is set: not None, and not an empty ``HookChain``."""
     chain = getattr(_knobs, "HookChain", None)
     if chain is not None and isinstance(hook, chain):
         return bool(hook.calls)
