@@ -160,9 +160,15 @@ _DATA_PTR = torch.Tensor.data_ptr
 _MISALIGNMENT = (15).__and__  # address mod 16: Triton specializes on 16-byte alignment
 
 
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _current_stream(device: int) -> int:
-    """The handle of ``device``'s current CUDA stream (what Triton's launch of a compiled kernel asks the driver)."""
-    return torch._C._cuda_getCurrentRawStream(device)
+    """The handle of CUDA device ``device``'s current stream (what Triton's launch of a compiled kernel asks the
+    driver for), without building a ``torch.cuda.Stream`` (a few microseconds of an eager call)."""
+    if _RAW_STREAM is None:  # pragma: no cover - a torch without the raw getter
+        return torch.cuda.current_stream(device).cuda_stream
+    return _RAW_STREAM(device)
 
 
 def _direct_launcher(compiled):

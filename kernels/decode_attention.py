@@ -47,7 +47,7 @@ from h1bkv_lite.sketch import pack_bits, unpack_bits
 from ._common import (
     HAS_TRITON, as_words, cdiv, is_interpreted, next_pow2, pack_sign_words, popcount, tl, triton, use_triton,
 )
-from ._launcher import _current_device, launch
+from ._launcher import _current_device, _current_stream, launch
 from .hamming import hamming_scores_reference
 from .sketch_pack import _project_tile
 
@@ -645,17 +645,11 @@ def _cos_table(bits: int, device: torch.device) -> torch.Tensor:
 _COUNTERS: dict = {}
 _PARTIALS: dict = {}
 MAX_PARTIALS = 64  # kept partials sets (one per device, stream and thread): past it all are dropped and made anew
-_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 def _stream_id(device: torch.device) -> int:
-    """The handle of ``device``'s current CUDA stream (0 off CUDA: Triton's CPU interpreter runs in program order),
-    without building a ``torch.cuda.Stream`` (a few microseconds of an eager call)."""
-    if device.type != "cuda":
-        return 0
-    if _RAW_STREAM is None:  # pragma: no cover - a torch without the raw getter
-        return torch.cuda.current_stream(device).cuda_stream
-    return _RAW_STREAM(device.index)
+    """The handle of ``device``'s current CUDA stream (0 off CUDA: Triton's CPU interpreter runs in program order)."""
+    return _current_stream(device.index) if device.type == "cuda" else 0
 
 
 def _combine_counters(device: torch.device, rows: int) -> torch.Tensor:
