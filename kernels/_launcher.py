@@ -71,12 +71,11 @@ class _KernelLaunches:
         layout = self.layouts.get(types)
         if layout is None:
             layout = self.layouts[types] = _Layout(types, self.loose, self.unaligned)
-        tensors = layout.tensors(args)
+        tensors, loose_ints = layout.tensors(args), layout.loose_ints(args)
         return (_current_device(), _KNOB_STATE(_knobs), tuple(constexprs.items()), tuple(map(type, constexprs.values())),
                 tuple(options.items()), types,
                 tuple(map(_DTYPE, tensors)), tuple(map(_MISALIGNMENT, map(_DATA_PTR, layout.aligned(args)))),
-                layout.exact(args), tuple(map(_IN_INT32, layout.loose_ints(args))),
-                tuple(map(_IN_UINT64_TOP, layout.loose_ints(args))),
+                layout.exact(args), tuple(map(_IN_INT32, loose_ints)), tuple(map(_IN_UINT64_TOP, loose_ints)),
                 tuple([_width_class(int(a)) for a in layout.loose_int_subclasses(args)]))
 
     def all_args(self, args: tuple, constexprs: dict) -> list:
@@ -193,10 +192,12 @@ def _launch_hooks_set() -> bool:
                                     or _hook_set(getattr(runtime, "launch_exit_hook", None)))
 
 
+_HOOK_CHAIN = getattr(_knobs, "HookChain", None)  # Triton 3.6 and later
+
+
 def _hook_set(hook) -> bool:
     """Whether one launch hook setting is set: not None, and not an empty ``HookChain``."""
-    chain = getattr(_knobs, "HookChain", None)
-    if chain is not None and isinstance(hook, chain):
+    if _HOOK_CHAIN is not None and isinstance(hook, _HOOK_CHAIN):
         return bool(hook.calls)
     return hook is not None
 
@@ -240,7 +241,8 @@ def launch(kernel, grid: tuple, args: tuple, constexprs: dict, options: dict | N
     grid = (*grid, 1, 1)  # a compiled kernel's launch takes all parameters, 3 grid dims
     if direct is not None and not _launch_hooks_set():
         run, function, packed_metadata = direct
-        run(grid[0], grid[1], grid[2], _current_stream(_current_device()), function, packed_metadata, None, None, None,
+        device = key[0]  # the key starts with the current device
+        run(grid[0], grid[1], grid[2], _current_stream(device), function, packed_metadata, None, None, None,
             *args, *tail)
     else:
         compiled[grid[:3]](*args, *tail)

@@ -673,17 +673,20 @@ def _partials(device: torch.device, rows: int, block_d: int, capturing: bool) ->
     for (every layer of a decode step asks for the same); another size replaces it. Past ``MAX_PARTIALS`` kept sets
     (streams x threads) all are dropped; :func:`release_kept_buffers` drops them too. Under CUDA-graph capture each
     call allocates its own (the graph's memory pool keeps them for the replays)."""
-    f32 = dict(dtype=torch.float32, device=device)
     if capturing:
-        return torch.empty(rows, **f32), torch.empty(rows, **f32), torch.empty(rows, block_d, **f32)
+        return _new_partials(device, rows, block_d)
     key = (device, _stream_id(device), threading.get_ident())
     kept = _PARTIALS.get(key)
     if kept is None or kept[0] != (rows, block_d):
         if kept is None and len(_PARTIALS) >= MAX_PARTIALS:
             _PARTIALS.clear()
-        kept = _PARTIALS[key] = ((rows, block_d),
-                                 (torch.empty(rows, **f32), torch.empty(rows, **f32), torch.empty(rows, block_d, **f32)))
+        kept = _PARTIALS[key] = (rows, block_d), _new_partials(device, rows, block_d)
     return kept[1]
+
+
+def _new_partials(device: torch.device, rows: int, block_d: int) -> tuple:
+    f32 = dict(dtype=torch.float32, device=device)
+    return torch.empty(rows, **f32), torch.empty(rows, **f32), torch.empty(rows, block_d, **f32)
 
 
 def release_kept_buffers() -> None:
