@@ -115,13 +115,14 @@ def eager_us(fn) -> float:
 
 
 def paired_speedup(baseline, candidate, *, rounds: int = PAIRED_ROUNDS, calls: int = HOST_CALLS,
-                   sync=None, clock=time.perf_counter) -> dict:
+                   sync=None, clock=time.perf_counter, after_block=None) -> dict:
     """``baseline``'s eager time over ``candidate``'s (> 1: the candidate is faster), from ``rounds`` pairs of
     blocks of ``calls`` back-to-back calls, each block closed by ``sync`` (default ``torch.cuda.synchronize``), the
     two blocks of a pair run in alternating order. A ratio is taken within each pair, a few milliseconds apart, so a
     host whose speed drifts between blocks (seen up to 2x on the H200's host) moves both sides of it; the median and
     quartiles over the pairs (inclusive method: within the ratios' range) are returned with every pair's ratio.
-    Raises ValueError unless ``rounds`` and ``calls`` are positive ints."""
+    ``after_block``: called untimed after each block (e.g. to crop a cache back to its prompt). Raises ValueError
+    unless ``rounds`` and ``calls`` are positive ints."""
     for name, value in (("rounds", rounds), ("calls", calls)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -134,7 +135,10 @@ def paired_speedup(baseline, candidate, *, rounds: int = PAIRED_ROUNDS, calls: i
         for _ in range(calls):
             fn()
         sync()
-        return clock() - start
+        elapsed = clock() - start
+        if after_block is not None:
+            after_block()
+        return elapsed
 
     ratios = []
     for i in range(rounds):

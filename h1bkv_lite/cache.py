@@ -83,6 +83,9 @@ from __future__ import annotations
 import functools
 import math
 import threading
+import types
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -139,28 +142,42 @@ def _check_nothing_pending(layer: "HookedLayer") -> None:
 
 
 def _hand_over(layer: "HookedLayer", key: torch.Tensor) -> None:
-    config = layer.config
-    current = config._attn_implementation
+    config, plain = layer.config, layer.plain_attn_switch  # plain: the config's __dict__, else None
+    current = plain[_INTERNAL_ATTN] if plain is not None else config._attn_implementation
     _HANDOFF.layer, _HANDOFF.key = layer, key
-    _HANDOFF.restore = None if current == ATTENTION_NAME else (config, current)
+    _HANDOFF.restore = None if current == ATTENTION_NAME else (config, current, plain)
     if current != ATTENTION_NAME:
-        _set_attn_implementation(config, ATTENTION_NAME)
+        _set_attn_implementation(config, ATTENTION_NAME, plain)
 
 
 def _release() -> None:
     if _HANDOFF.restore is not None:
-        config, implementation = _HANDOFF.restore
-        _set_attn_implementation(config, implementation)
+        _set_attn_implementation(*_HANDOFF.restore)
     _HANDOFF.layer = _HANDOFF.key = _HANDOFF.restore = None
 
 
-def _set_attn_implementation(config, name) -> None:
+_INTERNAL_ATTN = "_attn_implementation_internal"
+
+
+def plain_attn_switch(config) -> dict | None:
+    """``config.__dict__`` where the config's attention implementation can be read and written there as its
+    ``_attn_implementation_internal`` entry (else None): its type keeps transformers' own ``_attn_implementation``
+    property, that property reads the attribute (transformers 5.x), the config has no sub-configs (whose
+    implementations the setter would set too) and holds the attribute in its ``__dict__``. Decided once per cache
+    layer (the config's own attribute reads go through a ``__getattribute__`` that costs microseconds each)."""
+    namespace = getattr(config, "__dict__", None)
+    plain = (_plain_attn_property(type(config)) and not getattr(config, "sub_configs", None)
+             and isinstance(namespace, dict) and _INTERNAL_ATTN in namespace)
+    return namespace if plain else None
+
+
+def _set_attn_implementation(config, name, plain: dict | None) -> None:
     """``config._attn_implementation = name``, twice per layer and step. transformers' setter (a property that
-    walks the sub-configs through validated setattr) costs tens of microseconds; a config without sub-configs
-    whose property reads ``_attn_implementation_internal`` (transformers 5.x) gets that attribute written
-    directly, the same effect. Anything else goes through the setter."""
-    if _plain_attn_property(type(config)) and not getattr(config, "sub_configs", None):
-        object.__setattr__(config, "_attn_implementation_internal", name)
+    walks the sub-configs through validated setattr) costs tens of microseconds, and so does reading the property
+    through the config's ``__getattribute__``; where :func:`plain_attn_switch` gave the config's ``__dict__``
+    (``plain``), the attribute is written there directly, the same effect. Otherwise the setter runs."""
+    if plain is not None:
+        plain[_INTERNAL_ATTN] = name
     else:
         config._attn_implementation = name
 
@@ -348,6 +365,7 @@ class HookedLayer(CacheLayerMixin):
         self.exact_call = False  # the current forward attends exactly (a prompt, compressed_prefill=False)
         self._call_kv = None  # (k, v) of the current call until it has attended
         self.owner = None  # the HookedCache holding this layer (set by it)
+        self.plain_attn_switch = plain_attn_switch(config)  # how the hook switches the attention (_hand_over)
 
     def __repr__(self):
         return f"{type(self).__name__}(layer={self.layer_idx}, tokens={self.n_seen})"
@@ -362,6 +380,7 @@ class HookedLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store the new tokens ``[B, Hkv, Tq, D]``; returns them unchanged (they identify the attention call)."""
         _check_nothing_pending(self)
+        self._check_room(key_states.shape[2])
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         elif key_states.shape[:2] != (self.batch, self.kv_heads) or key_states.dtype != self.dtype:
@@ -377,6 +396,9 @@ class HookedLayer(CacheLayerMixin):
         self._append(key_states, value_states)
         _hand_over(self, key_states)
         return key_states, value_states
+
+    def _check_room(self, q_len: int) -> None:
+        """Raise ValueError before storing ``q_len`` more tokens if the layer has no room (a subclass's limit)."""
 
     def attend(self, query: torch.Tensor, attention_mask=None, scaling: float | None = None) -> torch.Tensor:
         """Attention of ``query [B, Hq, Tq, D]`` (the newest ``Tq`` tokens) over everything stored.
@@ -566,6 +588,7 @@ class CompressingLayer(HookedLayer):
         self.store = TokenStore()  # compressed tokens, preallocated and grown geometrically
         self.n_compressed = 0  # tokens compressed so far, including those a sliding window dropped since
         self.compressed_dropped = 0  # of those, dropped by the sliding window
+        self._no_recent = None  # (k, v) with no tokens, reused (_empty_recent)
 
     @property
     def held_compressed(self) -> int:
@@ -612,12 +635,20 @@ class CompressingLayer(HookedLayer):
         if m <= 0:
             return
         self._store_compressed(self.recent_k[:, :, :m], self.recent_v[:, :, :m])
-        if m == self.recent_k.shape[2]:  # all of it (window 0: every decode step): fresh empty tensors
-            B, H, _, D = self.recent_k.shape
-            self.recent_k, self.recent_v = self.recent_k.new_empty((B, H, 0, D)), self.recent_v.new_empty((B, H, 0, D))
+        if m == self.recent_k.shape[2]:  # all of it (window 0: every decode step): empty tensors
+            self.recent_k, self.recent_v = self._empty_recent()
         else:  # copies, so that no view keeps a prompt's full-precision K/V alive
             self.recent_k, self.recent_v = self.recent_k[:, :, m:].clone(), self.recent_v[:, :, m:].clone()
         self.n_compressed += m
+
+    def _empty_recent(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-token ``(k, v)`` like ``recent_k/v``, made once per batch size (not two allocations per step): they
+        hold no memory, and every write to the window makes new tensors (``torch.cat``)."""
+        empty = self._no_recent
+        if empty is None or empty[0].shape[:2] != self.recent_k.shape[:2]:
+            B, H, _, D = self.recent_k.shape
+            empty = self._no_recent = self.recent_k.new_empty((B, H, 0, D)), self.recent_v.new_empty((B, H, 0, D))
+        return empty
 
     def _store_compressed(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Compress ``k, v [B, Hkv, m, D]`` and append them to :attr:`store`."""
@@ -754,6 +785,7 @@ class H1BLayer(CompressingLayer):
                                           self.group_size)
         self._filled_dev = None  # static capacity: compressed tokens stored, int32 [1] on the device
         self._ring_head = None  # static capacity with a window: slot of the oldest exact recent token (device)
+        self._buffer_layouts = None  # launch arguments of the store's buffers (_layouts)
         if self.max_cache_len is not None:
             if not self._use_triton:
                 raise ValueError(
@@ -766,6 +798,18 @@ class H1BLayer(CompressingLayer):
 
     def _compressed_at(self, n: int) -> int:
         return max(0, n - self.sink - self.window)
+
+    def _layouts(self, bufs: dict) -> tuple:
+        """(the decode kernel's :class:`~h1bkv_lite.kernels.decode_attention.StoreLayout`, the append kernel's output
+        strides) of the store's whole buffers ``bufs``, worked out again only when the buffers change (growth, a
+        batch op): a decode step asks its tensors for no strides."""
+        kept = self._buffer_layouts
+        fields = (bufs["key_codes"], bufs.get("key_norms"), bufs["values"], bufs["value_scales"], bufs["value_zeros"])
+        if kept is None or not kept[0].serves(*fields):
+            kernels = _kernels()
+            kept = self._buffer_layouts = (kernels.decode_attention.store_layout(*fields),
+                                           kernels.append_out_strides(*fields[:1], *fields[2:]))
+        return kept
 
     def _n_compressed(self, n: torch.Tensor) -> torch.Tensor:
         return (n - self.sink - self.window).clamp(min=0)
@@ -803,26 +847,24 @@ class H1BLayer(CompressingLayer):
             return super()._store_compressed(k, v)
         if self.max_cache_len is not None:
             return self._store_at_device_position(k, v)
-        from .kernels.sketch_pack import sketch_pack_quantize_into  # noqa: PLC0415 -- optional (Triton)
-
         m = k.shape[2]
-        slots = self.store.slots(m, None if self.store.capacity else self._slot_shapes(k))
+        # the whole buffers and the fill level: no slot views to build on every decode step
+        start = self.store.append_position(m, None if self.store.capacity else self._slot_shapes(k))
+        bufs = self.store.buffers()
         k = self._centered(k)
-        sketch_pack_quantize_into(
-            k, v, self.sketcher.projection_on(k.device), codes=slots["key_codes"], data=slots["values"],
-            scale=slots["value_scales"], zero=slots["value_zeros"], value_bits=self.value_bits,
-            group_size=self.group_size or self.head_dim)
+        _kernels().sketch_pack_quantize_into(
+            k, v, self.sketcher.projection_on(k.device), codes=bufs["key_codes"], data=bufs["values"],
+            scale=bufs["value_scales"], zero=bufs["value_zeros"], value_bits=self.value_bits,
+            group_size=self.group_size or self.head_dim, start=start, out_strides=self._layouts(bufs)[1])
         if self.score != "hamming":
-            slots["key_norms"].copy_(_key_norms(k))
+            bufs["key_norms"][:, :, start:start + m].copy_(_key_norms(k))
         self.store.commit(m)
 
-    @torch.compiler.disable
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if self.max_cache_len is not None and self.n_seen + key_states.shape[2] > self.max_cache_len:
+    def _check_room(self, q_len: int) -> None:
+        if self.max_cache_len is not None and self.n_seen + q_len > self.max_cache_len:
             raise ValueError(
-                f"layer {self.layer_idx} would hold {self.n_seen + key_states.shape[2]} tokens, more than "
+                f"layer {self.layer_idx} would hold {self.n_seen + q_len} tokens, more than "
                 f"max_cache_len={self.max_cache_len}; build the cache with a larger max_cache_len")
-        return super().update(key_states, value_states, *args, **kwargs)
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         filling = self._ring_head is None and (k.shape[2] > 1 or self.recent_k.shape[2] < self.window
@@ -854,15 +896,13 @@ class H1BLayer(CompressingLayer):
         fill level read and advanced on the device, so a decode step launches the same work with the same
         arguments every time (capturable by a CUDA graph). The room was checked by :meth:`update` (on host counts:
         at most ``max_cache_len - window - sink`` compressed tokens, what the store reserved)."""
-        from .kernels.sketch_pack import sketch_pack_quantize_into  # noqa: PLC0415 -- optional (Triton)
-
         m = k.shape[2]
         bufs = self.store.buffers()
         k = self._centered(k)
-        sketch_pack_quantize_into(
+        _kernels().sketch_pack_quantize_into(
             k, v, self.sketcher.projection_on(k.device), codes=bufs["key_codes"], data=bufs["values"],
             scale=bufs["value_scales"], zero=bufs["value_zeros"], value_bits=self.value_bits,
-            group_size=self.group_size or self.head_dim, pos=self._filled_dev)
+            group_size=self.group_size or self.head_dim, pos=self._filled_dev, out_strides=self._layouts(bufs)[1])
         if self.score != "hamming":
             slots = self._filled_dev.long() + torch.arange(m, device=k.device)
             bufs["key_norms"].index_copy_(2, slots, _key_norms(k))
@@ -1014,10 +1054,16 @@ class H1BLayer(CompressingLayer):
         estimate of ``q . (k - mu)`` alone (no mean term) and is given the exact keys centered too (``k - mu``,
         float32), so every logit of a query row is the module docstring's logit minus the same ``q . mu *
         scaling``, which the softmax ignores: the same attention as the torch path, in O(window) more work."""
-        from .kernels import decode_attention as kernel  # noqa: PLC0415 -- optional (Triton)
-
-        # static capacity: the whole buffers, and the fill level on the device (the same arguments every step)
-        stored = self.stored if self._filled_dev is None else self.store.buffers()
+        kernel = _kernels().decode_attention
+        # the whole buffers: static capacity with the fill level on the device (the same arguments every step); a
+        # growing store with it as a host int, unless a sliding window dropped tokens (then the live views)
+        length = live_views = None
+        if self._filled_dev is not None:
+            stored = self.store.buffers()
+        elif self.compressed_dropped == 0:  # nothing dropped: the live entries start at slot 0 of every buffer
+            stored, length = self.store.buffers(), self.held_compressed
+        else:
+            stored = live_views = self.stored
         window_k = self.recent_k if self.sink_k.shape[2] == 0 else torch.cat([self.sink_k, self.recent_k], dim=2)
         window_k = self._centered(window_k) if window_k.shape[2] else window_k  # (empty: nothing to shift)
         window_v = self.recent_v if self.sink_v.shape[2] == 0 else torch.cat([self.sink_v, self.recent_v], dim=2)
@@ -1027,8 +1073,12 @@ class H1BLayer(CompressingLayer):
                       key_norms=stored.get("key_norms"), window_k=window_k, window_v=window_v,
                       value_bits=self.value_bits, n_valid=self._filled_dev)
         if self._kernel_checked:
-            out = kernel.h1b_decode_attention_unchecked(*args, **kwargs)
-        else:
+            layout = None if stored is live_views else self._layouts(stored)[0]
+            out = kernel.h1b_decode_attention_unchecked(*args, **kwargs, length=length, layout=layout)
+        else:  # the first call: checked, on the live views
+            if length is not None:
+                args = (q[:, :, 0], *(t[:, :, :length] for t in args[1:]))
+                kwargs["key_norms"] = None if kwargs["key_norms"] is None else kwargs["key_norms"][:, :, :length]
             out = kernel.h1b_decode_attention(*args, **kwargs, backend="triton")
             self._kernel_checked = True
         self._settle()
@@ -1051,6 +1101,21 @@ class H1BLayer(CompressingLayer):
 
 
 _FP16_MAX = torch.finfo(torch.float16).max
+
+
+class _KernelEntryPoints(NamedTuple):
+    decode_attention: types.ModuleType
+    sketch_pack_quantize_into: Callable
+    append_out_strides: Callable
+
+
+@functools.cache
+def _kernels() -> _KernelEntryPoints:
+    """The Triton kernels' entry points the decode path calls, imported once (optional: Triton)."""
+    from .kernels import decode_attention  # noqa: PLC0415
+    from .kernels.sketch_pack import append_out_strides, sketch_pack_quantize_into  # noqa: PLC0415
+
+    return _KernelEntryPoints(decode_attention, sketch_pack_quantize_into, append_out_strides)
 
 
 def _key_norms(k: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,20 @@ class TokenStore:
             like = self._buffers
         return {name: self._reserve(name, t, n) for name, t in like.items()}
 
+    def append_position(self, n: int, like: dict[str, torch.Tensor] | None = None) -> int:
+        """Make room for ``n`` more entries in every field (as :meth:`slots` does) and return the slot where they go
+        in the buffers of :meth:`buffers`: every field's fill level, which must agree (ValueError otherwise: fields
+        advanced by different amounts). A caller writes the whole buffers at that slot, then :meth:`commit` s ``n``:
+        no views are built (a decode step's append). ``like``: as for :meth:`slots`."""
+        if like is None:
+            if not self._buffers:
+                raise ValueError("append_position() of an empty store needs like= (the fields' shapes and dtypes)")
+            like = self._buffers
+        positions = {self._make_room(name, t, n) for name, t in like.items()}
+        if len(positions) != 1:
+            raise ValueError(f"append_position() needs every field filled to the same slot, got {sorted(positions)}")
+        return positions.pop()
+
     def reserve(self, like: dict[str, torch.Tensor], capacity: int) -> None:
         """Allocate every field's buffer for ``capacity`` entries (rounded up to a multiple of 256) now, empty:
         a static-capacity store, whose buffers keep their addresses as long as appends stay within it (what a
@@ -124,6 +138,11 @@ class TokenStore:
 
     def _reserve(self, name: str, like: torch.Tensor, n: int) -> torch.Tensor:
         """Room for ``n`` more entries of field ``name`` (created like ``like``); returns their view."""
+        filled = self._make_room(name, like, n)
+        return self._buffers[name][:, :, filled:filled + n]
+
+    def _make_room(self, name: str, like: torch.Tensor, n: int) -> int:
+        """Room for ``n`` more entries of field ``name`` (created like ``like``); returns its fill level."""
         if name not in self._buffers:
             self._buffers[name] = like.new_empty((*like.shape[:2], _round_up(n), *like.shape[3:]))
             self._filled[name] = self._start[name] = 0
@@ -138,7 +157,7 @@ class TokenStore:
                 self._buffers[name] = buf
             self._start[name] = 0
             self._filled[name] = filled = live
-        return buf[:, :, filled:filled + n]
+        return filled
 
     def nbytes(self) -> dict[str, int]:
         """Bytes of the live part, per field."""

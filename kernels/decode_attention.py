@@ -901,21 +901,52 @@ def _split_meta(D, bits, group, value_groups, value_bits, score_id, per_head_t, 
     return constexprs, options
 
 
+class StoreLayout:
+    """The compressed tensors' launch arguments, worked out once per set of store buffers: the key codes viewed as
+    int32 words and every tensor's first three strides (a decode step of a growing cache passes the same whole
+    buffers until they grow, and asking a tensor for its strides costs about a microsecond of host time each, ~34
+    per step). Build it with :func:`store_layout`; pass it as ``layout=`` to :func:`h1b_decode_attention_unchecked`
+    together with the same tensors."""
+
+    __slots__ = ("words", "norms", "args", "tensors")
+
+    def __init__(self, key_codes, key_norms, values_packed, value_scale, value_zero):
+        self.tensors = (key_codes, key_norms, values_packed, value_scale, value_zero)
+        self.words = kw = as_words(key_codes)
+        self.norms = key_norms if key_norms is not None else kw
+        self.args = (kw, *kw.stride()[:3], self.norms, *self.norms.stride()[:3],
+                     values_packed, *values_packed.stride()[:3], value_scale, *value_scale.stride()[:3],
+                     value_zero, *value_zero.stride()[:3])
+
+    def serves(self, key_codes, key_norms, values_packed, value_scale, value_zero) -> bool:
+        """Whether it was built from these very tensors."""
+        kept = self.tensors
+        return (kept[0] is key_codes and kept[1] is key_norms and kept[2] is values_packed and kept[3] is value_scale
+                and kept[4] is value_zero)
+
+
+def store_layout(key_codes, key_norms, values_packed, value_scale, value_zero) -> StoreLayout:
+    """:class:`StoreLayout` of these compressed tensors (the shapes and dtypes of :func:`h1b_decode_attention`)."""
+    return StoreLayout(key_codes, key_norms, values_packed, value_scale, value_zero)
+
+
 def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
-            projection, score, temperature, value_bits, split_k, config, n_valid=None):
+            projection, score, temperature, value_bits, split_k, config, n_valid=None, length=None, layout=None):
     """Launch order: the query-projection kernel (``"asym"`` always; "hamming"/"cos" when the context is split
     past ``query_in_split_max_n`` tokens, or under CUDA-graph capture),
     the split kernel, and the combine kernel only while a CUDA graph is being captured (or with
     ``fused_combine=False``): otherwise the split kernel merges each row's partials itself, and with one split and no
     window it writes the output directly. ``n_valid``: see :func:`h1b_decode_attention` (the splits are planned for
-    all ``N`` slots)."""
+    all ``N`` slots). ``length``: see :func:`h1b_decode_attention_unchecked`."""
     dev = q.device
     if dev.type == "cuda" and dev.index != _current_device():  # Triton launches on the current device
         with torch.cuda.device(dev):
             return _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
-                           projection, score, temperature, value_bits, split_k, config, n_valid)
+                           projection, score, temperature, value_bits, split_k, config, n_valid, length, layout)
     B, Hq, D = q.shape
     _, Hkv, N, _ = key_codes.shape
+    if length is not None:
+        N = length
     bits = projection.shape[1]
     group = Hq // Hkv
     cfg = _merged_config(score, group, dev, config)
@@ -944,7 +975,9 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     # query_in_split_max_n tokens or under capture (otherwise the split programs project it: one launch)
     # unused arguments alias tensors of the dtype the kernel reads them as: its compressed-key branch is compiled
     # even when it is not run (N = 0 with a window), and a float there for the int32 query words does not compile
-    kw = as_words(key_codes)
+    if layout is None:
+        layout = StoreLayout(key_codes, key_norms, values_packed, value_scale, value_zero)
+    kw = layout.words
     q_words, q_sq, q_proj = kw, projection, projection
     if N > 0 and not query_here:
         q2 = q.reshape(B * Hq, D)
@@ -963,7 +996,6 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     t_tensor = temperature if per_head_t else q
     inv_t = 1.0 / temperature if (score_id == 0 and not per_head_t) else 1.0
 
-    norms = key_norms if key_norms is not None else kw
     wk = window_k if W > 0 else q  # never read when W == 0 (q's three strides stand in)
     wv = window_v if W > 0 else q
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=dev)
@@ -974,11 +1006,7 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     launch(_decode_split_kernel, (rows, total), (
         q, q.stride(0), q.stride(1), projection, out, out.stride(0), out.stride(1),
         q_words, q_sq, q_proj, t_tensor, t_tensor.stride(0) if t_tensor.dim() == 2 else 0, inv_t, cos_table,
-        kw, *kw.stride()[:3],
-        norms, *norms.stride()[:3],
-        values_packed, *values_packed.stride()[:3],
-        value_scale, *value_scale.stride()[:3],
-        value_zero, *value_zero.stride()[:3],
+        *layout.args,
         wk, *wk.stride()[:3],
         wv, *wv.stride()[:3],
         m, lse, acc, kw if counters is None else counters,
@@ -1129,14 +1157,18 @@ def h1b_decode_attention(
 
 def h1b_decode_attention_unchecked(q, key_codes, values_packed, value_scale, value_zero, *, projection, score,
                                    temperature, key_norms, window_k, window_v, value_bits,
-                                   n_valid=None, config=None) -> torch.Tensor:
+                                   n_valid=None, config=None, length=None, layout=None) -> torch.Tensor:
     """:func:`h1b_decode_attention` on the Triton path without its argument checks (the cache's decode hot
     path, after its first step went through the checked entry point with the same layout). ``temperature``
     as :func:`h1b_decode_attention` returns it from its checks: None, a float or a float32 CUDA tensor
     ``[Hq]`` / ``[B, Hq]``; ``projection`` contiguous float32 ``[D, bits]``; ``config`` one that
-    :func:`h1b_decode_attention` accepted (benchmarks time the launch forms this way)."""
+    :func:`h1b_decode_attention` accepted (benchmarks time the launch forms this way). ``length``: None, or a host
+    int ``<= N``: only the first ``length`` compressed slots hold tokens, and the call is the one on the slices
+    ``[:, :, :length]`` of the compressed tensors (a growing store passes its whole buffers: no views to build on
+    every decode step). Not with ``n_valid``. ``layout``: None, or :func:`store_layout` of these same compressed
+    tensors (built once while they stay the same; :meth:`StoreLayout.serves` tells)."""
     return _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
-                   projection, score, temperature, value_bits, None, config, n_valid)
+                   projection, score, temperature, value_bits, None, config, n_valid, length, layout)
 
 
 def decode_kernel_serves(bits: int) -> bool:

@@ -85,22 +85,23 @@ def _round_half_even(t):
     return f + tl.where((r > 0.5) | ((r == 0.5) & odd), 1.0, 0.0)
 
 
-@triton.jit(do_not_specialize=["M", "SEQ"],
+@triton.jit(do_not_specialize=["M", "SEQ", "pos0"],
             do_not_specialize_on_alignment=["codes_ptr", "data_ptr", "scale_ptr", "zero_ptr"])
 def _sketch_pack_quantize_kernel(
     k_ptr, r_ptr, codes_ptr, v_ptr, data_ptr, scale_ptr, zero_ptr,
     M, D, NBYTES, SEQ, HEADS,
     stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_cbh, stride_dbh, stride_sbh, stride_zbh,
-    GROUPS, GROUP_SIZE, DATA_BYTES, V_LIMIT, pos_ptr,
+    GROUPS, GROUP_SIZE, DATA_BYTES, V_LIMIT, pos_ptr, pos0,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_BYTES: tl.constexpr,
     GROUPS_P: tl.constexpr, GROUP_P: tl.constexpr, VALUE_BITS: tl.constexpr, POS_ON_DEVICE: tl.constexpr,
 ):
     """Row ``r`` of the ``M = B * HEADS * SEQ`` new tokens is token ``t = r % SEQ`` of head ``h`` and
     sequence ``b`` (``r // SEQ = b * HEADS + h``); inputs are read through their strides and outputs
     written at ``out + (r // SEQ) * stride_?bh + t * row_width``, so the outputs may be slots of a larger
-    preallocated store (the cache's in-place append); with ``POS_ON_DEVICE`` token ``t`` goes to slot
-    ``pos_ptr[0] + t`` of the outputs instead (a static-capacity store). Values are clamped to +-``V_LIMIT``
+    preallocated store (the cache's in-place append), at slot ``pos0 + t`` (``pos0 = 0`` for slot views, the fill
+    level for whole buffers); with ``POS_ON_DEVICE`` token ``t`` goes to slot ``pos_ptr[0] + t`` of the outputs
+    instead (a static-capacity store). Values are clamped to +-``V_LIMIT``
     (the fp16 scale/zero range; the checked entry point rejects larger ones before launching)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -112,7 +113,7 @@ def _sketch_pack_quantize_kernel(
     if POS_ON_DEVICE:
         slot = tok + tl.load(pos_ptr)
     else:
-        slot = tok
+        slot = tok + pos0
 
     # keys -> sign bits, BLOCK_BYTES bytes of the code at a time
     for b0 in range(0, NBYTES, BLOCK_BYTES):
@@ -292,7 +293,8 @@ def append_kernel_serves(n: int, value_bits: int, group_size: int | None) -> boo
 
 def sketch_pack_quantize_into(k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor, *, codes: torch.Tensor,
                               data: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, value_bits: int,
-                              group_size: int, pos: torch.Tensor | None = None) -> None:
+                              group_size: int, pos: torch.Tensor | None = None, start: int | None = None,
+                              out_strides: tuple | None = None) -> None:
     """The cache's in-place append (one launch, no device sync): sketch ``k`` and quantize ``v`` into
     given slots of a preallocated store.
 
@@ -307,12 +309,26 @@ def sketch_pack_quantize_into(k: torch.Tensor, v: torch.Tensor, projection: torc
         ``[B, H, C, ...]`` and the ``m`` tokens go to slots ``pos .. pos + m - 1`` (a static-capacity store
         whose fill level lives on the device, so the launch is the same every decode step; ``pos + m <= C``
         is the caller's contract, not checked).
+    start : None, or a host int: then the outputs are whole store buffers ``[B, H, C, ...]`` and the ``m`` tokens go
+        to slots ``start .. start + m - 1`` (a growing store's fill level: no slot views to build on the decode path;
+        ``start + m <= C`` is the caller's contract, not checked). Not with ``pos``.
+    out_strides : None, or :func:`append_out_strides` of these outputs (worked out once while a store keeps its
+        buffers: a decode step then asks them for no strides).
     """
-    _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group_size, pos=pos)
+    _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group_size, pos=pos, start=start,
+                   out_strides=out_strides)
+
+
+def append_out_strides(codes: torch.Tensor, data: torch.Tensor, scale: torch.Tensor,
+                       zero: torch.Tensor) -> tuple[int, int, int, int]:
+    """Elements between (sequence, head) rows of the append's four outputs ``[B, H, n, w]`` (whole store buffers or
+    slot views). ValueError when an output's token rows are not contiguous or its (sequence, head) rows are not
+    uniformly strided."""
+    return tuple(_bh_stride(t, t.shape[2]) for t in (codes, data, scale, zero))
 
 
 def _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group_size, config=None,
-                   pos=None) -> None:
+                   pos=None, start=None, out_strides=None) -> None:
     """``config``: launch overrides for benchmarks (``block_m`` >= 16, a power of two; ``num_warps``;
     ``cached_launch``: False takes Triton's own per-call launch instead of :func:`kernels._launcher.launch`)."""
     B, H, m, d = k.shape
@@ -324,7 +340,8 @@ def _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
-    projection = projection.contiguous()  # the kernel reads R row-major (a no-op for the sketcher's R)
+    if not projection.is_contiguous():  # the kernel reads R row-major (the sketcher's R is)
+        projection = projection.contiguous()
     nbytes, groups = projection.shape[1] // 8, n // group_size
     config = config or {}
     # 16 rows per program (tl.dot's minimum): at head_dim 128, 32 rows with 4 warps took 123-230 us per
@@ -335,8 +352,9 @@ def _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group
         k, projection, codes, v, data, scale, zero,
         M, d, nbytes, m, H,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        *(_bh_stride(t, m if pos is None else t.shape[2]) for t in (codes, data, scale, zero)),
-        groups, group_size, n * value_bits // 8, _FP16_MAX / 2, k if pos is None else pos,
+        *(out_strides or (_bh_stride(t, m if pos is None and start is None else t.shape[2])
+                          for t in (codes, data, scale, zero))),
+        groups, group_size, n * value_bits // 8, _FP16_MAX / 2, k if pos is None else pos, start or 0,
     ), *_append_meta(d, nbytes, groups, group_size, value_bits, block_m, config.get("num_warps", 4), pos is not None),
         cached=config.get("cached_launch", True))
 

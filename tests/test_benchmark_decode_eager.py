@@ -65,3 +65,16 @@ def test_paired_speedup_quartiles_stay_within_the_ratios_and_bad_counts_raise():
     for bad in ({"rounds": 0}, {"calls": 0}, {"rounds": 2.0}, {"calls": True}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             decode_eager.paired_speedup(lambda: None, lambda: None, sync=lambda: None, **bad)
+
+
+def test_paired_speedup_runs_after_block_untimed_after_every_block():
+    clock, log = _Clock(), []
+
+    def reset():
+        log.append("reset")
+        clock.now += 100.0  # untimed: must not reach a ratio
+
+    result = decode_eager.paired_speedup(clock.timed(2.0, log, "a"), clock.timed(1.0, log, "b"), rounds=2, calls=3,
+                                         sync=clock.sync, clock=clock, after_block=reset)
+    assert log.count("reset") == 4 and log[2:6] == ["a", "a", "a", "reset"]
+    assert result["ratios"] == [2.0, 2.0]

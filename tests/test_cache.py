@@ -797,15 +797,17 @@ def test_attention_switch_fast_path_matches_the_setter():
     where that is what the property reads and there are no sub-configs to follow; otherwise the setter runs."""
     from transformers import Gemma3Config, LlamaConfig
 
-    from h1bkv_lite.cache import _plain_attn_property, _set_attn_implementation
+    from h1bkv_lite.cache import _plain_attn_property, _set_attn_implementation, plain_attn_switch
 
     config = LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, attn_implementation="sdpa")
-    _set_attn_implementation(config, "h1bkv")
+    assert plain_attn_switch(config) is config.__dict__
+    _set_attn_implementation(config, "h1bkv", config.__dict__)
     assert config._attn_implementation == "h1bkv"
-    _set_attn_implementation(config, "sdpa")
+    _set_attn_implementation(config, "sdpa", config.__dict__)
     assert config._attn_implementation == "sdpa"
     composite = Gemma3Config()
-    _set_attn_implementation(composite, "h1bkv")  # through the setter: the text sub-config follows
+    assert plain_attn_switch(composite) is None
+    _set_attn_implementation(composite, "h1bkv", None)  # through the setter: the text sub-config follows
     assert composite._attn_implementation == "h1bkv" and composite.text_config._attn_implementation == "h1bkv"
 
     class OwnProperty(LlamaConfig):
@@ -819,8 +821,30 @@ def test_attention_switch_fast_path_matches_the_setter():
 
     assert _plain_attn_property(LlamaConfig) and not _plain_attn_property(OwnProperty)
     own = OwnProperty(num_hidden_layers=1, hidden_size=32, num_attention_heads=2)
-    _set_attn_implementation(own, "h1bkv")
+    assert plain_attn_switch(own) is None
+    _set_attn_implementation(own, "h1bkv", None)
     assert own.__dict__["seen"] == "h1bkv"
+
+
+def test_attention_switch_restores_the_model_config_around_a_decode_step():
+    """A decode step through a cache layer switches the config to the hook between update and attention and puts
+    the model's implementation back after it, read the way transformers reads it (the property)."""
+    from transformers import LlamaConfig
+
+    from h1bkv_lite.cache import cache_attention
+
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=64, num_attention_heads=2, num_key_value_heads=1,
+                         attn_implementation="sdpa")
+    cache = H1BCache(config, bits=64, backend="torch", temperature=1.0)
+    module = torch.nn.Module()
+    module.layer_idx, module.is_causal, module.num_key_value_groups = 0, True, 2
+    g = torch.Generator().manual_seed(5)
+    for t in (6, 1, 1):
+        q, k, v = (torch.randn(1, h, t, 32, generator=g) for h in (2, 1, 1))
+        k_out, v_out = cache.update(k, v, 0)
+        assert config._attn_implementation == "h1bkv"
+        cache_attention(module, q, k_out, v_out, None)
+        assert config._attn_implementation == "sdpa"
 
 
 # ------------------------------------------------------------------------------------------------ sliding windows

@@ -86,3 +86,33 @@ def test_reserve_allocates_a_static_capacity_that_appends_keep():
     assert store.buffers()["codes"].shape == (2, 3, 512, 16)
     with pytest.raises(ValueError, match="needs an empty store"):
         store.reserve({"codes": torch.zeros(2, 3, 0, 16, dtype=torch.uint8)}, 10)
+
+
+def test_append_position_writes_whole_buffers_at_the_fill_level_across_growth_and_compaction():
+    """``append_position`` makes the same room ``slots`` does and returns the slot in ``buffers()`` where the entries
+    go: writing there and committing equals appending, when the buffers grow and when dropped entries are compacted
+    away; fields filled to different slots are refused."""
+    gen = torch.Generator().manual_seed(1)
+    store, reference, history = TokenStore(), TokenStore(), []
+    like = {"codes": torch.zeros(1, 2, 0, 4, dtype=torch.uint8), "scales": torch.zeros(1, 2, 0, dtype=torch.float16)}
+    for step, n in enumerate((300, *([1] * 300), 5)):
+        chunk = {"codes": torch.randint(0, 255, (1, 2, n, 4), generator=gen, dtype=torch.uint8),
+                 "scales": torch.randn(1, 2, n, generator=gen).half()}
+        pos = store.append_position(n, like if step == 0 else None)
+        for name, buf in store.buffers().items():
+            buf[:, :, pos:pos + n] = chunk[name]
+        store.commit(n)
+        reference.append(chunk)
+        if step % 7 == 6:  # a sliding window's drops: the buffer is compacted, not grown
+            store.drop_front(3)
+            reference.drop_front(3)
+        history.append(store.capacity)
+        for name in chunk:
+            assert torch.equal(store.view()[name], reference.view()[name]), (step, name)
+    assert history[-1] > history[0]  # it grew at least once
+    uneven = TokenStore()
+    uneven.append({"a": torch.ones(1, 1, 2, 1), "b": torch.ones(1, 1, 3, 1)})
+    with pytest.raises(ValueError, match="same slot"):
+        uneven.append_position(1)
+    with pytest.raises(ValueError, match="like="):
+        TokenStore().append_position(1)

@@ -180,12 +180,13 @@ def test_sketch_pack_quantize_rounding_edges(device):
     assert qt.codes()[0, 2:8].tolist() == [0, 2, 2, 4, 8, 14]
 
 
-@pytest.mark.parametrize("where", ["slice", "device pos"])
+@pytest.mark.parametrize("where", ["slice", "device pos", "host start"])
 @pytest.mark.parametrize("value_bits,group_size", [(4, None), (2, 16), (8, 32)])
 def test_sketch_pack_quantize_into_writes_store_slots(device, value_bits, group_size, where):
     """The cache's in-place append: strided inputs (k transposed as the model makes it), outputs written
-    into slots [L, L + m) of larger buffers, given as slices of them or (a static-capacity store) as the whole
-    buffers and L on the device; everything else in the buffers is left untouched."""
+    into slots [L, L + m) of larger buffers, given as slices of them, or as the whole buffers and L on the device
+    (a static-capacity store) or as a host int (a growing store); everything else in the buffers is left
+    untouched."""
     seed = fresh_seed()
     gen = _gen(seed)
     B, H, m, D, bits, cap, L = 2, 3, 5, 64, 96, 17, 7
@@ -201,6 +202,9 @@ def test_sketch_pack_quantize_into_writes_store_slots(device, value_bits, group_
     if where == "slice":
         sketch_pack_quantize_into(k, v, sk.projection_on(device), value_bits=value_bits, group_size=gs,
                                   **{name: t[:, :, L:L + m] for name, t in bufs.items()})
+    elif where == "host start":
+        sketch_pack_quantize_into(k, v, sk.projection_on(device), value_bits=value_bits, group_size=gs, start=L,
+                                  **bufs)
     else:
         pos = torch.tensor([L], dtype=torch.int32, device=device)
         sketch_pack_quantize_into(k, v, sk.projection_on(device), value_bits=value_bits, group_size=gs, pos=pos,
@@ -635,6 +639,30 @@ def test_decode_cached_launch_equals_tritons_own_launch(score, gqa, W):
         # relaunched through its loaded launcher (no launch hooks are set here), not compiled[grid]
         assert not _launcher._launch_hooks_set()
         assert all(direct is not None for _, _, direct in kept.values()), kernel.fn.__name__
+
+
+@pytest.mark.parametrize("score,gqa,W", [("hamming", 1, 0), ("hamming", 4, 3), ("asym", 2, 0), ("cos", 1, 2)])
+def test_decode_length_on_whole_buffers_equals_the_call_on_slices(device, score, gqa, W):
+    """``length``: a growing store passes its whole buffers (spare slots past the fill level hold garbage) and the
+    fill level as a host int; the output is bit-identical to the call on the filled slices, on every launch form
+    the fill levels reach (one split, query in the splits, prepared query)."""
+    from h1bkv_lite.kernels.decode_attention import h1b_decode_attention_unchecked
+
+    seed = fresh_seed()
+    cap = 333
+    args, kwargs, _ = make_cache(seed=seed, device=device, B=2, Hq=2 * gqa, Hkv=2, N=cap, W=W, D=64, bits=96,
+                                 score=score, dtype=torch.float16)
+    q, *stored = args
+    norms = kwargs.get("key_norms")
+    for length in (1, 77, cap - 5):
+        for form in ({}, {"single_split_max_n": 0}, {"single_split_max_n": 0, "query_in_split_max_n": 0}):
+            common = dict(projection=kwargs["projection"], score=score, temperature=kwargs.get("temperature"),
+                          window_k=kwargs["window_k"], window_v=kwargs["window_v"], value_bits=4, config=form)
+            sliced = h1b_decode_attention_unchecked(
+                q, *(t[:, :, :length] for t in stored), key_norms=None if norms is None else norms[:, :, :length],
+                **common)
+            whole = h1b_decode_attention_unchecked(q, *stored, key_norms=norms, length=length, **common)
+            assert torch.equal(whole, sliced), f"seed={seed}, length={length}, form={form}"
 
 
 @pytest.mark.gpu
