@@ -48,7 +48,7 @@ class _Attention(torch.nn.Module):
 
 def make_steps(model: str, prompt: int, bits: int, score: str, device) -> dict:
     """Prefilled one-layer caches of ``model``'s shape and their decode-step functions (``"h1b"``, ``"dynamic"``),
-    with a ``reset`` that crops both back to the prompt."""
+    with a ``reset`` that crops both back to the prompt and ``lengths`` (their token counts)."""
     config = random_config(model)
     config.num_hidden_layers = 1
     Hq, Hkv = config.num_attention_heads, config.num_key_value_heads
@@ -75,34 +75,43 @@ def make_steps(model: str, prompt: int, bits: int, score: str, device) -> dict:
     def dynamic_step():
         sdpa_attention_forward(module, q1, *dyn.update(k1, v1, 0), None)
 
-    def reset():
-        h1b.crop(prompt)
-        dyn.crop(prompt)
+    def reset():  # negative crop: remove that many tokens (the API of transformers >= 5.14)
+        for cache in (h1b, dyn):
+            extra = cache.get_seq_length() - prompt
+            if extra:
+                cache.crop(-extra)
 
     for _ in range(3):  # compile, first checked kernel call
         h1b_step(), dynamic_step()
     reset()
-    return {"h1b": h1b_step, "dynamic": dynamic_step, "reset": reset, "Hq": Hq, "Hkv": Hkv, "D": D}
+    def lengths() -> tuple[int, int]:
+        return h1b.get_seq_length(), dyn.get_seq_length()
+
+    return {"h1b": h1b_step, "dynamic": dynamic_step, "reset": reset, "lengths": lengths, "Hq": Hq, "Hkv": Hkv, "D": D}
 
 
-def block_us(fn, reset) -> float:
-    torch.cuda.synchronize()
+def block_us(fn, reset, sync, calls: int) -> float:
+    """Wall microseconds per call of ``calls`` back-to-back calls (synced before and after), then ``reset()``."""
+    sync()
     start = time.perf_counter()
-    for _ in range(HOST_CALLS):
+    for _ in range(calls):
         fn()
-    torch.cuda.synchronize()
+    sync()
     elapsed = time.perf_counter() - start
     reset()
-    return elapsed / HOST_CALLS * 1e6
+    return elapsed / calls * 1e6
 
 
-def measure(model: str, prompt: int, bits: int, score: str, device) -> dict:
+def measure(model: str, prompt: int, bits: int, score: str, device, *, calls: int = HOST_CALLS,
+            rounds: int = PAIRED_ROUNDS) -> dict:
+    """One row: the two step times (median of 5 blocks each) and their paired ratio (``rounds`` pairs)."""
     steps = make_steps(model, prompt, bits, score, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     row = {"model": model, "prompt": prompt, "bits": bits, "score": score, "batch": 1,
            **{name: steps[name] for name in ("Hq", "Hkv", "D")}}
-    row["h1b_us"] = statistics.median(block_us(steps["h1b"], steps["reset"]) for _ in range(5))
-    row["dynamic_us"] = statistics.median(block_us(steps["dynamic"], steps["reset"]) for _ in range(5))
-    row["paired_speedup"] = paired_speedup(steps["dynamic"], steps["h1b"], rounds=PAIRED_ROUNDS, calls=HOST_CALLS,
+    row["h1b_us"] = statistics.median(block_us(steps["h1b"], steps["reset"], sync, calls) for _ in range(5))
+    row["dynamic_us"] = statistics.median(block_us(steps["dynamic"], steps["reset"], sync, calls) for _ in range(5))
+    row["paired_speedup"] = paired_speedup(steps["dynamic"], steps["h1b"], rounds=rounds, calls=calls, sync=sync,
                                            after_block=steps["reset"])
     return row
 

@@ -970,7 +970,6 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
 
     if q.stride(-1) != 1:
         q = q.contiguous()
-    f32 = dict(dtype=torch.float32, device=dev)
     # the query's projection, once per call: always for "asym"; for "hamming" / "cos" when the rows are split past
     # query_in_split_max_n tokens or under capture (otherwise the split programs project it: one launch)
     # unused arguments alias tensors of the dtype the kernel reads them as: its compressed-key branch is compiled
@@ -980,6 +979,7 @@ def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, win
     kw = layout.words
     q_words, q_sq, q_proj = kw, projection, projection
     if N > 0 and not query_here:
+        f32 = dict(dtype=torch.float32, device=dev)
         q2 = q.reshape(B * Hq, D)
         if score_id == 2:
             q_proj = torch.empty(B * Hq, bits, **f32)
