@@ -186,3 +186,44 @@ def test_static_capacity_on_cpu_without_the_interpreter_is_refused():
     k = torch.randn(1, 2, 4, 64)
     with pytest.raises(ValueError, match="needs the Triton kernels"):
         cache.layers[0].update(k, k)
+
+
+def test_growing_store_decodes_from_its_whole_buffers_across_a_growth(device, monkeypatch):
+    """A growing store's decode step hands the kernel its whole buffers, the fill level as ``length`` and a launch
+    layout kept while the buffers stay the same: each call is bit-identical to the call on the live slices, the
+    layout is reused between steps and replaced when the buffers grow (a prompt of 250 tokens fills 250 of 256
+    slots; the seventh decode step grows them)."""
+    from h1bkv_lite.kernels import decode_attention as da
+
+    seed = _seed()
+    q, k, v = _qkv(seed, 1, 4, 2, 260, device)
+    cache = H1BCache(_config(heads=4, kv_heads=2), bits=64, score="cos", backend="triton")
+    layer = cache.layers[0]
+    real = da.h1b_decode_attention_unchecked
+    seen = []
+
+    def checked(*args, length=None, layout=None, **kwargs):
+        out = real(*args, length=length, layout=layout, **kwargs)
+        q0, *stored = args
+        norms = kwargs.pop("key_norms")
+        sliced = real(q0, *(t[:, :, :length] for t in stored), key_norms=norms[:, :, :length], **kwargs)
+        assert torch.equal(out, sliced), f"seed={seed}, length={length}"
+        seen.append((length, layout, layer.store.capacity))
+        return out
+
+    monkeypatch.setattr(da, "h1b_decode_attention_unchecked", checked)
+    layer.update(k[:, :, :250], v[:, :, :250])
+    layer.attend(q[:, :, :250])
+    for t in range(250, 260):
+        layer.update(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        layer.attend(q[:, :, t:t + 1])
+    # the first decode step goes through the checked entry point; every later one through the spy
+    assert [length for length, _, _ in seen] == list(range(252, 261))
+    assert all(layout is not None for _, layout, _ in seen)
+    capacities = [cap for _, _, cap in seen]
+    assert capacities[0] == 256 and capacities[-1] > 256
+    grown = capacities.index(capacities[-1])
+    layouts = [layout for _, layout, _ in seen]
+    assert all(x is layouts[0] for x in layouts[:grown]) and all(x is layouts[-1] for x in layouts[grown:])
+    assert layouts[-1] is not layouts[0]
+    assert layouts[-1].tensors[0] is layer.store.buffers()["key_codes"]
