@@ -30,6 +30,10 @@ Forms (``config`` overrides of the kernel's defaults):
 ``host_profile``: the default unchecked call's host time by function (cProfile over ``HOST_CALLS`` calls, the top
 entries by own time), to see what the launches cost against the Python around them.
 
+``default-layout-unchecked``: the default unchecked call given the store's launch layout
+(``decode_attention.store_layout``, worked out once: the codes' int32 view and every stride), the call the cache makes
+on every decode step since 2026-12-02; ``paired_speedup_default_layout_unchecked`` pairs it with SDPA the same way.
+
 ``paired_speedup_default_unchecked``: SDPA's eager time over the default unchecked call's, from alternating
 blocks of ``HOST_CALLS`` calls (:func:`paired_speedup`, ``PAIRED_ROUNDS`` pairs): the ratio the eager target is
 read from, since each pair's two blocks run milliseconds apart while the host's speed drifts over the seconds
@@ -55,7 +59,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from h1bkv_lite.kernels.decode_attention import (
-    _default_config, h1b_decode_attention, h1b_decode_attention_unchecked,
+    _default_config, h1b_decode_attention, h1b_decode_attention_unchecked, store_layout,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -180,6 +184,16 @@ def measure_shape(*, B: int, group: int, N: int, device) -> dict:
             "config": config or {}, "eager_us": eager_us(unchecked), "host_us": host_us(unchecked),
             "max_abs_diff_vs_first_form": float((out - reference).abs().max())}
     row["host_profile"] = host_profile(unchecked)  # the defaults' unchecked call
+    layout = store_layout(args[1], None, *args[2:])
+
+    def cache_call():  # the cache's call since 2026-12-02: the store's launch arguments worked out once
+        return h1b_decode_attention_unchecked(*args, projection=projection, score="hamming",
+                                              temperature=kwargs["temperature"], key_norms=None, window_k=None,
+                                              window_v=None, value_bits=kwargs["value_bits"], layout=layout)
+    out = cache_call().float()
+    row["forms"]["default-layout-unchecked"] = {
+        "config": {}, "eager_us": eager_us(cache_call), "host_us": host_us(cache_call),
+        "max_abs_diff_vs_first_form": float((out - reference).abs().max())}
     q = torch.randn(B, Hq, 1, D, device=device, dtype=torch.float16, generator=gen)
     k, v = (torch.randn(B, Hkv, N, D, device=device, dtype=torch.float16, generator=gen) for _ in range(2))
 
@@ -190,6 +204,7 @@ def measure_shape(*, B: int, group: int, N: int, device) -> dict:
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         row["sdpa"] = {"eager_us": eager_us(sdpa), "host_us": host_us(sdpa)}
         row["paired_speedup_default_unchecked"] = paired_speedup(sdpa, unchecked)
+        row["paired_speedup_default_layout_unchecked"] = paired_speedup(sdpa, cache_call)
     del args, kwargs
     for form in row["forms"].values():
         form["speedup_eager"] = row["sdpa"]["eager_us"] / form["eager_us"]
