@@ -811,6 +811,10 @@ class H1BLayer(CompressingLayer):
                                            kernels.append_out_strides(*fields[:1], *fields[2:]))
         return kept
 
+    def _map_batch(self, fn) -> None:
+        self._buffer_layouts = None  # it holds the buffers being replaced: let them go now (beam search remaps every step)
+        super()._map_batch(fn)
+
     def _n_compressed(self, n: torch.Tensor) -> torch.Tensor:
         return (n - self.sink - self.window).clamp(min=0)
 

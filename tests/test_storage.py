@@ -93,23 +93,27 @@ def test_append_position_writes_whole_buffers_at_the_fill_level_across_growth_an
     go: writing there and committing equals appending, when the buffers grow and when dropped entries are compacted
     away; fields filled to different slots are refused."""
     gen = torch.Generator().manual_seed(1)
-    store, reference, history = TokenStore(), TokenStore(), []
+    store, reference, history, compactions = TokenStore(), TokenStore(), [], []
     like = {"codes": torch.zeros(1, 2, 0, 4, dtype=torch.uint8), "scales": torch.zeros(1, 2, 0, dtype=torch.float16)}
-    for step, n in enumerate((300, *([1] * 300), 5)):
+    for step, n in enumerate((10, *([1] * 500), 5)):
         chunk = {"codes": torch.randint(0, 255, (1, 2, n, 4), generator=gen, dtype=torch.uint8),
                  "scales": torch.randn(1, 2, n, generator=gen).half()}
+        start_before, capacity_before = store._start["codes"] if store.capacity else 0, store.capacity
         pos = store.append_position(n, like if step == 0 else None)
+        if start_before and store._start["codes"] == 0 and store.capacity == capacity_before:
+            compactions.append(step)  # the live entries moved to the front, in place
         for name, buf in store.buffers().items():
             buf[:, :, pos:pos + n] = chunk[name]
         store.commit(n)
         reference.append(chunk)
-        if step % 7 == 6:  # a sliding window's drops: the buffer is compacted, not grown
-            store.drop_front(3)
-            reference.drop_front(3)
+        if step < 200 and step % 3 == 2:  # a sliding window's drops: compacted, not grown; later it grows
+            store.drop_front(2)
+            reference.drop_front(2)
         history.append(store.capacity)
         for name in chunk:
             assert torch.equal(store.view()[name], reference.view()[name]), (step, name)
     assert history[-1] > history[0]  # it grew at least once
+    assert compactions, "no append compacted the buffer"
     uneven = TokenStore()
     uneven.append({"a": torch.ones(1, 1, 2, 1), "b": torch.ones(1, 1, 3, 1)})
     with pytest.raises(ValueError, match="same slot"):

@@ -227,3 +227,27 @@ def test_growing_store_decodes_from_its_whole_buffers_across_a_growth(device, mo
     assert all(x is layouts[0] for x in layouts[:grown]) and all(x is layouts[-1] for x in layouts[grown:])
     assert layouts[-1] is not layouts[0]
     assert layouts[-1].tensors[0] is layer.store.buffers()["key_codes"]
+
+
+def test_a_batch_op_frees_the_replaced_buffers_at_once(device):
+    """Beam search remaps the cache's batch every step: the store's old buffers must go at once, not stay held by
+    the launch layout kept for them until the layer's next decode step (twice the store's memory meanwhile)."""
+    import gc
+    import weakref
+
+    seed = _seed()
+    q, k, v = _qkv(seed, 2, 4, 2, 24, device)
+    cache = H1BCache(_config(heads=4, kv_heads=2), bits=64, temperature=0.2, backend="triton")
+    layer = cache.layers[0]
+    layer.update(k[:, :, :20], v[:, :, :20])
+    layer.attend(q[:, :, :20])
+    for t in (20, 21):  # the second step is unchecked: it keeps a launch layout of the buffers
+        layer.update(k[:, :, t:t + 1], v[:, :, t:t + 1])
+        layer.attend(q[:, :, t:t + 1])
+    assert layer._buffer_layouts is not None
+    old = weakref.ref(layer.store.buffers()["key_codes"])
+    cache.reorder_cache(torch.tensor([1, 0], device=device))
+    gc.collect()
+    assert old() is None, "the replaced buffers are still held"
+    layer.update(k[:, :, 22:23].flip(0), v[:, :, 22:23].flip(0))
+    assert layer.attend(q[:, :, 22:23].flip(0)).shape == (2, 4, 1, 64)
