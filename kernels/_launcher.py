@@ -72,8 +72,7 @@ class _KernelLaunches:
         if layout is None:
             layout = self.layouts[types] = _Layout(types, self.loose, self.unaligned)
         tensors, loose_ints = layout.tensors(args), layout.loose_ints(args)
-        return (_current_device(), _KNOB_STATE(_knobs), tuple(constexprs.items()), tuple(map(type, constexprs.values())),
-                tuple(options.items()), types,
+        return (_current_device(), _KNOB_STATE(_knobs), *_key_part(constexprs), _key_part(options)[0], types,
                 tuple(map(_DTYPE, tensors)), tuple(map(_MISALIGNMENT, map(_DATA_PTR, layout.aligned(args)))),
                 layout.exact(args), tuple(map(_IN_INT32, loose_ints)), tuple(map(_IN_UINT64_TOP, loose_ints)),
                 tuple([_width_class(int(a)) for a in layout.loose_int_subclasses(args)]))
@@ -82,6 +81,31 @@ class _KernelLaunches:
         """Every parameter's value in signature order (what Triton's launcher of a compiled kernel takes)."""
         tail = self.names[len(args):]
         return [*args, *(constexprs[name] if name in constexprs else self.defaults[name] for name in tail)]
+
+
+class FixedArgs(dict):
+    """Constexprs or launch options for :func:`launch` that never change: a read-only dict (TypeError on any write)
+    whose part of the launch key -- its items and the types of its values -- is worked out once, at construction.
+    A plain dict with the same items gives the same key. The decode path's per-configuration constexprs are kept as
+    these (``decode_attention._split_meta``, ``sketch_pack._append_meta``)."""
+
+    __slots__ = ("key_part",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.key_part = (tuple(self.items()), tuple(map(type, self.values())))
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("FixedArgs is read-only: build a new one (its launch key part is fixed at construction)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _read_only
+
+
+def _key_part(fixed: dict) -> tuple:
+    """``(items, types of the values)`` of constexprs or launch options: kept by a :class:`FixedArgs`."""
+    if type(fixed) is FixedArgs:
+        return fixed.key_part
+    return tuple(fixed.items()), tuple(map(type, fixed.values()))
 
 
 class _Layout:

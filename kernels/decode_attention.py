@@ -47,7 +47,7 @@ from h1bkv_lite.sketch import pack_bits, unpack_bits
 from ._common import (
     HAS_TRITON, as_words, cdiv, is_interpreted, next_pow2, pack_sign_words, popcount, tl, triton, use_triton,
 )
-from ._launcher import _current_device, _current_stream, launch
+from ._launcher import FixedArgs, _current_device, _current_stream, launch
 from .hamming import hamming_scores_reference
 from .sketch_pack import _project_tile
 
@@ -898,7 +898,7 @@ def _split_meta(D, bits, group, value_groups, value_bits, score_id, per_head_t, 
     )
     options = dict(num_warps=num_warps, num_stages=1,  # the tile loop's stages come as PIPELINE (the window's: 1)
                    **({} if maxnreg is None else {"maxnreg": maxnreg}))
-    return constexprs, options
+    return FixedArgs(constexprs), FixedArgs(options)
 
 
 class StoreLayout:

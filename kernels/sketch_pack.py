@@ -21,7 +21,7 @@ from h1bkv_lite.quant import QuantizedTensor, check_value_format, quantize_value
 from h1bkv_lite.sketch import pack_bits
 
 from ._common import cdiv, next_pow2, pack_sign_bytes, tl, triton, use_triton
-from ._launcher import launch
+from ._launcher import FixedArgs, launch
 
 _FP16_MAX = torch.finfo(torch.float16).max
 
@@ -367,7 +367,7 @@ def _append_meta(d: int, nbytes: int, groups: int, group_size: int, value_bits: 
                       BLOCK_BYTES=max(2, min(16, next_pow2(nbytes))), GROUPS_P=next_pow2(groups),
                       GROUP_P=max(next_pow2(group_size), 8 // value_bits), VALUE_BITS=value_bits,
                       POS_ON_DEVICE=pos_on_device)
-    return constexprs, dict(num_warps=num_warps)
+    return FixedArgs(constexprs), FixedArgs(num_warps=num_warps)
 
 
 def _bh_stride(out: torch.Tensor, m: int) -> int:

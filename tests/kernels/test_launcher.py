@@ -309,3 +309,22 @@ def test_a_hook_object_is_set_unless_it_is_an_empty_hook_chain(monkeypatch):
         assert not _launcher._hook_set(chain)
         chain.add(CountingHook())
         assert _launcher._hook_set(chain)
+
+
+def test_fixed_args_are_read_only_and_key_as_the_plain_dict_does(fake_triton):
+    """Constexprs kept as ``FixedArgs`` (their key part worked out once) give the key a plain dict of the same items
+    gives: a launch with either relaunches the kernel the other bound; a different value binds again; a write
+    raises."""
+    kernel = _FakeJIT()
+    x, y = torch.zeros(64), torch.zeros(64, dtype=torch.int32)
+    fixed = _launcher.FixedArgs(BLOCK=16, FLAG=True)
+    _launcher.launch(kernel, (1,), _args(x, y), fixed, _launcher.FixedArgs(num_warps=4))
+    _launcher.launch(kernel, (1,), _args(x, y), {"BLOCK": 16, "FLAG": True}, {"num_warps": 4})
+    _launcher.launch(kernel, (1,), _args(x, y), _launcher.FixedArgs(BLOCK=16, FLAG=1), {"num_warps": 4})
+    assert _kinds(kernel) == ["bind", "compiled", "bind"]
+    assert kernel.log[0][3] == {"BLOCK": 16, "FLAG": True, "num_warps": 4}  # what Triton's own launch was given
+    for write in (lambda d: d.__setitem__("BLOCK", 32), lambda d: d.update(BLOCK=32), lambda d: d.pop("BLOCK"),
+                  lambda d: d.setdefault("X", 1), lambda d: d.clear(), lambda d: d.__delitem__("FLAG")):
+        with pytest.raises(TypeError, match="read-only"):
+            write(fixed)
+    assert fixed == {"BLOCK": 16, "FLAG": True}
