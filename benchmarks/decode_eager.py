@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from h1bkv_lite.kernels.decode_attention import (
-    _default_config, h1b_decode_attention, h1b_decode_attention_unchecked, store_layout,
+    _default_config, h1b_decode_attention, h1b_decode_attention_unchecked,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -184,6 +184,8 @@ def measure_shape(*, B: int, group: int, N: int, device) -> dict:
             "config": config or {}, "eager_us": eager_us(unchecked), "host_us": host_us(unchecked),
             "max_abs_diff_vs_first_form": float((out - reference).abs().max())}
     row["host_profile"] = host_profile(unchecked)  # the defaults' unchecked call
+    from h1bkv_lite.kernels.decode_attention import store_layout  # noqa: PLC0415 -- (layer_step.py imports this
+    # module to time older checkouts too, which lack it)
     layout = store_layout(args[1], None, *args[2:])
 
     def cache_call():  # the cache's call since 2026-12-02: the store's launch arguments worked out once
