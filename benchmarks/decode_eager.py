@@ -31,7 +31,7 @@ Forms (``config`` overrides of the kernel's defaults):
 entries by own time), to see what the launches cost against the Python around them.
 
 ``default-layout-unchecked``: the default unchecked call given the store's launch layout
-(``decode_attention.store_layout``, worked out once: the codes' int32 view and every stride), the call the cache makes
+(``decode_attention.StoreLayout``, worked out once: the codes' int32 view and every stride), the call the cache makes
 on every decode step since 2026-12-02; ``paired_speedup_default_layout_unchecked`` pairs it with SDPA the same way.
 
 ``paired_speedup_default_unchecked``: SDPA's eager time over the default unchecked call's, from alternating
@@ -184,9 +184,9 @@ def measure_shape(*, B: int, group: int, N: int, device) -> dict:
             "config": config or {}, "eager_us": eager_us(unchecked), "host_us": host_us(unchecked),
             "max_abs_diff_vs_first_form": float((out - reference).abs().max())}
     row["host_profile"] = host_profile(unchecked)  # the defaults' unchecked call
-    from h1bkv_lite.kernels.decode_attention import store_layout  # noqa: PLC0415 -- (layer_step.py imports this
+    from h1bkv_lite.kernels.decode_attention import StoreLayout  # noqa: PLC0415 -- (layer_step.py imports this
     # module to time older checkouts too, which lack it)
-    layout = store_layout(args[1], None, *args[2:])
+    layout = StoreLayout(args[1], None, *args[2:])
 
     def cache_call():  # the cache's call since 2026-12-02: the store's launch arguments worked out once
         return h1b_decode_attention_unchecked(*args, projection=projection, score="hamming",

@@ -807,7 +807,7 @@ class H1BLayer(CompressingLayer):
         fields = (bufs["key_codes"], bufs.get("key_norms"), bufs["values"], bufs["value_scales"], bufs["value_zeros"])
         if kept is None or not kept[0].serves(*fields):
             kernels = _kernels()
-            kept = self._buffer_layouts = (kernels.decode_attention.store_layout(*fields),
+            kept = self._buffer_layouts = (kernels.decode_attention.StoreLayout(*fields),
                                            kernels.append_out_strides(*fields[:1], *fields[2:]))
         return kept
 

@@ -905,8 +905,9 @@ class StoreLayout:
     """The compressed tensors' launch arguments, worked out once per set of store buffers: the key codes viewed as
     int32 words and every tensor's first three strides (a decode step of a growing cache passes the same whole
     buffers until they grow, and asking a tensor for its strides costs about a microsecond of host time each, ~34
-    per step). Build it with :func:`store_layout`; pass it as ``layout=`` to :func:`h1b_decode_attention_unchecked`
-    together with the same tensors."""
+    per step). ``StoreLayout(key_codes, key_norms, values_packed, value_scale, value_zero)``, the tensors as
+    :func:`h1b_decode_attention` takes them (``key_norms`` may be None); pass it as ``layout=`` to
+    :func:`h1b_decode_attention_unchecked` together with the same tensors."""
 
     __slots__ = ("words", "norms", "args", "tensors")
 
@@ -923,11 +924,6 @@ class StoreLayout:
         kept = self.tensors
         return (kept[0] is key_codes and kept[1] is key_norms and kept[2] is values_packed and kept[3] is value_scale
                 and kept[4] is value_zero)
-
-
-def store_layout(key_codes, key_norms, values_packed, value_scale, value_zero) -> StoreLayout:
-    """:class:`StoreLayout` of these compressed tensors (the shapes and dtypes of :func:`h1b_decode_attention`)."""
-    return StoreLayout(key_codes, key_norms, values_packed, value_scale, value_zero)
 
 
 def _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
@@ -1165,7 +1161,7 @@ def h1b_decode_attention_unchecked(q, key_codes, values_packed, value_scale, val
     :func:`h1b_decode_attention` accepted (benchmarks time the launch forms this way). ``length``: None, or a host
     int ``<= N``: only the first ``length`` compressed slots hold tokens, and the call is the one on the slices
     ``[:, :, :length]`` of the compressed tensors (a growing store passes its whole buffers: no views to build on
-    every decode step). Not with ``n_valid``. ``layout``: None, or :func:`store_layout` of these same compressed
+    every decode step). Not with ``n_valid``. ``layout``: None, or the :class:`StoreLayout` of these same compressed
     tensors (built once while they stay the same; :meth:`StoreLayout.serves` tells)."""
     return _launch(q, key_codes, key_norms, values_packed, value_scale, value_zero, window_k, window_v,
                    projection, score, temperature, value_bits, None, config, n_valid, length, layout)

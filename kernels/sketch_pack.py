@@ -314,7 +314,15 @@ def sketch_pack_quantize_into(k: torch.Tensor, v: torch.Tensor, projection: torc
         ``start + m <= C`` is the caller's contract, not checked). Not with ``pos``.
     out_strides : None, or :func:`append_out_strides` of these outputs (worked out once while a store keeps its
         buffers: a decode step then asks them for no strides).
+
+    Raises ValueError when both ``pos`` and ``start`` are given, or ``start`` is not an int >= 0 (host values only:
+    no device sync).
     """
+    if start is not None:
+        if pos is not None:
+            raise ValueError("give pos (a fill level on the device) or start (one on the host), not both")
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(f"start must be an int >= 0 (the first slot written), got {start!r}")
     _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group_size, pos=pos, start=start,
                    out_strides=out_strides)
 

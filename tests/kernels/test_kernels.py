@@ -222,6 +222,19 @@ def test_sketch_pack_quantize_into_writes_store_slots(device, value_bits, group_
         assert torch.equal(t[:, :, outside.to(device)], before[name][:, :, outside.to(device)]), f"{msg}: {name}"
 
 
+def test_sketch_pack_quantize_into_refuses_both_fill_levels_and_a_bad_start():
+    k = v = torch.zeros(1, 1, 1, 32)
+    out = dict(codes=torch.zeros(1, 1, 4, 4, dtype=torch.uint8), data=torch.zeros(1, 1, 4, 16, dtype=torch.uint8),
+               scale=torch.zeros(1, 1, 4, 1, dtype=torch.float16), zero=torch.zeros(1, 1, 4, 1, dtype=torch.float16))
+    R = torch.randn(32, 32)
+    with pytest.raises(ValueError, match="not both"):
+        sketch_pack_quantize_into(k, v, R, value_bits=4, group_size=32, pos=torch.zeros(1, dtype=torch.int32),
+                                  start=0, **out)
+    for bad in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="start must be an int >= 0"):
+            sketch_pack_quantize_into(k, v, R, value_bits=4, group_size=32, start=bad, **out)
+
+
 def test_sketch_pack_quantize_into_clamps_like_the_torch_path(device):
     """Values beyond the fp16 scale range are clamped by both paths (the checked entry point raises)."""
     from h1bkv_lite.quant import quantize_values_unchecked
