@@ -1081,7 +1081,7 @@ class H1BLayer(CompressingLayer):
             out = kernel.h1b_decode_attention_unchecked(*args, **kwargs, length=length, layout=layout)
         else:  # the first call: checked, on the live views
             if length is not None:
-                args = (q[:, :, 0], *(t[:, :, :length] for t in args[1:]))
+                args = (args[0], *(t[:, :, :length] for t in args[1:]))
                 kwargs["key_norms"] = None if kwargs["key_norms"] is None else kwargs["key_norms"][:, :, :length]
             out = kernel.h1b_decode_attention(*args, **kwargs, backend="triton")
             self._kernel_checked = True

@@ -360,8 +360,7 @@ def _launch_append(k, v, projection, codes, data, scale, zero, value_bits, group
         k, projection, codes, v, data, scale, zero,
         M, d, nbytes, m, H,
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        *(out_strides or (_bh_stride(t, m if pos is None and start is None else t.shape[2])
-                          for t in (codes, data, scale, zero))),
+        *(out_strides or append_out_strides(codes, data, scale, zero)),
         groups, group_size, n * value_bits // 8, _FP16_MAX / 2, k if pos is None else pos, start or 0,
     ), *_append_meta(d, nbytes, groups, group_size, value_bits, block_m, config.get("num_warps", 4), pos is not None),
         cached=config.get("cached_launch", True))
